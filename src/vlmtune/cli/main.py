@@ -1,0 +1,194 @@
+"""The `vlmtune` command: one thin subcommand per stage."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.text import Text
+
+from vlmtune.errors import VlmtuneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="LoRA fine-tuning of chat and vision-language models (GLM-4.1V first), tracking and chat.",
+)
+console = Console()
+error_console = Console(stderr=True)
+
+DEFAULT_CORPUS = Path("data/persona_zh/train.json")
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
+    if error_console.is_terminal:
+        handler: logging.Handler = RichHandler(console=error_console, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        # Piped or redirected: one unwrapped line per record, easy to grep.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings and errors only.")] = False,
+) -> None:
+    _setup_logging(verbose, quiet)
+
+
+@app.command("tiny-model")
+def tiny_model(
+    output_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint to.")],
+    corpus: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Text, JSON or JSONL file(s) to train the tokenizer on. Default: data/persona_zh/train.json if present."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+) -> None:
+    """Write a tiny GLM-4.1V-shaped checkpoint (random weights) for tests and the demo."""
+    from vlmtune.model.tiny import build_tiny_model
+
+    corpus_files = corpus or []
+    if not corpus_files and DEFAULT_CORPUS.is_file():
+        corpus_files = [DEFAULT_CORPUS]
+    for path in corpus_files:
+        if not path.is_file():
+            raise VlmtuneError(f"--corpus: file not found: {path}")
+    path = build_tiny_model(output_dir, corpus_files, seed=seed)
+    console.print(f"tiny model written to {path}")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML config file, e.g. configs/demo.yaml.")],
+    overrides: Annotated[
+        Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides, e.g. train.max_steps=20.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint-N in train.output_dir.")] = False,
+) -> None:
+    """LoRA-fine-tune a model on the config's datasets and save the adapter."""
+    from vlmtune.config import load_config
+    from vlmtune.training.recipe import run_training
+
+    run_config = load_config(config, overrides)
+    recipe = run_training(run_config, resume=resume)
+    console.print(f"\nadapter saved to {recipe.output_dir}")
+    console.print(recipe.tracking.describe())
+    console.print(f"chat with it: vlmtune chat --adapter {recipe.output_dir}")
+
+
+@app.command()
+def inspect(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
+    count: Annotated[int, typer.Option("--count", "-n", help="Number of samples to show.")] = 3,
+) -> None:
+    """Show encoded samples (supervised tokens in green) and check them against inference rendering."""
+    from vlmtune.config import load_config
+    from vlmtune.data.loading import load_conversations
+    from vlmtune.encoding import ConversationEncoder, check_sample, render_sample
+    from vlmtune.model.hub import resolve_model_path
+    from vlmtune.model.loading import load_processor, stop_token_ids
+    from transformers import GenerationConfig
+
+    run_config = load_config(config, overrides)
+    conversations = load_conversations(run_config.data)[:count]
+    model_path = str(resolve_model_path(run_config.model))
+    processor = load_processor(model_path, run_config.model.trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        generation_config = None
+    encoder = ConversationEncoder(
+        processor, stop_token_ids(generation_config, tokenizer), run_config.data.thinking, run_config.data.train_on
+    )
+    failures = 0
+    for conversation in conversations:
+        sample = encoder.encode(conversation)
+        check = check_sample(encoder, conversation, sample)
+        console.rule(conversation.source)
+        console.print(render_sample(encoder, sample))
+        status = "[green]ok[/green]" if check.ok else "[red]FAILED[/red]"
+        console.print(
+            f"\nself-check {status}: prompt matches the inference template: {check.prompt_matches_template}; "
+            f"ends with a stop token: {check.ends_with_stop_token}; supervised tokens: {check.supervised_tokens} "
+            f"of {len(sample)}"
+        )
+        for problem in check.problems:
+            console.print(f"  [red]{problem}[/red]")
+        failures += not check.ok
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def chat(
+    model: Annotated[
+        Optional[str], typer.Option(help="Base model: local folder, ModelScope or Hugging Face id. Default: the adapter's base.")
+    ] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder from `vlmtune train`.")] = None,
+    hub: Annotated[str, typer.Option(help="Where --model lives: auto, local, modelscope or huggingface.")] = "auto",
+    message: Annotated[Optional[str], typer.Option("--message", "-m", help="Ask once, print the reply and exit.")] = None,
+    image: Annotated[Optional[list[str]], typer.Option(help="Image path or URL for --message; repeat for several.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 1024,
+    sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --sample).")] = 0.9,
+    show_thinking: Annotated[bool, typer.Option(help="Also print the reasoning of thinking models.")] = False,
+    thinking: Annotated[str, typer.Option(help="Reply layout: auto, think_answer or none.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+) -> None:
+    """Chat with a model and optional adapter: interactive, or one-shot with --message."""
+    from vlmtune.inference.cli_chat import run_chat
+
+    run_chat(
+        model=model,
+        adapter=adapter,
+        hub=hub,
+        message=message,
+        images=image or [],
+        system=system,
+        generation={
+            "max_new_tokens": max_new_tokens,
+            "do_sample": sample,
+            "temperature": temperature,
+            "top_p": top_p,
+            "show_thinking": show_thinking,
+        },
+        thinking=thinking,
+        device=device,
+        console=console,
+    )
+
+
+def main() -> None:
+    # peft calls a transformers property that transformers 5 deprecates; the warning is
+    # about their code, not the user's, so the CLI hides it.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        app()
+    except VlmtuneError as error:
+        error_console.print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Typed settings for a vlmtune run, loaded from YAML with `section.key=value` overrides.
+
+A config file has one section per stage:
+
+    model:    {name_or_path: ZhipuAI/GLM-4.1V-9B-Thinking, hub: modelscope}
+    data:     {train: [data/persona_zh/train.json], max_length: 1024}
+    lora:     {r: 8, alpha: 16}
+    train:    {output_dir: outputs/run, num_train_epochs: 3}
+    tracking: {backend: swanlab}
+
+Every problem in a file and its overrides is collected and reported at once, each
+naming the key as the user wrote it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vlmtune.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    """Model source and loading options."""
+
+    name_or_path: str = Field(description="Local folder, ModelScope id or Hugging Face id.")
+    hub: Literal["auto", "local", "modelscope", "huggingface"] = Field(
+        "auto",
+        description="Where name_or_path lives. auto: a local folder if one exists at that path, "
+        "otherwise the Hugging Face Hub.",
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit. None: the default branch.")
+    cache_dir: str | None = Field(None, description="Download folder for hub models. None: the hub client's default.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on a GPU that supports it, float32 on CPU."
+    )
+    attn_implementation: str = Field("sdpa", description="sdpa, eager or flash_attention_2 (needs flash-attn).")
+    device: str = Field("auto", description="auto: cuda when available, else cpu. Or cpu, cuda, cuda:1, ...")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. Off unless you trust it.")
+
+
+class DatasetSpec(_Section):
+    """One dataset file or folder and how to read it."""
+
+    path: str = Field(description="A .json (array) or .jsonl file, relative to the working folder or the config file.")
+    layout: Literal["auto", "alpaca"] = Field("auto", description="auto: detected from the first example's keys.")
+
+
+class DataSettings(_Section):
+    """Training files and the rules that turn their conversations into encoded samples."""
+
+    train: list[DatasetSpec] = Field(
+        min_length=1, description="Training files: a list of paths, or of {path, layout} entries."
+    )
+    system_prompt: str | None = Field(
+        None, description="System prompt for examples that carry none. None: no system turn."
+    )
+    max_length: int = Field(1024, gt=0, description="Maximum encoded sample length in tokens, image tokens included.")
+    on_overlength: Literal["drop", "error"] = Field(
+        "drop", description="drop: skip a sample longer than max_length and count it. error: stop."
+    )
+    train_on: Literal["all_turns", "last_turn"] = Field(
+        "all_turns", description="Supervise every assistant turn, or only the last one."
+    )
+    thinking: Literal["auto", "think_answer", "none"] = Field(
+        "auto",
+        description="Assistant reply layout. think_answer: <think>\\n{reasoning}</think>\\n<answer>{answer}</answer> "
+        "(GLM-4.1V-Thinking). none: the answer as is. auto: think_answer when the tokenizer has "
+        "<think> and <answer> tokens.",
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many examples (for quick runs).")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _accept_plain_paths(cls, value: Any) -> Any:
+        if isinstance(value, (str, dict)):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": item} if isinstance(item, str) else item for item in value]
+        return value
+
+
+class LoraSettings(_Section):
+    """LoRA adapter settings, passed to peft.LoraConfig."""
+
+    r: int = Field(8, gt=0, description="Rank of the LoRA matrices.")
+    alpha: int = Field(16, gt=0, description="Scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "auto",
+        description="auto: every Linear layer of the language model. A list of module names "
+        "(matched on the last name part), or one regular expression matched on full module names.",
+    )
+
+
+class TrainSettings(_Section):
+    """Trainer settings; names follow transformers.TrainingArguments."""
+
+    output_dir: str = Field("outputs/run", description="Folder for checkpoints, the adapter and the run manifest.")
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps. -1: run num_train_epochs.")
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: float = Field(0.03, ge=0, description="A count of steps, or a fraction of all steps when below 1.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int | None = 2
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (non-reentrant) to save memory.")
+    seed: int = 42
+    dataloader_num_workers: int = Field(0, ge=0)
+
+
+class TrackingSettings(_Section):
+    """Experiment tracking. No account or network is needed with the defaults."""
+
+    backend: Literal["swanlab", "tensorboard", "none"] = Field("swanlab", description="swanlab, tensorboard or none.")
+    project: str = Field("vlmtune", description="SwanLab project name.")
+    experiment_name: str | None = Field(None, description="Run name. None: the output folder's name.")
+    swanlab_mode: Literal["offline", "local", "cloud"] = Field(
+        "offline",
+        description="offline: write the run folder only (view or upload it later). local: for `swanlab watch`. "
+        "cloud: upload while training (needs `swanlab login`).",
+    )
+    log_dir: str | None = Field(None, description="Run folder root. None: OUTPUT_DIR/swanlog or OUTPUT_DIR/tensorboard.")
+
+
+class GenerationSettings(_Section):
+    """Decoding settings for chat and sample generations."""
+
+    max_new_tokens: int = Field(1024, gt=0, description="Maximum tokens per reply; a reply cut here is marked.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    repetition_penalty: float = Field(1.0, gt=0, description="1.0: off.")
+    show_thinking: bool = Field(False, description="Show the reasoning of thinking models, not only the answer.")
+
+
+class RunConfig(_Section):
+    """A whole training run."""
+
+    model: ModelSettings
+    data: DataSettings
+    lora: LoraSettings = LoraSettings()
+    train: TrainSettings = TrainSettings()
+    tracking: TrackingSettings = TrackingSettings()
+    generation: GenerationSettings = GenerationSettings()
+
+    @model_validator(mode="after")
+    def _check_contradictions(self) -> RunConfig:
+        if self.train.max_steps == 0 or self.train.max_steps < -1:
+            raise ValueError(f"train.max_steps must be -1 or a positive step count, got {self.train.max_steps}")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `train.learning_rate=2e-4` into (['train', 'learning_rate'], 0.0002).
+
+    The value is read as YAML, so `true`, `3`, `[a, b]` and `null` keep their types.
+    """
+    if "=" not in text:
+        raise ConfigError(f"invalid override {text!r}: expected SECTION.KEY=VALUE, for example train.learning_rate=2e-4")
+    key, raw_value = text.split("=", 1)
+    parts = [part for part in key.strip().split(".") if part]
+    if not parts:
+        raise ConfigError(f"invalid override {text!r}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return parts, value
+
+
+def _apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config in {source} ({error.error_count()} problem(s)):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key; check the spelling against docs/config.md")
+            continue
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  - {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a settings tree, raising ConfigError that lists every problem at once."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config and apply `section.key=value` overrides.
+
+    Relative dataset paths are resolved against the config file's folder when they
+    exist there, so a config works from any working directory.
+    """
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ConfigError(f"config file not found: {config_path}. Pass the path to a YAML file, e.g. configs/demo.yaml")
+    try:
+        tree = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{config_path}: invalid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections (model, data, ...)")
+    for override in overrides or []:
+        parts, value = parse_override(override)
+        _apply_override(tree, parts, value)
+    config = build_config(tree, source=str(config_path))
+    for spec in config.data.train:
+        candidate = config_path.parent / spec.path
+        if not Path(spec.path).is_absolute() and not Path(spec.path).exists() and candidate.exists():
+            spec.path = str(candidate)
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Return the settings as plain data, for YAML dumps and tracker configs."""
+    return config.model_dump(mode="json")
+
+
+def save_config(config: RunConfig, path: str | os.PathLike[str]) -> None:
+    """Write the settings as YAML, keeping non-ASCII text readable."""
+    text = yaml.safe_dump(config_to_dict(config), allow_unicode=True, sort_keys=False)
+    Path(path).write_text(text, encoding="utf-8")

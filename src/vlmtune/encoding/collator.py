@@ -1,0 +1,48 @@
+"""Batching encoded samples: pad token fields, concatenate vision tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmtune.encoding.encode import IGNORE_INDEX, EncodedSample
+
+
+@dataclass
+class ChatCollator:
+    """Right-pads a list of encoded samples into a batch for the model's forward pass.
+
+    Text-only and image samples can share a batch: `pixel_values` and `image_grid_thw`
+    of the image samples are concatenated in batch order, which is the order the model
+    consumes image tokens in.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, samples: list[EncodedSample]) -> dict[str, Any]:
+        longest = max(len(sample) for sample in samples)
+        batch_size = len(samples)
+        input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            length = len(sample)
+            input_ids[row, :length] = torch.tensor(sample.input_ids)
+            labels[row, :length] = torch.tensor(sample.labels)
+            attention_mask[row, :length] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+        if any(sample.mm_token_type_ids is not None for sample in samples):
+            token_types = torch.zeros((batch_size, longest), dtype=torch.long)
+            for row, sample in enumerate(samples):
+                if sample.mm_token_type_ids is not None:
+                    token_types[row, : len(sample)] = torch.tensor(sample.mm_token_type_ids)
+            batch["mm_token_type_ids"] = token_types
+
+        with_images = [sample for sample in samples if sample.pixel_values is not None]
+        if with_images:
+            batch["pixel_values"] = torch.cat([sample.pixel_values for sample in with_images])
+            batch["image_grid_thw"] = torch.cat([sample.image_grid_thw for sample in with_images])
+        return batch

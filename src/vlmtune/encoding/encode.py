@@ -1,0 +1,267 @@
+"""Conversation -> encoded sample, through the processor's own chat template.
+
+Every prompt is rendered by the chat template exactly as inference renders it
+(`add_generation_prompt=True`), and each reply is what the template adds for the
+assistant message. Labels are -100 except for the reply tokens and the token that ends
+the reply, which is always one of the model's stop ids:
+
+- a template that closes assistant turns itself (Qwen's `<|im_end|>`) supervises that
+  token;
+- a template that adds nothing after a reply (GLM-4.1V) supervises the token it renders
+  next, `<|user|>` on GLM, which is also in `generation_config.eos_token_id`. After the
+  last reply that token is appended, because the model must generate it to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmtune.config import DataSettings
+from vlmtune.data.conversation import Conversation, Message, TextPart
+from vlmtune.encoding.images import load_image
+from vlmtune.encoding.thinking import LayoutName, build_reply, detect_layout
+from vlmtune.errors import DataError, TemplateError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label value that the loss ignores (torch.nn.CrossEntropyLoss's default ignore_index)."""
+
+
+@dataclass
+class EncodedSample:
+    """Token ids, labels and vision tensors for one conversation."""
+
+    input_ids: list[int]
+    labels: list[int]
+    reply_starts: list[int]
+    """Index of the first token of each assistant reply; ids before it are that turn's prompt."""
+    source: str = ""
+    mm_token_type_ids: list[int] | None = None
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def supervised_count(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+class ConversationEncoder:
+    """Encodes conversations for one processor (tokenizer + chat template + image processor)."""
+
+    def __init__(
+        self,
+        processor: Any,
+        stop_ids: list[int],
+        thinking: str = "auto",
+        train_on: str = "all_turns",
+    ):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.stop_ids = list(stop_ids)
+        self.train_on = train_on
+        self.layout: LayoutName = detect_layout(self.tokenizer) if thinking == "auto" else thinking
+        self.image_token: str | None = getattr(processor, "image_token", None)
+        self.end_of_turn_id = self._find_end_of_turn_id()
+        logger.info(
+            "reply layout: %s; end-of-turn token: %s",
+            self.layout,
+            self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id),
+        )
+
+    # -- rendering ---------------------------------------------------------------------
+
+    def template_messages(self, conversation: Conversation, *, with_images: bool = False) -> list[dict[str, Any]]:
+        """Convert the conversation to chat-template messages, with replies laid out for the model.
+
+        A reply that ends the conversation (the one being trained) keeps its reasoning;
+        replies followed by more messages drop it, as chat history does.
+        """
+        final_index = len(conversation.messages) - 1
+        messages = []
+        for index, message in enumerate(conversation.messages):
+            if message.role == "assistant":
+                reasoning = (message.reasoning or "") if index == final_index else ""
+                messages.append({"role": "assistant", "content": build_reply(self.layout, message.text, reasoning)})
+            elif message.role == "system":
+                messages.append({"role": "system", "content": message.text})
+            else:
+                messages.append({"role": "user", "content": self._user_content(message, conversation, with_images)})
+        return messages
+
+    def _user_content(self, message: Message, conversation: Conversation, with_images: bool) -> Any:
+        if not message.images:
+            return message.text
+        parts: list[dict[str, Any]] = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                parts.append({"type": "text", "text": part.text})
+            elif with_images:
+                parts.append({"type": "image", "image": load_image(part.source, conversation.source)})
+            else:
+                parts.append({"type": "image"})
+        return parts
+
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _find_end_of_turn_id(self) -> int:
+        """Find the stop id the template places right after an assistant reply, else use the first stop id."""
+        probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        closed = self.render(probe, add_generation_prompt=False)
+        continued = self.render([*probe, {"role": "user", "content": "c"}], add_generation_prompt=False)
+        if not continued.startswith(closed):
+            raise TemplateError("the chat template renders history differently once a new message is added")
+        following = self._tokenize(continued[len(closed) :])
+        if following and following[0] in self.stop_ids:
+            return following[0]
+        reply = self._tokenize(closed[len(self.render(probe[:1], add_generation_prompt=True)) :])
+        closing = [token for token in reply if token in self.stop_ids]
+        return closing[-1] if closing else self.stop_ids[0]
+
+    # -- encoding ----------------------------------------------------------------------
+
+    def _image_inputs(self, conversation: Conversation) -> tuple[dict[str, torch.Tensor], list[int]]:
+        images = conversation.images
+        if not images:
+            return {}, []
+        if self.image_token is None or not hasattr(self.processor, "image_processor"):
+            raise DataError(f"{conversation.source}: the example has images but the model's processor takes none")
+        loaded = [load_image(image.source, conversation.source) for image in images]
+        inputs = self.processor.image_processor(images=loaded, return_tensors="pt")
+        merge = self.processor.image_processor.merge_size ** 2
+        counts = [int(grid.prod()) // merge for grid in inputs["image_grid_thw"]]
+        return dict(inputs), counts
+
+    def _tokenize_prompt(self, text: str, image_counts: list[int], cursor: int) -> tuple[list[int], int]:
+        """Tokenize prompt text, expanding each image marker to that image's token count."""
+        if self.image_token is None or self.image_token not in text:
+            return self._tokenize(text), cursor
+        pieces = text.split(self.image_token)
+        expanded = pieces[0]
+        for piece in pieces[1:]:
+            expanded += self.image_token * image_counts[cursor] + piece
+            cursor += 1
+        return self._tokenize(expanded), cursor
+
+    def encode(self, conversation: Conversation) -> EncodedSample:
+        """Encode one conversation; raises DataError for an example that cannot be trained on."""
+        messages = self.template_messages(conversation)
+        assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+        if not assistant_turns:
+            raise DataError(f"{conversation.source}: the conversation has no assistant reply to train on")
+        image_inputs, image_counts = self._image_inputs(conversation)
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        reply_starts: list[int] = []
+        rendered = ""
+        image_cursor = 0
+        appended_end_of_turn = False
+        for turn_index in assistant_turns:
+            prompt_text = self.render(messages[:turn_index], add_generation_prompt=True)
+            full_text = self.render(messages[: turn_index + 1], add_generation_prompt=False)
+            if not prompt_text.startswith(rendered) or not full_text.startswith(prompt_text):
+                raise TemplateError(
+                    f"{conversation.source}: the chat template does not render this conversation as a growing "
+                    "prefix, so prompts and replies cannot be separated"
+                )
+            prompt_ids, image_cursor = self._tokenize_prompt(prompt_text[len(rendered) :], image_counts, image_cursor)
+            if appended_end_of_turn and prompt_ids[:1] == [self.end_of_turn_id]:
+                prompt_ids = prompt_ids[1:]  # already in place, supervised, as the previous reply's end
+            input_ids += prompt_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids)
+            reply_starts.append(len(input_ids))
+
+            reply_ids = self._tokenize(full_text[len(prompt_text) :])
+            stops = [position for position, token in enumerate(reply_ids) if token in self.stop_ids]
+            if stops:
+                supervised_ids = reply_ids[: stops[-1] + 1]
+                unsupervised_tail = reply_ids[stops[-1] + 1 :]
+                appended_end_of_turn = False
+            else:
+                supervised_ids = [*reply_ids, self.end_of_turn_id]
+                unsupervised_tail = []
+                appended_end_of_turn = True
+            trained = self.train_on == "all_turns" or turn_index == assistant_turns[-1]
+            input_ids += supervised_ids + unsupervised_tail
+            labels += (supervised_ids if trained else [IGNORE_INDEX] * len(supervised_ids)) + [IGNORE_INDEX] * len(
+                unsupervised_tail
+            )
+            rendered = full_text
+
+        sample = EncodedSample(input_ids, labels, reply_starts, source=conversation.source)
+        if image_inputs:
+            sample.pixel_values = image_inputs["pixel_values"]
+            sample.image_grid_thw = image_inputs["image_grid_thw"]
+        if hasattr(self.processor, "create_mm_token_type_ids"):
+            sample.mm_token_type_ids = self.processor.create_mm_token_type_ids([input_ids])[0]
+        return sample
+
+
+@dataclass
+class EncodingReport:
+    """Encoded samples, and the sources of dropped conversations by reason."""
+
+    samples: list[EncodedSample]
+    dropped: dict[str, list[str]]
+
+    def log(self) -> None:
+        for reason, sources in self.dropped.items():
+            logger.warning("dropped %d example(s): %s (first: %s)", len(sources), reason, sources[0])
+        logger.info("encoded %d sample(s)", len(self.samples))
+
+
+def encode_conversations(
+    encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings
+) -> EncodingReport:
+    """Encode all conversations, dropping or rejecting ones longer than data.max_length."""
+    max_length = settings.max_length
+    samples: list[EncodedSample] = []
+    dropped: dict[str, list[str]] = {}
+    for conversation in conversations:
+        sample = encoder.encode(conversation)
+        if len(sample) > max_length:
+            reason = f"longer than data.max_length={max_length} tokens"
+            if settings.on_overlength == "error":
+                raise DataError(
+                    f"{conversation.source}: the encoded sample has {len(sample)} tokens, more than "
+                    f"data.max_length={max_length}. Raise data.max_length or set data.on_overlength: drop"
+                )
+            dropped.setdefault(reason, []).append(conversation.source)
+            continue
+        samples.append(sample)
+    report = EncodingReport(samples, dropped)
+    report.log()
+    return report
+
+
+def conversation_for_generation(conversation: Conversation) -> Conversation:
+    """Return the conversation without its trailing assistant replies, as a prompt to generate from."""
+    messages = list(conversation.messages)
+    while messages and messages[-1].role == "assistant":
+        messages.pop()
+    return Conversation(messages, source=conversation.source)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ConversationEncoder",
+    "EncodedSample",
+    "EncodingReport",
+    "conversation_for_generation",
+    "encode_conversations",
+]

@@ -1,0 +1,70 @@
+"""A readable view of encoded samples, and the self-check that inference will see the same prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import groupby
+
+from rich.text import Text
+
+from vlmtune.data.conversation import Conversation
+from vlmtune.encoding.encode import IGNORE_INDEX, ConversationEncoder, EncodedSample
+
+
+@dataclass
+class SelfCheck:
+    """Results of checking one encoded sample against inference-time rendering."""
+
+    prompt_matches_template: bool
+    ends_with_stop_token: bool
+    supervised_tokens: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def inference_prompt_ids(encoder: ConversationEncoder, conversation: Conversation, upto_message: int) -> list[int]:
+    """Token ids that inference feeds the model before assistant message `upto_message`."""
+    messages = encoder.template_messages(conversation, with_images=True)[:upto_message]
+    # Inference keeps no reasoning in history, matching template_messages of the shorter conversation.
+    encoded = encoder.processor.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True
+    )
+    ids = encoded["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
+
+
+def check_sample(encoder: ConversationEncoder, conversation: Conversation, sample: EncodedSample) -> SelfCheck:
+    """Compare every turn's prompt with apply_chat_template and check the supervised ending."""
+    problems = []
+    assistant_messages = [index for index, message in enumerate(conversation.messages) if message.role == "assistant"]
+    prompt_matches = True
+    for turn, (message_index, reply_start) in enumerate(zip(assistant_messages, sample.reply_starts)):
+        expected = inference_prompt_ids(encoder, conversation, message_index)
+        if sample.input_ids[:reply_start] != expected:
+            prompt_matches = False
+            problems.append(f"turn {turn + 1}: the training prompt differs from apply_chat_template's prompt")
+
+    supervised = [label for label in sample.labels if label != IGNORE_INDEX]
+    ends_with_stop = bool(supervised) and supervised[-1] in encoder.stop_ids
+    if not ends_with_stop:
+        problems.append("the last supervised token is not a stop token, so the model would not learn to stop")
+    return SelfCheck(prompt_matches, ends_with_stop, len(supervised), problems)
+
+
+def render_sample(encoder: ConversationEncoder, sample: EncodedSample) -> Text:
+    """Supervised tokens in bold green, masked tokens dim; image token runs shown as a count."""
+    tokenizer = encoder.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids(encoder.image_token) if encoder.image_token else None
+    text = Text()
+    pairs = zip(sample.input_ids, sample.labels)
+    for (is_supervised, is_image), run in groupby(pairs, key=lambda pair: (pair[1] != IGNORE_INDEX, pair[0] == image_id)):
+        ids = [token for token, _ in run]
+        if is_image:
+            text.append(f"{encoder.image_token}×{len(ids)}", style="magenta")
+            continue
+        piece = tokenizer.decode(ids, skip_special_tokens=False)
+        text.append(piece, style="bold green" if is_supervised else "dim")
+    return text

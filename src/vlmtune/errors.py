@@ -1,0 +1,25 @@
+"""Exception types for problems the user can fix (bad config, bad data, bad model choice).
+
+The CLI prints these as one clear message without a traceback; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class VlmtuneError(Exception):
+    """Base class for errors caused by user input."""
+
+
+class ConfigError(VlmtuneError):
+    """Invalid settings: a YAML key, a CLI override or a contradiction between them."""
+
+
+class DataError(VlmtuneError):
+    """An invalid example or data file: the message names the file, the record and the field."""
+
+
+class ModelError(VlmtuneError):
+    """A model, processor or adapter that cannot be resolved, loaded or adapted."""
+
+
+class TemplateError(VlmtuneError):
+    """A chat template whose output cannot be split into prompt and reply consistently."""

@@ -1,0 +1,39 @@
+"""A chat session: history, system prompt and images attached to the next message."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlmtune.data.conversation import Conversation, ContentPart, ImagePart, Message, TextPart
+from vlmtune.inference.generate import Generator, Reply
+
+
+@dataclass
+class ChatSession:
+    """Keeps the conversation so far; each reply is added to the history without its reasoning."""
+
+    generator: Generator
+    system_prompt: str | None = None
+    history: list[Message] = field(default_factory=list)
+
+    def conversation(self) -> Conversation:
+        system = [Message("system", [TextPart(self.system_prompt)])] if self.system_prompt else []
+        return Conversation([*system, *self.history], source="chat")
+
+    def ask(self, text: str, images: list[str] | None = None, on_text=None) -> Reply:
+        content: list[ContentPart] = [ImagePart(image) for image in images or []]
+        content.append(TextPart(text))
+        self.history.append(Message("user", content))
+        try:
+            if on_text is None:
+                reply = self.generator.generate(self.conversation())
+            else:
+                reply = self.generator.stream(self.conversation(), on_text)
+        except Exception:
+            self.history.pop()
+            raise
+        self.history.append(Message("assistant", [TextPart(reply.answer)], reasoning=reply.reasoning))
+        return reply
+
+    def clear(self) -> None:
+        self.history.clear()

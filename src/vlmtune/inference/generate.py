@@ -1,0 +1,148 @@
+"""Generation that stops on every stop id, reports whether the reply was cut, and streams."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from transformers import TextIteratorStreamer
+
+from vlmtune.config import GenerationSettings
+from vlmtune.data.conversation import Conversation
+from vlmtune.encoding.encode import ConversationEncoder
+from vlmtune.encoding.thinking import split_reply
+from vlmtune.model.loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    """One generated reply."""
+
+    text: str
+    """The decoded reply, layout tags kept, stop token removed."""
+    reasoning: str
+    answer: str
+    generated_tokens: int
+    stopped: bool
+    """True when the reply ended on a stop token, False when it hit max_new_tokens."""
+
+    def visible(self, show_thinking: bool) -> str:
+        if show_thinking and self.reasoning:
+            return f"[thinking]\n{self.reasoning.strip()}\n[answer]\n{self.answer}"
+        return self.answer
+
+
+def visible_text(text: str, layout: str, show_thinking: bool) -> str:
+    """Return the part of a partial or full reply that the user sees: the answer, plus the reasoning on request."""
+    if layout == "none":
+        return text
+    parsed = split_reply(text)
+    if show_thinking:
+        return f"{parsed.reasoning}{parsed.answer}"
+    return parsed.answer
+
+
+class Generator:
+    """Generates replies to conversations with one loaded model (and adapter)."""
+
+    def __init__(self, loaded: LoadedModel, settings: GenerationSettings, thinking: str = "auto"):
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.tokenizer = loaded.tokenizer
+        self.stop_ids = loaded.stop_token_ids
+        self.settings = settings
+        self.encoder = ConversationEncoder(self.processor, self.stop_ids, thinking=thinking)
+        self._stop_strings = [self.tokenizer.convert_ids_to_tokens(token) for token in self.stop_ids]
+
+    @property
+    def layout(self) -> str:
+        return self.encoder.layout
+
+    def prepare_inputs(self, conversation: Conversation) -> dict[str, torch.Tensor]:
+        """Tokenize the conversation with the chat template and a generation prompt."""
+        messages = self.encoder.template_messages(conversation, with_images=True)
+        inputs = self.processor.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        )
+        return {key: value.to(self.model.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+
+    def _generate_kwargs(self, max_new_tokens: int | None) -> dict[str, Any]:
+        settings = self.settings
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens or settings.max_new_tokens,
+            "eos_token_id": self.stop_ids,
+            "pad_token_id": self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0],
+            "do_sample": settings.do_sample,
+            "repetition_penalty": settings.repetition_penalty,
+        }
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            # Unset the sampling knobs a checkpoint's generation_config may carry, so greedy decoding stays quiet.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def _to_reply(self, generated: list[int]) -> Reply:
+        stopped = bool(generated) and generated[-1] in self.stop_ids
+        body = generated[:-1] if stopped else generated
+        text = self.tokenizer.decode(body, skip_special_tokens=False)
+        parsed = split_reply(text) if self.layout != "none" else None
+        return Reply(
+            text=text,
+            reasoning=parsed.reasoning if parsed else "",
+            answer=parsed.answer if parsed else text,
+            generated_tokens=len(generated),
+            stopped=stopped,
+        )
+
+    @torch.inference_mode()
+    def generate(self, conversation: Conversation, max_new_tokens: int | None = None) -> Reply:
+        inputs = self.prepare_inputs(conversation)
+        kwargs = self._generate_kwargs(max_new_tokens)
+        output = self.model.generate(**inputs, **kwargs)
+        generated = output[0, inputs["input_ids"].shape[1] :].tolist()
+        return self._to_reply(generated)
+
+    def stream(
+        self, conversation: Conversation, on_text: Callable[[str], None], max_new_tokens: int | None = None
+    ) -> Reply:
+        """Generate while calling on_text with each new piece of visible text."""
+        inputs = self.prepare_inputs(conversation)
+        kwargs = self._generate_kwargs(max_new_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            with torch.inference_mode():
+                try:
+                    result["output"] = self.model.generate(**inputs, **kwargs, streamer=streamer)
+                except Exception as error:  # re-raised in the caller's thread below
+                    result["error"] = error
+                    streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        shown = ""
+        for visible in self._visible_pieces(streamer):
+            if visible.startswith(shown) and len(visible) > len(shown):
+                on_text(visible[len(shown) :])
+                shown = visible
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        generated = result["output"][0, inputs["input_ids"].shape[1] :].tolist()
+        return self._to_reply(generated)
+
+    def _visible_pieces(self, streamer: TextIteratorStreamer) -> Iterator[str]:
+        text = ""
+        for chunk in streamer:
+            text += chunk
+            cleaned = text
+            for stop in self._stop_strings:
+                cleaned = cleaned.replace(stop, "")
+            yield visible_text(cleaned, self.layout, self.settings.show_thinking)

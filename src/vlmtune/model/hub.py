@@ -1,0 +1,55 @@
+"""Resolving a model name to a local folder: a path, a ModelScope id or a Hugging Face id."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from vlmtune.config import ModelSettings
+from vlmtune.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+
+def _download_from_modelscope(model_id: str, revision: str | None, cache_dir: str | None) -> str:
+    from modelscope import snapshot_download
+
+    return snapshot_download(model_id, revision=revision, cache_dir=cache_dir)
+
+
+def _download_from_huggingface(model_id: str, revision: str | None, cache_dir: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_id, revision=revision, cache_dir=cache_dir)
+
+
+DOWNLOADERS = {"modelscope": _download_from_modelscope, "huggingface": _download_from_huggingface}
+
+
+def resolve_model_path(settings: ModelSettings) -> Path:
+    """Return a local folder holding the model, downloading it from the chosen hub if needed.
+
+    hub=auto uses a local folder when one exists at name_or_path, else the Hugging Face Hub.
+    """
+    name = settings.name_or_path
+    hub = settings.hub
+    if hub == "auto":
+        hub = "local" if Path(name).expanduser().exists() else "huggingface"
+    if hub == "local":
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelError(
+                f"model.name_or_path: local folder not found: {path}. Build the tiny model with "
+                "`vlmtune tiny-model PATH`, or set model.hub to modelscope or huggingface for a hub id"
+            )
+        return path
+
+    logger.info("downloading %s from %s (revision %s)", name, hub, settings.revision or "default")
+    try:
+        local = DOWNLOADERS[hub](name, settings.revision, settings.cache_dir)
+    except Exception as error:  # hub clients raise many types; report any of them the same way
+        raise ModelError(
+            f"model.name_or_path: downloading {name!r} from {hub} failed: {error}. "
+            "Check the id and your network, or download the model and pass its local folder"
+        ) from error
+    return Path(local)

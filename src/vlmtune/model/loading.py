@@ -1,0 +1,122 @@
+"""Loading a model and its processor from a resolved folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+from vlmtune.config import ModelSettings
+from vlmtune.errors import ModelError
+from vlmtune.model.hub import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    processor: Any
+    """An AutoProcessor for vision-language models, the tokenizer for text-only ones."""
+    path: str
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return stop_token_ids(self.model.generation_config, self.tokenizer)
+
+
+def stop_token_ids(generation_config: GenerationConfig | None, tokenizer: Any) -> list[int]:
+    """Return every id that ends a reply: generation_config.eos_token_id, else the tokenizer's eos."""
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ModelError("the model has no stop token: neither generation_config.eos_token_id nor an eos_token is set")
+    return [int(eos)] if isinstance(eos, int) else [int(token) for token in eos]
+
+
+def load_processor(path: str, trust_remote_code: bool = False) -> Any:
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if not getattr(processor, "chat_template", None) and not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"{path}: the processor has no chat template; vlmtune needs one to render conversations")
+    return processor
+
+
+def load_model(settings: ModelSettings, *, for_training: bool = False) -> LoadedModel:
+    """Resolve, then load model and processor with the settings' dtype, device and attention."""
+    path = str(resolve_model_path(settings))
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    processor = load_processor(path, settings.trust_remote_code)
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
+    is_vision_language = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    auto_class = AutoModelForImageTextToText if is_vision_language else AutoModelForCausalLM
+    model = auto_class.from_pretrained(
+        path,
+        dtype=dtype,
+        attn_implementation=settings.attn_implementation,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    model.to(device)
+    if not for_training:
+        model.eval()
+    logger.info("loaded %s (%s) as %s on %s", path, type(model).__name__, dtype, device)
+    return LoadedModel(model=model, processor=processor, path=path)
+
+
+def load_adapter(loaded: LoadedModel, adapter_dir: str) -> LoadedModel:
+    """Attach a saved LoRA adapter to a loaded base model, for inference."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ModelError(
+            f"--adapter: no adapter_config.json in {adapter_dir}; pass the output folder of `vlmtune train` "
+            "or one of its checkpoint-N folders"
+        )
+    model = PeftModel.from_pretrained(loaded.model, adapter_dir)
+    model.eval()
+    logger.info("attached adapter %s", adapter_dir)
+    return LoadedModel(model=model, processor=loaded.processor, path=loaded.path)
+
+
+def adapter_base_model(adapter_dir: str) -> str | None:
+    """Return the base model recorded in an adapter's adapter_config.json, if any."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.is_file():
+        return None
+    return json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")

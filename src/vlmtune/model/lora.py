@@ -1,0 +1,167 @@
+"""LoRA target discovery and the peft adapter, limited to the language model.
+
+On GLM-4.1V the language model's MLP is a fused `gate_up_proj`, while `gate_proj`,
+`up_proj` and `down_proj` also exist in the vision tower and its merger. So targets
+are resolved against real module names, and only language-model modules are adapted:
+
+    auto               -> q_proj k_proj v_proj o_proj gate_up_proj down_proj (language model)
+    [gate_proj, ...]   -> error: gate_proj matches only vision modules
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+
+from vlmtune.config import LoraSettings
+from vlmtune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModuleParts:
+    """Qualified-name prefixes of a model's language model and output head."""
+
+    language_model: str
+    output_head: str | None
+
+    def part_of(self, name: str) -> str:
+        """Classify a module or parameter name as language model, output head or vision."""
+        if name == self.language_model or name.startswith(self.language_model + "."):
+            return "language model"
+        if self.output_head is not None and (name == self.output_head or name.startswith(self.output_head + ".")):
+            return "output head"
+        return "vision"
+
+
+def find_module_parts(model: nn.Module) -> ModuleParts:
+    """Locate the language model (the decoder stack) and the output head by identity."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder_name = head_name = None
+    for name, module in model.named_modules():
+        if decoder is not None and module is decoder and decoder_name is None:
+            decoder_name = name
+        if head is not None and module is head and head_name is None:
+            head_name = name
+    if decoder_name is None:
+        raise ConfigError(
+            f"cannot find the language model inside {type(model).__name__}: get_decoder() is missing; "
+            "set lora.target_modules to a regular expression of full module names"
+        )
+    return ModuleParts(language_model=decoder_name, output_head=head_name)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def _describe_matches(names: list[str], parts: ModuleParts) -> str:
+    counts = Counter(parts.part_of(name) for name in names)
+    return ", ".join(f"{count} in the {part}" for part, count in sorted(counts.items())) or "nothing"
+
+
+def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[str]:
+    """Return the full names of the language-model Linear layers that LoRA adapts.
+
+    target is "auto", a list of short names (matched on the last name part) or one
+    regular expression (matched on full names). A short name that matches nothing,
+    or only modules outside the language model, raises ConfigError saying where it
+    matched.
+    """
+    parts = find_module_parts(model)
+    linear_names = linear_module_names(model)
+    language_linears = [name for name in linear_names if parts.part_of(name) == "language model"]
+
+    if target == "auto":
+        return language_linears
+
+    if isinstance(target, str):
+        try:
+            pattern = re.compile(target)
+        except re.error as error:
+            raise ConfigError(f"lora.target_modules: invalid regular expression {target!r}: {error}") from None
+        matched = [name for name in linear_names if pattern.fullmatch(name)]
+        outside = [name for name in matched if parts.part_of(name) != "language model"]
+        if not matched:
+            raise ConfigError(
+                f"lora.target_modules: the regular expression {target!r} matches no Linear layer; "
+                f"language-model layers look like {language_linears[0]!r}"
+            )
+        if outside:
+            raise ConfigError(
+                f"lora.target_modules: the regular expression {target!r} matches {_describe_matches(matched, parts)} "
+                f"(for example {outside[0]!r}); LoRA adapts only the language model, so narrow the expression"
+            )
+        return matched
+
+    problems = []
+    selected: list[str] = []
+    short_names = sorted({name.rsplit(".", 1)[-1] for name in language_linears})
+    for short in target:
+        everywhere = [name for name in linear_names if name.rsplit(".", 1)[-1] == short]
+        in_language_model = [name for name in everywhere if parts.part_of(name) == "language model"]
+        if not in_language_model:
+            where = _describe_matches(everywhere, parts)
+            problems.append(f"{short!r} matches {where} and no language-model Linear layer")
+        selected.extend(in_language_model)
+    if problems:
+        raise ConfigError(
+            "lora.target_modules: "
+            + "; ".join(problems)
+            + f". Language-model Linear layers of {type(model).__name__} are named: {', '.join(short_names)}. "
+            "Use target_modules: auto to adapt all of them"
+        )
+    return sorted(set(selected), key=language_linears.index)
+
+
+def _names_to_pattern(names: list[str]) -> str:
+    """Build a compact full-match regex for peft, so adapter_config.json stays readable."""
+    groups: dict[str, set[str]] = {}
+    for name in names:
+        generic = re.sub(r"\.\d+\.", ".*.", name, count=1)
+        prefix, _, short = generic.rpartition(".")
+        groups.setdefault(prefix, set()).add(short)
+    alternatives = []
+    for prefix, shorts in groups.items():
+        escaped_prefix = re.escape(prefix).replace(r"\.\*\.", r"\.\d+\.")
+        alternatives.append(f"{escaped_prefix}\\.({'|'.join(sorted(shorts))})")
+    return "^(" + "|".join(alternatives) + ")$"
+
+
+def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Trainable and total parameter counts per model part."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    parts = find_module_parts(base)
+    counts: dict[str, list[int]] = {}
+    for name, parameter in base.named_parameters():
+        trainable_total = counts.setdefault(parts.part_of(name), [0, 0])
+        trainable_total[1] += parameter.numel()
+        if parameter.requires_grad:
+            trainable_total[0] += parameter.numel()
+    return {part: (values[0], values[1]) for part, values in counts.items()}
+
+
+def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
+    """Wrap the model with a LoRA adapter on the resolved targets; everything else is frozen."""
+    targets = resolve_target_modules(model, settings.target_modules)
+    short_names = sorted({name.rsplit(".", 1)[-1] for name in targets})
+    logger.info("LoRA on %d language-model Linear layers: %s", len(targets), ", ".join(short_names))
+    lora_config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=_names_to_pattern(targets),
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora_config)
+    for part, (trainable, total) in sorted(count_parameters(peft_model).items()):
+        logger.info("trainable parameters in the %s: %s of %s", part, f"{trainable:,}", f"{total:,}")
+    return peft_model

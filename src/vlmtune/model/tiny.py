@@ -1,0 +1,201 @@
+"""Build a tiny GLM-4.1V-shaped checkpoint offline, for tests and the demo.
+
+The checkpoint uses the real classes and module names (Glm4vForConditionalGeneration,
+Glm4vProcessor with its image and video processors) with random weights, a small
+byte-level BPE tokenizer holding GLM's special tokens, and a chat template that
+renders like the official one. It loads through the same `from_pretrained` path as
+ZhipuAI/GLM-4.1V-9B-Thinking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vImageProcessor,
+    Glm4vProcessor,
+    Glm4vVideoProcessor,
+    PreTrainedTokenizerFast,
+)
+
+logger = logging.getLogger(__name__)
+
+# The special tokens of the GLM-4.1V tokenizer, in the order it assigns ids.
+GLM_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|image|>",
+    "<|video|>",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+)
+# generation_config.eos_token_id of GLM-4.1V-9B-Thinking, as token strings.
+GLM_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+FALLBACK_CORPUS = (
+    "你好，我是小橘喵~ 有什么可以帮你的吗？",
+    "Hello! How can I help you today?",
+    "1 + 1 = 2. 今天天气很好，适合出去散步。",
+)
+VOCAB_SIZE = 3000
+# Images are capped at 28*28*32 pixels, i.e. at most 32 image tokens after the 2x2 merge.
+MIN_PIXELS = 28 * 28 * 4
+MAX_PIXELS = 28 * 28 * 32
+# Ten times the real model's 0.02. With 0.02, the random output head gives logits with a
+# spread of roughly 0.02 * sqrt(hidden_size) = 0.3, too flat for a LoRA adapter to learn a
+# peaked reply distribution in the demo's few CPU minutes (an estimate, checked by training).
+TEXT_INITIALIZER_RANGE = 0.2
+
+
+def glm4v_chat_template() -> str:
+    """Return vlmtune's own GLM-4.1V chat template text."""
+    return resources.files("vlmtune.model").joinpath("templates/glm4v.jinja").read_text(encoding="utf-8")
+
+
+def _corpus_lines(corpus_files: Iterable[Path]) -> Iterator[str]:
+    yield from FALLBACK_CORPUS
+    for path in corpus_files:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            # Feed every string of the JSON tree, so keys and punctuation stay out of the merges.
+            stack = [json.loads(text)]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, str):
+                    yield node
+                elif isinstance(node, dict):
+                    stack.extend(node.values())
+                elif isinstance(node, list):
+                    stack.extend(node)
+        else:
+            yield from text.splitlines()
+
+
+def build_tokenizer(corpus_files: Iterable[Path] = ()) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer whose first ids are GLM's special tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(GLM_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus_lines(corpus_files), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
+
+
+def build_tiny_config(tokenizer: PreTrainedTokenizerFast) -> Glm4vConfig:
+    """Build a Glm4vConfig a few MB in size with the 9B model's structure.
+
+    Shape rules of Glm4v: the vision tower's out_hidden_size equals the text hidden
+    size, and mrope_section sums to head_dim * partial_rotary_factor / 2
+    (here 32 * 0.5 / 2 = 8).
+    """
+    token_id = tokenizer.convert_tokens_to_ids
+    hidden_size = 256
+    text_config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "pad_token_id": tokenizer.pad_token_id,
+        "initializer_range": TEXT_INITIALIZER_RANGE,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": [4, 2, 2],
+        },
+    }
+    vision_config = {
+        "depth": 2,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "intermediate_size": 64,
+        "out_hidden_size": hidden_size,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "image_size": 56,
+    }
+    return Glm4vConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=token_id("<|image|>"),
+        video_token_id=token_id("<|video|>"),
+        image_start_token_id=token_id("<|begin_of_image|>"),
+        image_end_token_id=token_id("<|end_of_image|>"),
+        video_start_token_id=token_id("<|begin_of_video|>"),
+        video_end_token_id=token_id("<|end_of_video|>"),
+    )
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast) -> Glm4vProcessor:
+    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    return Glm4vProcessor(
+        image_processor=Glm4vImageProcessor(size=size),
+        tokenizer=tokenizer,
+        video_processor=Glm4vVideoProcessor(size=size),
+        chat_template=glm4v_chat_template(),
+    )
+
+
+def build_tiny_model(output_dir: str | Path, corpus_files: Iterable[str | Path] = (), seed: int = 0) -> Path:
+    """Write the tiny checkpoint (model, processor, generation config) to output_dir."""
+    output_path = Path(output_dir)
+    output_path.mkdir(parents=True, exist_ok=True)
+    corpus_paths = [Path(path) for path in corpus_files]
+
+    tokenizer = build_tokenizer(corpus_paths)
+    processor = build_processor(tokenizer)
+    config = build_tiny_config(tokenizer)
+
+    torch.manual_seed(seed)
+    model = Glm4vForConditionalGeneration(config)
+    stop_ids = [tokenizer.convert_tokens_to_ids(token) for token in GLM_STOP_TOKENS]
+    model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+
+    model.save_pretrained(output_path)
+    processor.save_pretrained(output_path)
+    parameter_count = sum(parameter.numel() for parameter in model.parameters())
+    logger.info(
+        "wrote tiny GLM-4.1V checkpoint to %s (%d parameters, vocabulary %d, tokenizer trained on %d file(s))",
+        output_path,
+        parameter_count,
+        len(tokenizer),
+        len(corpus_paths),
+    )
+    return output_path

@@ -1,0 +1,193 @@
+"""The LoRA fine-tuning recipe: set up, train, save.
+
+Supported: a local, ModelScope or Hugging Face model with a chat template, Alpaca data,
+LoRA on the language model, gradient checkpointing and resuming from the last checkpoint.
+Tracking goes to SwanLab (offline by default), TensorBoard or nowhere.
+NOTE: several processes through `torchrun` or `accelerate launch` are left to the
+transformers Trainer and have not been run yet.
+
+The output folder holds the adapter, the processor files (tokenizer, chat template,
+image processor), `config.yaml` and `run_manifest.json` (settings, package versions,
+dataset hashes, sample counts and final metrics).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmtune.config import RunConfig, config_to_dict, save_config
+from vlmtune.data.loading import load_conversations
+from vlmtune.encoding.collator import ChatCollator
+from vlmtune.encoding.encode import ConversationEncoder, EncodingReport, encode_conversations
+from vlmtune.errors import ConfigError, DataError
+from vlmtune.model.loading import LoadedModel, load_model
+from vlmtune.model.lora import apply_lora
+from vlmtune.training.tracking import Tracking, make_tracking
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_PACKAGES = ("vlmtune", "torch", "transformers", "peft", "accelerate", "datasets", "swanlab")
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in MANIFEST_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class LoraRecipe:
+    """One training run, read top to bottom: setup(), train(), save()."""
+
+    def __init__(self, config: RunConfig, resume: bool = False):
+        self.config = config
+        self.resume = resume
+        self.output_dir = Path(config.train.output_dir)
+        self.loaded: LoadedModel | None = None
+        self.report: EncodingReport | None = None
+        self.tracking: Tracking | None = None
+        self.trainer: Trainer | None = None
+        self.metrics: dict[str, Any] = {}
+
+    def setup(self) -> None:
+        set_seed(self.config.train.seed)
+        self._setup_data_and_model()
+        self._setup_trainer()
+
+    def _setup_data_and_model(self) -> None:
+        config = self.config
+        # Read the data first: a bad example should fail before minutes of model loading.
+        conversations = load_conversations(config.data)
+        self.loaded = load_model(config.model, for_training=True)
+        encoder = ConversationEncoder(
+            self.loaded.processor, self.loaded.stop_token_ids, config.data.thinking, config.data.train_on
+        )
+        self.report = encode_conversations(encoder, conversations, config.data)
+        if not self.report.samples:
+            raise DataError(
+                f"no sample is left to train on: all {len(conversations)} examples were dropped. "
+                "Raise data.max_length or check the data files"
+            )
+        total_tokens = sum(len(sample) for sample in self.report.samples)
+        supervised = sum(sample.supervised_count for sample in self.report.samples)
+        logger.info(
+            "training on %d samples: %d tokens, %d supervised (%.0f%%)",
+            len(self.report.samples),
+            total_tokens,
+            supervised,
+            100 * supervised / total_tokens,
+        )
+
+        model = self.loaded.model
+        if config.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        self.loaded.model = apply_lora(model, config.lora)
+
+    def _training_arguments(self) -> TrainingArguments:
+        train = self.config.train
+        dtype = self.loaded.model.dtype
+        return TrainingArguments(
+            output_dir=str(self.output_dir),
+            num_train_epochs=train.num_train_epochs,
+            max_steps=train.max_steps,
+            per_device_train_batch_size=train.per_device_train_batch_size,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            learning_rate=train.learning_rate,
+            lr_scheduler_type=train.lr_scheduler_type,
+            warmup_steps=train.warmup_steps,
+            weight_decay=train.weight_decay,
+            max_grad_norm=train.max_grad_norm,
+            logging_steps=train.logging_steps,
+            save_steps=train.save_steps,
+            save_total_limit=train.save_total_limit,
+            seed=train.seed,
+            dataloader_num_workers=train.dataloader_num_workers,
+            bf16=str(dtype) == "torch.bfloat16",
+            fp16=str(dtype) == "torch.float16",
+            use_cpu=self.loaded.model.device.type == "cpu",
+            remove_unused_columns=False,
+            report_to=[],  # tracking callbacks are passed explicitly, see training/tracking.py
+            disable_tqdm=False,
+        )
+
+    def _setup_trainer(self) -> None:
+        self.tracking = make_tracking(self.config.tracking, str(self.output_dir), config_to_dict(self.config))
+        self.trainer = Trainer(
+            model=self.loaded.model,
+            args=self._training_arguments(),
+            train_dataset=self.report.samples,
+            data_collator=ChatCollator(pad_token_id=self._pad_token_id()),
+            callbacks=self.tracking.callbacks,
+        )
+
+    def _pad_token_id(self) -> int:
+        tokenizer = self.loaded.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.loaded.stop_token_ids[0]
+
+    def train(self) -> None:
+        checkpoint = None
+        if self.resume:
+            checkpoint = get_last_checkpoint(str(self.output_dir)) if self.output_dir.is_dir() else None
+            if checkpoint is None:
+                raise ConfigError(
+                    f"--resume: no checkpoint-N folder in {self.output_dir}; train without --resume to start afresh"
+                )
+            logger.info("resuming from %s", checkpoint)
+        started = time.time()
+        try:
+            result = self.trainer.train(resume_from_checkpoint=checkpoint)
+        finally:
+            self.tracking.finish()
+        self.metrics = {**result.metrics, "global_step": result.global_step, "wall_seconds": time.time() - started}
+
+    def save(self) -> Path:
+        """Write the adapter, processor files, config and run manifest; return the folder."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.trainer.save_model(str(self.output_dir))
+        self.loaded.processor.save_pretrained(str(self.output_dir))
+        save_config(self.config, self.output_dir / "config.yaml")
+        manifest = {
+            "config": config_to_dict(self.config),
+            "base_model": self.loaded.path,
+            "versions": _package_versions(),
+            "datasets": [{"path": spec.path, "sha256": _file_sha256(spec.path)} for spec in self.config.data.train],
+            "samples": len(self.report.samples),
+            "dropped": {reason: len(sources) for reason, sources in self.report.dropped.items()},
+            "metrics": self.metrics,
+            "tracking_run": str(self.tracking.run_folder() or ""),
+        }
+        manifest_path = self.output_dir / "run_manifest.json"
+        manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
+        logger.info("saved the adapter and run manifest to %s", self.output_dir)
+        return self.output_dir
+
+
+def run_training(config: RunConfig, resume: bool = False) -> LoraRecipe:
+    """Set up, train and save; returns the finished recipe for callers that inspect it."""
+    recipe = LoraRecipe(config, resume=resume)
+    recipe.setup()
+    recipe.train()
+    recipe.save()
+    return recipe

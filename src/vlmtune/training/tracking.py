@@ -1,0 +1,86 @@
+"""Experiment tracking behind one small interface: SwanLab, TensorBoard or nothing.
+
+SwanLab runs offline by default: the run folder is written locally, no account and no
+network are needed, and `swanlab sync RUN_FOLDER` can upload it later.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from vlmtune.config import TrackingSettings
+
+logger = logging.getLogger(__name__)
+
+SWANLAB_MODES = {"offline": "offline", "local": "local", "cloud": "online"}
+
+
+@dataclass
+class Tracking:
+    """Trainer callbacks for one tracking backend, and the run location to show the user."""
+
+    backend: str
+    log_dir: Path | None
+    callbacks: list[TrainerCallback] = field(default_factory=list)
+
+    def run_folder(self) -> Path | None:
+        """Return the newest run folder under log_dir (SwanLab writes one `run-*` folder per run)."""
+        if self.log_dir is None or not self.log_dir.is_dir():
+            return None
+        if self.backend != "swanlab":
+            return self.log_dir
+        runs = sorted(self.log_dir.glob("run-*"), key=lambda path: path.stat().st_mtime)
+        return runs[-1] if runs else None
+
+    def finish(self) -> None:
+        """Close the run so its folder is complete; safe to call when no run started."""
+        if self.backend == "swanlab":
+            import swanlab
+
+            swanlab.finish()
+        for callback in self.callbacks:
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.close()
+
+    def describe(self) -> str:
+        folder = self.run_folder()
+        if self.backend == "swanlab" and folder is not None:
+            return (
+                f"SwanLab run folder: {folder}\n"
+                f"  upload it to view in the browser: swanlab sync {folder}\n"
+                f"  or train with tracking.swanlab_mode=local and run: swanlab watch {self.log_dir}"
+            )
+        if self.backend == "tensorboard" and folder is not None:
+            return f"TensorBoard logs: {folder}\n  view them with: tensorboard --logdir {folder}"
+        return "tracking is off (tracking.backend=none)"
+
+
+def make_tracking(settings: TrackingSettings, output_dir: str, run_config: dict[str, Any]) -> Tracking:
+    if settings.backend == "none":
+        return Tracking("none", None)
+    default_folder = "swanlog" if settings.backend == "swanlab" else "tensorboard"
+    log_dir = Path(settings.log_dir or Path(output_dir) / default_folder)
+    if settings.backend == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        writer = SummaryWriter(log_dir=str(log_dir))
+        return Tracking("tensorboard", log_dir, callbacks=[TensorBoardCallback(tb_writer=writer)])
+
+    from swanlab.integration.transformers import SwanLabCallback
+
+    callback = SwanLabCallback(
+        project=settings.project,
+        experiment_name=settings.experiment_name or Path(output_dir).name,
+        mode=SWANLAB_MODES[settings.swanlab_mode],
+        log_dir=str(log_dir),
+    )
+    callback.update_config({"vlmtune": run_config})
+    logger.info("tracking with SwanLab in %s mode under %s", settings.swanlab_mode, log_dir)
+    return Tracking("swanlab", log_dir, callbacks=[callback])

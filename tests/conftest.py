@@ -1,0 +1,49 @@
+"""Shared fixtures: one tiny GLM-4.1V checkpoint per test session, built offline."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from vlmtune.config import DataSettings, ModelSettings
+from vlmtune.encoding import ConversationEncoder
+from vlmtune.model.loading import LoadedModel, load_model
+from vlmtune.model.tiny import build_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PERSONA_DATA = REPO_ROOT / "data" / "persona_zh" / "train.json"
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_swanlab(monkeypatch):
+    # Keeps SwanLab from asking for a login or reaching the network in any test.
+    monkeypatch.setenv("SWANLAB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    logging.getLogger("vlmtune").setLevel(logging.INFO)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-glm4v", [PERSONA_DATA], seed=0)
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_model_dir) -> LoadedModel:
+    return load_model(ModelSettings(name_or_path=str(tiny_model_dir), hub="local", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def encoder(loaded) -> ConversationEncoder:
+    return ConversationEncoder(loaded.processor, loaded.stop_token_ids)
+
+
+def write_json(path: Path, rows) -> Path:
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def data_settings(path: Path | str = "unused.json", **overrides) -> DataSettings:
+    return DataSettings(train=[str(path)], **overrides)

@@ -1,0 +1,101 @@
+"""The `vlmtune` command as a user runs it: real subprocesses, tiny model, no network."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_json
+
+VLMTUNE = str(Path(sys.executable).parent / "vlmtune")
+
+
+def run(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [VLMTUNE, *args], input=stdin, capture_output=True, text=True, timeout=300, cwd=cwd, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def config_file(tiny_model_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli")
+    write_json(
+        folder / "train.json",
+        [
+            {"instruction": "你是谁？", "input": "", "output": "我是小橘喵~", "history": [["你好", "你好喵~"]]},
+            {"instruction": "1+1=?", "input": "", "output": "2喵"},
+        ],
+    )
+    config = folder / "run.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {tiny_model_dir}, hub: local, device: cpu}}\n"
+        "data: {train: [train.json], system_prompt: 你是小橘。, max_length: 256}\n"
+        f"train: {{output_dir: {folder / 'out'}, max_steps: 2, per_device_train_batch_size: 2, save_steps: 1}}\n"
+        "tracking: {backend: none}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def test_tiny_model_command(tmp_path):
+    result = run("tiny-model", str(tmp_path / "m"), "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "processor_config.json", "chat_template.jinja"):
+        assert (tmp_path / "m" / name).is_file(), name
+
+
+def test_inspect_shows_self_check(config_file):
+    result = run("inspect", str(config_file), "--count", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("self-check ok") == 2
+    assert "<answer>我是小橘喵~</answer><|user|>" in result.stdout
+
+
+def test_train_then_chat_with_adapter(config_file):
+    result = run("train", str(config_file))
+    assert result.returncode == 0, result.stderr
+    output_dir = config_file.parent / "out"
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    assert f"vlmtune chat --adapter {output_dir}" in result.stdout
+
+    chat = run("chat", "--adapter", str(output_dir), "--message", "你好", "--max-new-tokens", "4")
+    assert chat.returncode == 0, chat.stderr
+    assert "system prompt the adapter was trained with" in chat.stderr
+    assert "reply cut off: it reached max_new_tokens=4" in chat.stdout
+
+
+def test_interactive_chat_with_image(tiny_model_dir):
+    image = Path(__file__).resolve().parents[1] / "data" / "images" / "orange_cat.png"
+    script = f"/image {image}\n这只猫怎么样？\n/clear\n/unknown\n/exit\n"
+    result = run("chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "1 image(s) attached to your next message" in result.stdout
+    assert "history cleared" in result.stdout
+    assert "unknown command '/unknown'" in result.stdout
+    assert result.stdout.count("reply cut off") == 1
+
+
+def test_config_error_is_one_clear_message(config_file):
+    result = run("train", str(config_file), "train.learning_rate=-1", "lora.rank=4")
+    assert result.returncode == 2
+    assert "error: invalid config" in result.stderr
+    assert "train.learning_rate" in result.stderr
+    assert "lora.rank: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tutorial_lora_targets_rejected(config_file):
+    result = run("train", str(config_file), "lora.target_modules=[q_proj, gate_proj, up_proj]")
+    assert result.returncode == 2
+    assert "'gate_proj' matches" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_without_checkpoint(tmp_path, config_file):
+    result = run("train", str(config_file), f"train.output_dir={tmp_path / 'fresh'}", "--resume")
+    assert result.returncode == 2
+    assert "--resume: no checkpoint-N folder" in result.stderr

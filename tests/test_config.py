@@ -1,0 +1,79 @@
+"""Config loading: YAML plus overrides, every problem reported at once, paths resolved."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmtune.config import load_config, parse_override, save_config
+from vlmtune.errors import ConfigError
+
+MINIMAL = """
+model:
+  name_or_path: some/model
+data:
+  train: [train.json]
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_minimal_config_defaults(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.model.hub == "auto"
+    assert config.data.train[0].path == "train.json"
+    assert config.tracking.backend == "swanlab"
+    assert config.tracking.swanlab_mode == "offline"
+    assert config.lora.target_modules == "auto"
+
+
+def test_overrides_keep_types(tmp_path):
+    config = load_config(
+        write(tmp_path, MINIMAL),
+        ["train.learning_rate=2e-4", "train.gradient_checkpointing=true", "lora.target_modules=[q_proj, v_proj]"],
+    )
+    assert config.train.learning_rate == pytest.approx(2e-4)
+    assert config.train.gradient_checkpointing is True
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    text = MINIMAL + "train:\n  learning_rate: -1\n  per_device_train_batch_size: zero\n  epochs: 3\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), ["tracking.backend=wandb"])
+    message = str(caught.value)
+    assert "4 problem(s)" in message
+    assert "train.learning_rate" in message
+    assert "train.per_device_train_batch_size" in message
+    assert "train.epochs: unknown key" in message
+    assert "tracking.backend" in message
+    assert "'wandb'" in message
+
+
+def test_missing_required_sections(tmp_path):
+    with pytest.raises(ConfigError, match=r"model: Field required"):
+        load_config(write(tmp_path, "data:\n  train: [a.json]\n"))
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected SECTION.KEY=VALUE"):
+        parse_override("train.learning_rate")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_dataset_path_relative_to_config(tmp_path):
+    (tmp_path / "train.json").write_text("[]", encoding="utf-8")
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.data.train[0].path == str(tmp_path / "train.json")
+
+
+def test_saved_config_round_trips_chinese(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["data.system_prompt=你是小橘。"])
+    out = tmp_path / "saved.yaml"
+    save_config(config, out)
+    assert "你是小橘。" in out.read_text(encoding="utf-8")
+    assert load_config(out).data.system_prompt == "你是小橘。"

@@ -1,0 +1,136 @@
+"""Reading Alpaca JSON and JSONL files into conversations, and the errors for bad records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import PERSONA_DATA, write_json
+from vlmtune.config import DatasetSpec, DataSettings
+from vlmtune.data import load_conversations, load_dataset_file
+from vlmtune.data.records import read_records
+from vlmtune.errors import DataError
+
+
+def texts(conversation) -> list[tuple[str, str]]:
+    return [(message.role, message.text) for message in conversation.messages]
+
+
+def test_alpaca_with_system_history_and_input(tmp_path):
+    path = write_json(
+        tmp_path / "a.json",
+        [
+            {
+                "instruction": "翻译成英文",
+                "input": "早上好",
+                "output": "Good morning 喵~",
+                "system": "你是小橘。",
+                "history": [["你好", "你好喵~"]],
+            }
+        ],
+    )
+    [conversation] = load_dataset_file(DatasetSpec(path=str(path)))
+    assert texts(conversation) == [
+        ("system", "你是小橘。"),
+        ("user", "你好"),
+        ("assistant", "你好喵~"),
+        ("user", "翻译成英文\n早上好"),
+        ("assistant", "Good morning 喵~"),
+    ]
+    assert conversation.source == f"{path}, record 0 (line 2)"
+
+
+def test_default_system_prompt_only_when_missing(tmp_path):
+    path = write_json(
+        tmp_path / "a.json",
+        [{"instruction": "q", "output": "a"}, {"instruction": "q2", "output": "a2", "system": "own"}],
+    )
+    first, second = load_conversations(DataSettings(train=[str(path)], system_prompt="default"))
+    assert texts(first)[0] == ("system", "default")
+    assert texts(second)[0] == ("system", "own")
+
+
+def test_jsonl_and_bom_accepted(tmp_path):
+    path = tmp_path / "a.jsonl"
+    lines = [json.dumps({"instruction": f"q{i}", "output": "喵"}, ensure_ascii=False) for i in range(3)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n\n".join(lines).encode("utf-8"))
+    conversations = load_dataset_file(DatasetSpec(path=str(path)))
+    assert [c.messages[0].text for c in conversations] == ["q0", "q1", "q2"]
+    assert conversations[2].source.endswith("record 2 (line 5)")
+
+
+def test_json_array_line_numbers(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[\n {"instruction": "a", "output": "b"},\n\n {"instruction": "c", "output": ""}\n]', encoding="utf-8")
+    with pytest.raises(DataError, match=r"a.json, record 1 \(line 4\): field 'output' is empty"):
+        load_dataset_file(DatasetSpec(path=str(path)))
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"instruction": "q"}, r"record 0 \(line 1\): field 'output' is missing"),
+        ({"instruction": 3, "output": "a"}, r"field 'instruction' must be a string, got int 3"),
+        ({"instruction": "q", "output": None}, r"field 'output' is missing"),
+        ({"instruction": "q", "output": ["a"]}, r"field 'output' must be a string, got list"),
+        ({"instruction": "q", "output": "a", "history": "x"}, r"field 'history' must be a list of \[user, assistant\] pairs"),
+        ({"instruction": "q", "output": "a", "history": [["only user"]]}, r"field 'history\[0\]' must be a pair"),
+        ({"instruction": "q", "output": "a", "history": [["u", ""]]}, r"field 'history\[0\]' must be a pair"),
+        ({"instruction": "q", "output": "a", "system": 5}, r"field 'system' must be a string"),
+    ],
+)
+def test_bad_alpaca_fields(tmp_path, row, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(row), encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_dataset_file(DatasetSpec(path=str(path)))
+
+
+def test_malformed_json_line_and_column(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q" "output": "a"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2, column 21: malformed JSON"):
+        read_records(path)
+
+
+def test_invalid_utf8_names_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"instruction": "q", "output": "a"}\n{"instruction": "\xff", "output": "a"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: the file is not valid UTF-8"):
+        read_records(path)
+
+
+def test_empty_missing_and_unsupported_files(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("  \n", encoding="utf-8")
+    with pytest.raises(DataError, match="the file is empty"):
+        read_records(empty)
+    with pytest.raises(DataError, match="dataset file not found"):
+        read_records(tmp_path / "missing.json")
+    other = tmp_path / "data.txt"
+    other.write_text("x", encoding="utf-8")
+    with pytest.raises(DataError, match=r"unsupported file type '.txt'"):
+        read_records(other)
+
+
+def test_unknown_layout_lists_keys(tmp_path):
+    path = write_json(tmp_path / "a.json", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(DataError, match=r"cannot tell the dataset layout from the keys \['completion', 'prompt'\]"):
+        load_dataset_file(DatasetSpec(path=str(path)))
+
+
+def test_max_samples(tmp_path):
+    path = write_json(tmp_path / "a.json", [{"instruction": f"q{i}", "output": "a"} for i in range(5)])
+    assert len(load_conversations(DataSettings(train=[str(path)], max_samples=2))) == 2
+
+
+def test_bundled_persona_data():
+    if not PERSONA_DATA.is_file():
+        pytest.fail(f"bundled dataset missing: {PERSONA_DATA}")
+    conversations = load_dataset_file(DatasetSpec(path=str(PERSONA_DATA)))
+    assert len(conversations) >= 300
+    rows = json.loads(PERSONA_DATA.read_text(encoding="utf-8"))
+    assert sum(1 for row in rows if row.get("system")) >= 40
+    assert sum(1 for row in rows if row.get("history")) >= 40
+    assert any(len(c.messages) > 3 for c in conversations)

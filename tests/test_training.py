@@ -1,0 +1,155 @@
+"""A short real training run on the tiny model: loss, adapter reload, SwanLab folder, resume, stopping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_json
+from vlmtune.config import GenerationSettings, ModelSettings, build_config
+from vlmtune.data import Conversation, Message, TextPart
+from vlmtune.encoding import ChatCollator
+from vlmtune.inference import Generator
+from vlmtune.model.loading import load_adapter, load_model
+from vlmtune.training.recipe import LoraRecipe
+
+ANSWER = "好的喵~"
+STEPS = 30
+
+
+def training_tree(tiny_model_dir: Path, data_path: Path, output_dir: Path, **train) -> dict:
+    return {
+        "model": {"name_or_path": str(tiny_model_dir), "hub": "local", "device": "cpu"},
+        "data": {"train": [str(data_path)], "system_prompt": "你是小橘。", "max_length": 128},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_steps": STEPS,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 5e-3,
+            "warmup_steps": 0,
+            "logging_steps": 5,
+            "save_steps": 15,
+            "seed": 7,
+            **train,
+        },
+        "tracking": {"backend": "swanlab", "swanlab_mode": "offline", "project": "vlmtune-tests"},
+    }
+
+
+def batch_loss(model, batch) -> float:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    rows = [{"instruction": f"第{i}个问题：今天做什么好呢？", "input": "", "output": ANSWER} for i in range(16)]
+    rows[0]["history"] = [["你好", "你好喵~"]]
+    data_path = write_json(folder / "train.json", rows)
+    config = build_config(training_tree(tiny_model_dir, data_path, folder / "out"))
+
+    recipe = LoraRecipe(config)
+    recipe.setup()
+    batch = ChatCollator(pad_token_id=recipe.loaded.tokenizer.pad_token_id)(recipe.report.samples[:4])
+    loss_before = batch_loss(recipe.loaded.model, batch)
+    recipe.train()
+    recipe.save()
+    loss_after = batch_loss(recipe.loaded.model, batch)
+    return {
+        "recipe": recipe,
+        "batch": batch,
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "folder": folder,
+        "data_path": data_path,
+    }
+
+
+def test_loss_drops_on_fixed_batch(run):
+    assert run["loss_after"] < run["loss_before"] * 0.7
+
+
+def test_output_folder_contents(run):
+    output_dir = run["recipe"].output_dir
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run_manifest.json",
+                 "tokenizer.json", "chat_template.jinja", "processor_config.json"):
+        assert (output_dir / name).is_file(), name
+    manifest_text = (output_dir / "run_manifest.json").read_text(encoding="utf-8")
+    assert "你是小橘。" in manifest_text  # written unescaped
+    manifest = json.loads(manifest_text)
+    assert manifest["metrics"]["global_step"] == STEPS
+    assert manifest["samples"] == 16
+    assert len(manifest["datasets"][0]["sha256"]) == 64
+    assert manifest["versions"]["transformers"]
+
+
+def test_adapter_reload_gives_identical_logits(run, tiny_model_dir):
+    recipe = run["recipe"]
+    trained = recipe.loaded.model.eval()
+    reloaded = load_adapter(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), str(recipe.output_dir))
+    batch = {key: value for key, value in run["batch"].items() if key != "labels"}
+    with torch.no_grad():
+        expected = trained(**batch).logits
+        actual = reloaded.model(**batch).logits
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def read_swanlab_scalars(run_folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    [run_file] = run_folder.glob("*.swanlab")
+    reader = DataStoreReader()
+    reader.open(run_file)
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for raw in reader:
+        record = Record()
+        record.ParseFromString(raw)
+        if record.HasField("scalar"):
+            scalars.setdefault(record.scalar.key, []).append((record.scalar.step, record.scalar.value.number))
+    reader.close()
+    return scalars
+
+
+def test_swanlab_run_folder_has_metrics(run):
+    folder = run["recipe"].tracking.run_folder()
+    assert folder is not None and folder.parent == run["recipe"].output_dir / "swanlog"
+    scalars = read_swanlab_scalars(folder)
+    for key in ("train/loss", "train/learning_rate", "train/grad_norm"):
+        assert len(scalars.get(key, [])) == STEPS // 5, key
+    losses = [value for _, value in scalars["train/loss"]]
+    assert losses[-1] < losses[0]
+    config_text = (folder / "files" / "config.yaml").read_text(encoding="utf-8")
+    assert "vlmtune" in config_text
+    assert "max_length" in config_text
+
+
+def test_trained_adapter_stops_on_stop_token(run):
+    recipe = run["recipe"]
+    generator = Generator(recipe.loaded, GenerationSettings(max_new_tokens=40))
+    conversation = Conversation(
+        [Message("system", [TextPart("你是小橘。")]), Message("user", [TextPart("第3个问题：今天做什么好呢？")])]
+    )
+    reply = generator.generate(conversation)
+    assert reply.stopped, reply
+    assert reply.generated_tokens < 40
+    assert reply.answer == ANSWER
+
+
+def test_resume_continues_step_count(run, tiny_model_dir):
+    recipe = run["recipe"]
+    tree = training_tree(tiny_model_dir, run["data_path"], recipe.output_dir, max_steps=STEPS + 10)
+    tree["tracking"] = {"backend": "none"}
+    resumed = LoraRecipe(build_config(tree), resume=True)
+    resumed.setup()
+    resumed.train()
+    assert resumed.metrics["global_step"] == STEPS + 10
+    state = json.loads((recipe.output_dir / f"checkpoint-{STEPS + 10}" / "trainer_state.json").read_text())
+    assert state["global_step"] == STEPS + 10
