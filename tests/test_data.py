@@ -72,9 +72,9 @@ def test_json_array_line_numbers(tmp_path):
     [
         ({"instruction": "q"}, r"record 0 \(line 1\): field 'output' is missing"),
         ({"instruction": 3, "output": "a"}, r"field 'instruction' must be a string, got int 3"),
-        ({"instruction": "q", "output": None}, r"field 'output' is missing"),
+        ({"instruction": "q", "output": None}, r"field 'output' is null; it must be a string"),
         ({"instruction": "q", "output": ["a"]}, r"field 'output' must be a string, got list"),
-        ({"instruction": "q", "output": "a", "history": "x"}, r"field 'history' must be a list of \[user, assistant\] pairs"),
+        ({"instruction": "q", "output": "a", "history": "x"}, r"field 'history' must be a list, got str"),
         ({"instruction": "q", "output": "a", "history": [["only user"]]}, r"field 'history\[0\]' must be a pair"),
         ({"instruction": "q", "output": "a", "history": [["u", ""]]}, r"field 'history\[0\]' must be a pair"),
         ({"instruction": "q", "output": "a", "system": 5}, r"field 'system' must be a string"),
@@ -97,7 +97,7 @@ def test_malformed_json_line_and_column(tmp_path):
 def test_invalid_utf8_names_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"instruction": "q", "output": "a"}\n{"instruction": "\xff", "output": "a"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl, line 2: the file is not valid UTF-8"):
+    with pytest.raises(DataError, match=r"bad.jsonl, line 2: not valid UTF-8"):
         read_records(path)
 
 

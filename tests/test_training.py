@@ -153,3 +153,19 @@ def test_resume_continues_step_count(run, tiny_model_dir):
     assert resumed.metrics["global_step"] == STEPS + 10
     state = json.loads((recipe.output_dir / f"checkpoint-{STEPS + 10}" / "trainer_state.json").read_text())
     assert state["global_step"] == STEPS + 10
+
+
+def test_validation_loss_logged(tiny_model_dir, tmp_path):
+    rows = [{"instruction": f"问题{i}", "input": "", "output": ANSWER} for i in range(12)]
+    data_path = write_json(tmp_path / "train.json", rows)
+    tree = training_tree(tiny_model_dir, data_path, tmp_path / "out", max_steps=4, eval_steps=2)
+    tree["data"]["val_size"] = 0.25
+    recipe = LoraRecipe(build_config(tree))
+    recipe.setup()
+    recipe.train()
+    assert len(recipe.validation_samples) == 3
+    assert len(recipe.report.samples) == 9
+    eval_losses = [entry["eval_loss"] for entry in recipe.trainer.state.log_history if "eval_loss" in entry]
+    assert len(eval_losses) == 2
+    scalars = read_swanlab_scalars(recipe.tracking.run_folder())
+    assert [step for step, _ in scalars["eval/loss"]] == [2, 4]

@@ -50,22 +50,46 @@ class ModelSettings(_Section):
 class DatasetSpec(_Section):
     """One dataset file or folder and how to read it."""
 
-    path: str = Field(description="A .json (array) or .jsonl file, relative to the working folder or the config file.")
-    layout: Literal["auto", "alpaca"] = Field("auto", description="auto: detected from the first example's keys.")
+    path: str = Field(
+        description="A .json (array), .jsonl, .csv or .parquet file, a folder of them, or a save_to_disk "
+        "folder; relative to the working folder or the config file."
+    )
+    layout: Literal["auto", "alpaca", "sharegpt", "messages", "query_response"] = Field(
+        "auto", description="auto: detected from the first example's keys."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename the file's columns to the layout's names, e.g. {instruction: question, output: answer}.",
+    )
+    ratio: float = Field(
+        1.0, gt=0, description="Share of this dataset's examples to use: 0.5 samples half, 2.0 repeats it twice."
+    )
+    split: str | None = Field(None, description="Split of a save_to_disk DatasetDict. None: train.")
 
 
 class DataSettings(_Section):
     """Training files and the rules that turn their conversations into encoded samples."""
 
     train: list[DatasetSpec] = Field(
-        min_length=1, description="Training files: a list of paths, or of {path, layout} entries."
+        min_length=1, description="Training datasets: a list of paths, or of {path, layout, columns, ratio} entries."
     )
+    validation: list[DatasetSpec] = Field(
+        default_factory=list, description="Validation datasets. Empty: hold out val_size of the training data."
+    )
+    val_size: float = Field(0.0, ge=0, lt=1, description="Fraction of the training examples held out for validation.")
+    seed: int = Field(42, description="Seed for dataset sampling and the validation split.")
+    on_invalid: Literal["error", "skip"] = Field(
+        "error", description="error: stop at the first invalid example. skip: skip it, count it and report at the end."
+    )
+    dedup: bool = Field(False, description="Remove duplicated examples (they are always reported).")
     system_prompt: str | None = Field(
         None, description="System prompt for examples that carry none. None: no system turn."
     )
     max_length: int = Field(1024, gt=0, description="Maximum encoded sample length in tokens, image tokens included.")
-    on_overlength: Literal["drop", "error"] = Field(
-        "drop", description="drop: skip a sample longer than max_length and count it. error: stop."
+    on_overlength: Literal["drop", "trim_history", "error"] = Field(
+        "drop",
+        description="drop: skip a sample longer than max_length and count it. trim_history: remove the oldest "
+        "turns until it fits, else drop it. error: stop.",
     )
     train_on: Literal["all_turns", "last_turn"] = Field(
         "all_turns", description="Supervise every assistant turn, or only the last one."
@@ -78,7 +102,13 @@ class DataSettings(_Section):
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many examples (for quick runs).")
 
-    @field_validator("train", mode="before")
+    @model_validator(mode="after")
+    def _check_validation_source(self) -> DataSettings:
+        if self.validation and self.val_size > 0:
+            raise ValueError("set either data.validation (files) or data.val_size (a held-out fraction), not both")
+        return self
+
+    @field_validator("train", "validation", mode="before")
     @classmethod
     def _accept_plain_paths(cls, value: Any) -> Any:
         if isinstance(value, (str, dict)):
@@ -116,6 +146,7 @@ class TrainSettings(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(100, gt=0)
+    eval_steps: int = Field(50, gt=0, description="Evaluate on the validation data every this many steps (when there is any).")
     save_total_limit: int | None = 2
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (non-reentrant) to save memory.")
     seed: int = 42
@@ -233,7 +264,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         parts, value = parse_override(override)
         _apply_override(tree, parts, value)
     config = build_config(tree, source=str(config_path))
-    for spec in config.data.train:
+    for spec in [*config.data.train, *config.data.validation]:
         candidate = config_path.parent / spec.path
         if not Path(spec.path).is_absolute() and not Path(spec.path).exists() and candidate.exists():
             spec.path = str(candidate)

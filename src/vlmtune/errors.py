@@ -14,7 +14,15 @@ class ConfigError(VlmtuneError):
 
 
 class DataError(VlmtuneError):
-    """An invalid example or data file: the message names the file, the record and the field."""
+    """An invalid example or data file: the message names the file, the record and the field.
+
+    `reason` is a short category ("missing field", "wrong type", ...) used to count
+    skipped examples by kind.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid example"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class ModelError(VlmtuneError):

@@ -102,23 +102,11 @@ def inspect(
     """Show encoded samples (supervised tokens in green) and check them against inference rendering."""
     from vlmtune.config import load_config
     from vlmtune.data.loading import load_conversations
-    from vlmtune.encoding import ConversationEncoder, check_sample, render_sample
-    from vlmtune.model.hub import resolve_model_path
-    from vlmtune.model.loading import load_processor, stop_token_ids
-    from transformers import GenerationConfig
+    from vlmtune.encoding import check_sample, render_sample
 
     run_config = load_config(config, overrides)
     conversations = load_conversations(run_config.data)[:count]
-    model_path = str(resolve_model_path(run_config.model))
-    processor = load_processor(model_path, run_config.model.trust_remote_code)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_path)
-    except OSError:
-        generation_config = None
-    encoder = ConversationEncoder(
-        processor, stop_token_ids(generation_config, tokenizer), run_config.data.thinking, run_config.data.train_on
-    )
+    encoder = _encoder_for(run_config)
     failures = 0
     for conversation in conversations:
         sample = encoder.encode(conversation)
@@ -136,6 +124,55 @@ def inspect(
         failures += not check.ok
     if failures:
         raise typer.Exit(1)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Look at the training data before training.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("stats")
+def data_stats(
+    config: Annotated[Path, typer.Argument(help="YAML config file.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Histogram PNG path. Default: OUTPUT_DIR/length_histogram.png.")] = None,
+) -> None:
+    """Print token-length statistics per dataset, with a histogram in the terminal and as a PNG."""
+    from vlmtune.config import load_config
+    from vlmtune.data.loading import load_data
+    from vlmtune.encoding.encode import encode_conversations
+    from vlmtune.encoding.stats import length_stats, stats_table, text_histogram, write_histogram_png
+
+    run_config = load_config(config, overrides)
+    encoder = _encoder_for(run_config)
+    conversations = load_data(run_config.data).train
+    report = encode_conversations(encoder, conversations, run_config.data.model_copy(update={"on_overlength": "drop"}))
+    max_length = run_config.data.max_length
+    console.print(stats_table(length_stats(report.lengths, max_length), max_length))
+    every_length = [length for values in report.lengths.values() for length in values]
+    console.print(text_histogram(every_length), markup=False, highlight=False)
+    target = png or Path(run_config.train.output_dir) / "length_histogram.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"histogram written to {write_histogram_png(report.lengths, max_length, target)}")
+
+
+def _encoder_for(run_config):
+    """A ConversationEncoder from the config's processor and generation config, without the weights."""
+    from transformers import GenerationConfig
+
+    from vlmtune.encoding import ConversationEncoder
+    from vlmtune.model.hub import resolve_model_path
+    from vlmtune.model.loading import load_processor, stop_token_ids
+
+    model_path = str(resolve_model_path(run_config.model))
+    processor = load_processor(model_path, run_config.model.trust_remote_code)
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        generation_config = None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return ConversationEncoder(
+        processor, stop_token_ids(generation_config, tokenizer), run_config.data.thinking, run_config.data.train_on
+    )
 
 
 @app.command()

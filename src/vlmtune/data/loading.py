@@ -1,51 +1,192 @@
-"""Loading dataset files into conversations, one layout converter per file."""
+"""Loading datasets into conversations: layout detection, validation, skipping, mixing, splits."""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from vlmtune.config import DataSettings, DatasetSpec
-from vlmtune.data.alpaca import alpaca_to_conversation, looks_like_alpaca
+from vlmtune.data.alpaca import (
+    QUERY_RESPONSE_COLUMNS,
+    alpaca_to_conversation,
+    looks_like_alpaca,
+    looks_like_query_response,
+)
 from vlmtune.data.conversation import Conversation
-from vlmtune.data.records import Record, read_records
+from vlmtune.data.messages import looks_like_messages, messages_to_conversation
+from vlmtune.data.records import ReadProblem, Record, dataset_files, iter_records
+from vlmtune.data.sharegpt import looks_like_sharegpt, sharegpt_to_conversation
+from vlmtune.data.validate import check_conversation, conversation_key
 from vlmtune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 Converter = Callable[[Record, "str | None"], Conversation]
-CONVERTERS: dict[str, Converter] = {"alpaca": alpaca_to_conversation}
-DETECTORS: dict[str, Callable[[object], bool]] = {"alpaca": looks_like_alpaca}
+CONVERTERS: dict[str, Converter] = {
+    "alpaca": alpaca_to_conversation,
+    "query_response": alpaca_to_conversation,
+    "sharegpt": sharegpt_to_conversation,
+    "messages": messages_to_conversation,
+}
+DEFAULT_COLUMNS = {"query_response": QUERY_RESPONSE_COLUMNS}
+# Checked in order; the first match wins.
+DETECTORS: list[tuple[str, Callable[[Any], bool]]] = [
+    ("messages", looks_like_messages),
+    ("sharegpt", looks_like_sharegpt),
+    ("alpaca", looks_like_alpaca),
+    ("query_response", looks_like_query_response),
+]
+LAYOUT_KEYS = "messages: 'messages'; sharegpt: 'conversations'; alpaca: 'instruction', 'output'; query_response: 'query', 'response'"
+
+
+@dataclass
+class SkipReport:
+    """Invalid examples skipped with on_invalid: skip, and duplicates, by reason."""
+
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    duplicates: list[str] = field(default_factory=list)
+
+    def add(self, reason: str, location: str) -> None:
+        self.skipped.setdefault(reason, []).append(location)
+
+    @property
+    def skipped_count(self) -> int:
+        return sum(len(locations) for locations in self.skipped.values())
+
+    def log(self) -> None:
+        if self.skipped:
+            logger.warning("skipped %d invalid example(s):", self.skipped_count)
+            for reason, locations in sorted(self.skipped.items(), key=lambda item: -len(item[1])):
+                first = "; ".join(locations[:3])
+                logger.warning("  %-32s %5d   first: %s", reason, len(locations), first)
+        if self.duplicates:
+            logger.warning("%d duplicated example(s), first: %s", len(self.duplicates), "; ".join(self.duplicates[:3]))
+
+
+def _rename_columns(record: Record, columns: dict[str, str]) -> Record:
+    if not columns or not isinstance(record.data, dict):
+        return record
+    data = dict(record.data)
+    for layout_name, file_column in columns.items():
+        if file_column in data:
+            data[layout_name] = data.pop(file_column)
+    return Record(data, record.path, record.index, record.line)
 
 
 def detect_layout(record: Record) -> str:
-    for layout, matches in DETECTORS.items():
+    for layout, matches in DETECTORS:
         if matches(record.data):
             return layout
     keys = sorted(record.data) if isinstance(record.data, dict) else type(record.data).__name__
     raise DataError(
-        f"{record.location}: cannot tell the dataset layout from the keys {keys}; "
-        f"supported layouts: {', '.join(CONVERTERS)} (alpaca: 'instruction', 'input', 'output'). "
-        "Set data.train[].layout to force one."
+        f"{record.location}: cannot tell the dataset layout from the keys {keys}; supported layouts and their "
+        f"keys: {LAYOUT_KEYS}. Set data.train[].layout to force one, and data.train[].columns to rename columns."
     )
 
 
-def load_dataset_file(spec: DatasetSpec, default_system: str | None = None) -> list[Conversation]:
-    """Read one file and convert every example with its layout's converter."""
-    records = read_records(spec.path)
-    layout = spec.layout if spec.layout != "auto" else detect_layout(records[0])
-    convert = CONVERTERS[layout]
-    conversations = [convert(record, default_system) for record in records]
-    logger.info("read %d examples from %s (layout: %s)", len(conversations), spec.path, layout)
+def _read_one_file(
+    spec: DatasetSpec, path, default_system: str | None, on_invalid: str, report: SkipReport
+) -> list[Conversation]:
+    columns = {**DEFAULT_COLUMNS.get(spec.layout, {}), **spec.columns}
+    layout = spec.layout if spec.layout != "auto" else None
+    conversations = []
+    for item in iter_records(path, spec.split):
+        try:
+            if isinstance(item, ReadProblem):
+                raise DataError(item.message, item.reason)
+            if layout is None:
+                layout = detect_layout(_rename_columns(item, spec.columns))
+                columns = {**DEFAULT_COLUMNS.get(layout, {}), **spec.columns}
+            conversation = CONVERTERS[layout](_rename_columns(item, columns), default_system)
+            check_conversation(conversation)
+        except DataError as error:
+            if on_invalid == "error":
+                raise DataError(f"{error} (set data.on_invalid: skip to skip such examples)", error.reason) from None
+            report.add(error.reason, item.location if isinstance(item, Record) else item.location)
+            continue
+        conversations.append(conversation)
+    logger.info("read %d examples from %s (layout: %s)", len(conversations), path, layout or "none detected")
     return conversations
+
+
+def load_dataset_file(
+    spec: DatasetSpec, default_system: str | None = None, on_invalid: str = "error", report: SkipReport | None = None
+) -> list[Conversation]:
+    """Read and convert one dataset path (a file, a folder of files or a saved dataset)."""
+    report = report if report is not None else SkipReport()
+    conversations = []
+    for path in dataset_files(spec.path):
+        conversations.extend(_read_one_file(spec, path, default_system, on_invalid, report))
+    return conversations
+
+
+def _sample(conversations: list[Conversation], ratio: float, rng: random.Random) -> list[Conversation]:
+    """Take ratio * len examples: whole copies for the integer part, a random subset for the rest."""
+    whole, fraction = divmod(ratio, 1.0)
+    sampled = conversations * int(whole)
+    extra = round(fraction * len(conversations))
+    sampled += rng.sample(conversations, extra)
+    return sampled
+
+
+def _drop_duplicates(conversations: list[Conversation], dedup: bool, report: SkipReport) -> list[Conversation]:
+    seen: set[tuple] = set()
+    kept = []
+    for conversation in conversations:
+        key = conversation_key(conversation)
+        if key in seen:
+            report.duplicates.append(conversation.source)
+            if dedup:
+                continue
+        seen.add(key)
+        kept.append(conversation)
+    return kept
+
+
+@dataclass
+class LoadedData:
+    train: list[Conversation]
+    validation: list[Conversation]
+    report: SkipReport
+
+
+def _load_specs(specs: list[DatasetSpec], settings: DataSettings, report: SkipReport, rng: random.Random) -> list[Conversation]:
+    conversations: list[Conversation] = []
+    for spec in specs:
+        # Duplicates are looked for within a file before sampling, since ratio > 1 repeats on purpose.
+        read = _drop_duplicates(load_dataset_file(spec, settings.system_prompt, settings.on_invalid, report), settings.dedup, report)
+        if spec.ratio != 1.0:
+            sampled = _sample(read, spec.ratio, rng)
+            logger.info("using %d of %d examples from %s (ratio %g)", len(sampled), len(read), spec.path, spec.ratio)
+            read = sampled
+        conversations.extend(read)
+    return conversations
+
+
+def load_data(settings: DataSettings) -> LoadedData:
+    """Load training and validation conversations as the data settings describe."""
+    rng = random.Random(settings.seed)
+    report = SkipReport()
+    train = _load_specs(settings.train, settings, report, rng)
+    validation = _load_specs(settings.validation, settings, report, rng)
+    if settings.val_size > 0:
+        shuffled = train[:]
+        rng.shuffle(shuffled)
+        held_out = max(1, round(settings.val_size * len(shuffled)))
+        validation, train = shuffled[:held_out], shuffled[held_out:]
+        logger.info("held out %d of %d examples for validation (data.val_size=%g)", held_out, len(shuffled), settings.val_size)
+    if settings.max_samples is not None and len(train) > settings.max_samples:
+        logger.info("using the first %d of %d examples (data.max_samples)", settings.max_samples, len(train))
+        train = train[: settings.max_samples]
+    report.log()
+    if not train:
+        raise DataError("no valid training example was read; check the files and data.on_invalid", "no examples")
+    return LoadedData(train, validation, report)
 
 
 def load_conversations(settings: DataSettings) -> list[Conversation]:
-    """Load every training file of the config, in order, capped at data.max_samples."""
-    conversations: list[Conversation] = []
-    for spec in settings.train:
-        conversations.extend(load_dataset_file(spec, settings.system_prompt))
-    if settings.max_samples is not None and len(conversations) > settings.max_samples:
-        logger.info("using the first %d of %d examples (data.max_samples)", settings.max_samples, len(conversations))
-        conversations = conversations[: settings.max_samples]
-    return conversations
+    """Load the training conversations only."""
+    return load_data(settings).train

@@ -1,7 +1,14 @@
-"""Reading raw examples (records) from JSON and JSONL files, with their line numbers."""
+"""Reading raw examples (records) from dataset files, each with its location for errors.
+
+Supported: `.json` (one array), `.jsonl`, `.csv`, `.parquet`, a folder of such files, and
+a folder written by `datasets.Dataset.save_to_disk`.
+"""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +16,7 @@ from typing import Any, Iterator
 
 from vlmtune.errors import DataError
 
-SUPPORTED_SUFFIXES = (".json", ".jsonl")
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -19,25 +26,33 @@ class Record:
     data: Any
     path: Path
     index: int
-    line: int
+    line: int | None = None
+    """1-based line in text files; None for Parquet and saved datasets, which have rows only."""
 
     @property
     def location(self) -> str:
-        return f"{self.path}, record {self.index} (line {self.line})"
+        where = f"line {self.line}" if self.line is not None else f"row {self.index}"
+        return f"{self.path}, record {self.index} ({where})"
 
 
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise DataError(f"{path}: cannot read the file: {error.strerror}") from None
+@dataclass(frozen=True)
+class ReadProblem:
+    """A part of a file that could not be read as a record (skippable with on_invalid: skip)."""
+
+    location: str
+    reason: str
+    message: str
+
+
+def _decode(path: Path, raw: bytes) -> str:
     try:
         # utf-8-sig accepts and drops a byte-order mark.
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise DataError(
-            f"{path}, line {line}: the file is not valid UTF-8 (byte {error.start}); re-save it as UTF-8"
+            f"{path}, line {line}: the file is not valid UTF-8 (byte {error.start}); re-save it as UTF-8",
+            reason="invalid UTF-8",
         ) from None
 
 
@@ -45,57 +60,174 @@ def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
-def _iter_json_array(path: Path, text: str) -> Iterator[Record]:
+def _iter_json_array(path: Path, raw: bytes) -> Iterator[Record | ReadProblem]:
+    text = _decode(path, raw)
     decoder = json.JSONDecoder()
     position = len(text) - len(text.lstrip())
     if position >= len(text) or text[position] != "[":
-        raise DataError(f"{path}: a .json dataset must be one JSON array of examples; use .jsonl for one example per line")
+        raise DataError(
+            f"{path}: a .json dataset must be one JSON array of examples; use .jsonl for one example per line",
+            reason="malformed JSON",
+        )
     position += 1
     index = 0
     while True:
         while position < len(text) and text[position] in " \t\r\n,":
             position += 1
         if position >= len(text):
-            raise DataError(f"{path}: the JSON array is not closed with ']'")
+            raise DataError(f"{path}: the JSON array is not closed with ']'", reason="malformed JSON")
         if text[position] == "]":
             return
         try:
             value, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
+            # Inside an array nothing after a broken record can be trusted, so this is never skipped.
             raise DataError(
-                f"{path}, line {error.lineno}, column {error.colno}: malformed JSON ({error.msg}) in record {index}"
+                f"{path}, line {error.lineno}, column {error.colno}: malformed JSON ({error.msg}) in record {index}; "
+                "fix it (a .json array cannot be read past a broken record)",
+                reason="malformed JSON",
             ) from None
         yield Record(value, path, index, _line_of(text, position))
         index += 1
         position = end
 
 
-def _iter_jsonl(path: Path, text: str) -> Iterator[Record]:
+def _iter_jsonl(path: Path, raw: bytes) -> Iterator[Record | ReadProblem]:
     index = 0
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        if line_number == 1 and line_bytes.startswith(b"\xef\xbb\xbf"):
+            line_bytes = line_bytes[3:]
+        location = f"{path}, line {line_number}"
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError as error:
+            message = f"{location}: not valid UTF-8 (byte {error.start} of the line); re-save the file as UTF-8"
+            yield ReadProblem(location, "invalid UTF-8", message)
+            continue
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(
-                f"{path}, line {line_number}, column {error.colno}: malformed JSON ({error.msg})"
-            ) from None
+            message = f"{location}, column {error.colno}: malformed JSON ({error.msg})"
+            yield ReadProblem(location, "malformed JSON", message)
+            continue
         yield Record(value, path, index, line_number)
         index += 1
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Read every example of a .json (array) or .jsonl file."""
+def _iter_csv(path: Path, raw: bytes) -> Iterator[Record | ReadProblem]:
+    reader = csv.DictReader(io.StringIO(_decode(path, raw), newline=""))
+    index = 0
+    start_line = 2
+    for row in reader:
+        yield Record(dict(row), path, index, start_line)
+        index += 1
+        start_line = reader.line_num + 1
+
+
+def _plain_value(value: Any) -> Any:
+    """Turn Arrow image structs and PIL images into data: URLs, so images stay strings."""
+    if isinstance(value, dict) and set(value) == {"bytes", "path"}:
+        if value["bytes"]:
+            return "data:image/png;base64," + base64.b64encode(value["bytes"]).decode("ascii")
+        return value["path"]
+    if hasattr(value, "save") and hasattr(value, "mode"):  # a PIL image
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    if isinstance(value, list):
+        return [_plain_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain_value(item) for key, item in value.items()}
+    return value
+
+
+def _iter_rows(path: Path, rows: list[dict[str, Any]]) -> Iterator[Record | ReadProblem]:
+    for index, row in enumerate(rows):
+        yield Record(_plain_value(row), path, index)
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read the Parquet file: {error}", reason="unreadable file") from None
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> list[dict[str, Any]]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        name = split or ("train" if "train" in loaded else None)
+        if name not in loaded:
+            raise DataError(
+                f"{path}: the saved dataset has splits {sorted(loaded)}; choose one with data.train[].split"
+            )
+        loaded = loaded[name]
+    for column, feature in loaded.features.items():
+        if isinstance(feature, datasets.Image):
+            loaded = loaded.cast_column(column, datasets.Image(decode=False))
+    return loaded.to_list()
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def dataset_files(path: str | Path) -> list[Path]:
+    """The files a dataset path stands for: itself, or the supported files of a folder."""
     file_path = Path(path)
     if not file_path.exists():
         raise DataError(f"dataset file not found: {file_path}")
+    if file_path.is_dir() and not is_saved_dataset(file_path):
+        files = sorted(child for child in file_path.iterdir() if child.suffix in SUPPORTED_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"{file_path}: the folder has no dataset files; expected {', '.join(SUPPORTED_SUFFIXES)} files "
+                "or a folder written by datasets' save_to_disk"
+            )
+        return files
+    return [file_path]
+
+
+def iter_records(path: str | Path, split: str | None = None) -> Iterator[Record | ReadProblem]:
+    """Yield every example of one file (or saved dataset), and the parts that could not be read."""
+    file_path = Path(path)
+    if not file_path.exists():
+        raise DataError(f"dataset file not found: {file_path}", reason="missing file")
+    if is_saved_dataset(file_path):
+        yield from _iter_rows(file_path, _read_saved_dataset(file_path, split))
+        return
     if file_path.suffix not in SUPPORTED_SUFFIXES:
         raise DataError(
-            f"{file_path}: unsupported file type {file_path.suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}"
+            f"{file_path}: unsupported file type {file_path.suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}, "
+            "a folder of them, or a save_to_disk folder"
         )
-    text = _read_text(file_path)
-    if not text.strip():
-        raise DataError(f"{file_path}: the file is empty")
-    reader = _iter_json_array if file_path.suffix == ".json" else _iter_jsonl
-    return list(reader(file_path, text))
+    if file_path.suffix == ".parquet":
+        rows = _read_parquet(file_path)
+        if not rows:
+            raise DataError(f"{file_path}: the file has no rows", reason="empty file")
+        yield from _iter_rows(file_path, rows)
+        return
+    try:
+        raw = file_path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{file_path}: cannot read the file: {error.strerror}", reason="unreadable file") from None
+    if not raw.strip(b" \t\r\n\xef\xbb\xbf"):
+        raise DataError(f"{file_path}: the file is empty", reason="empty file")
+    readers = {".json": _iter_json_array, ".jsonl": _iter_jsonl, ".csv": _iter_csv}
+    yield from readers[file_path.suffix](file_path, raw)
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read every example of one file, raising DataError at the first unreadable part."""
+    records = []
+    for item in iter_records(path):
+        if isinstance(item, ReadProblem):
+            raise DataError(item.message, reason=item.reason)
+        records.append(item)
+    return records

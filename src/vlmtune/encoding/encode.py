@@ -214,37 +214,68 @@ class ConversationEncoder:
 
 @dataclass
 class EncodingReport:
-    """Encoded samples, and the sources of dropped conversations by reason."""
+    """Encoded samples, the sources of dropped conversations by reason, and all encoded lengths."""
 
     samples: list[EncodedSample]
     dropped: dict[str, list[str]]
+    lengths: dict[str, list[int]] = field(default_factory=dict)
+    """Encoded length of every conversation, per dataset file, before any was dropped or trimmed."""
+    trimmed: int = 0
 
     def log(self) -> None:
         for reason, sources in self.dropped.items():
             logger.warning("dropped %d example(s): %s (first: %s)", len(sources), reason, sources[0])
+        if self.trimmed:
+            logger.info("removed the oldest turns of %d example(s) to fit data.max_length", self.trimmed)
         logger.info("encoded %d sample(s)", len(self.samples))
+
+
+def dataset_of(source: str) -> str:
+    """The dataset file part of a `FILE, record N (line L)` source."""
+    return source.split(", record ")[0]
+
+
+def _without_oldest_turn(conversation: Conversation) -> Conversation | None:
+    """Drop the oldest user/assistant pair after the system message; None when one turn is left."""
+    messages = conversation.messages
+    start = 1 if messages and messages[0].role == "system" else 0
+    if len(messages) - start <= 2:
+        return None
+    return Conversation([*messages[:start], *messages[start + 2 :]], source=conversation.source)
 
 
 def encode_conversations(
     encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings
 ) -> EncodingReport:
-    """Encode all conversations, dropping or rejecting ones longer than data.max_length."""
+    """Encode all conversations, applying data.on_invalid and data.on_overlength."""
     max_length = settings.max_length
-    samples: list[EncodedSample] = []
-    dropped: dict[str, list[str]] = {}
+    report = EncodingReport([], {})
+    overlength = f"longer than data.max_length={max_length} tokens"
     for conversation in conversations:
-        sample = encoder.encode(conversation)
-        if len(sample) > max_length:
-            reason = f"longer than data.max_length={max_length} tokens"
-            if settings.on_overlength == "error":
-                raise DataError(
-                    f"{conversation.source}: the encoded sample has {len(sample)} tokens, more than "
-                    f"data.max_length={max_length}. Raise data.max_length or set data.on_overlength: drop"
-                )
-            dropped.setdefault(reason, []).append(conversation.source)
+        try:
+            sample = encoder.encode(conversation)
+        except DataError as error:
+            if settings.on_invalid == "error":
+                raise
+            report.dropped.setdefault(error.reason, []).append(conversation.source)
             continue
-        samples.append(sample)
-    report = EncodingReport(samples, dropped)
+        report.lengths.setdefault(dataset_of(conversation.source), []).append(len(sample))
+        if len(sample) > max_length and settings.on_overlength == "error":
+            raise DataError(
+                f"{conversation.source}: the encoded sample has {len(sample)} tokens, more than "
+                f"data.max_length={max_length}. Raise data.max_length, or set data.on_overlength to drop or trim_history",
+                "too long",
+            )
+        if len(sample) > max_length and settings.on_overlength == "trim_history":
+            shorter = _without_oldest_turn(conversation)
+            while shorter is not None and len(sample) > max_length:
+                sample = encoder.encode(shorter)
+                shorter = _without_oldest_turn(shorter)
+            report.trimmed += len(sample) <= max_length
+        if len(sample) > max_length:
+            report.dropped.setdefault(overlength, []).append(conversation.source)
+            continue
+        report.samples.append(sample)
     report.log()
     return report
 

@@ -26,9 +26,10 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.config import RunConfig, config_to_dict, save_config
-from vlmtune.data.loading import load_conversations
+from vlmtune.data.loading import load_data
 from vlmtune.encoding.collator import ChatCollator
-from vlmtune.encoding.encode import ConversationEncoder, EncodingReport, encode_conversations
+from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport, encode_conversations
+from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
 from vlmtune.model.loading import LoadedModel, load_model
 from vlmtune.model.lora import apply_lora
@@ -39,7 +40,13 @@ logger = logging.getLogger(__name__)
 MANIFEST_PACKAGES = ("vlmtune", "torch", "transformers", "peft", "accelerate", "datasets", "swanlab")
 
 
-def _file_sha256(path: str) -> str:
+def dataset_paths(path: str) -> list[Path]:
+    """Every file behind a dataset path, for hashing: the file, or a folder's files."""
+    root = Path(path)
+    return sorted(child for child in root.rglob("*") if child.is_file()) if root.is_dir() else [root]
+
+
+def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -66,6 +73,7 @@ class LoraRecipe:
         self.output_dir = Path(config.train.output_dir)
         self.loaded: LoadedModel | None = None
         self.report: EncodingReport | None = None
+        self.validation_samples: list[EncodedSample] = []
         self.tracking: Tracking | None = None
         self.trainer: Trainer | None = None
         self.metrics: dict[str, Any] = {}
@@ -78,7 +86,8 @@ class LoraRecipe:
     def _setup_data_and_model(self) -> None:
         config = self.config
         # Read the data first: a bad example should fail before minutes of model loading.
-        conversations = load_conversations(config.data)
+        data = load_data(config.data)
+        conversations = data.train
         self.loaded = load_model(config.model, for_training=True)
         encoder = ConversationEncoder(
             self.loaded.processor, self.loaded.stop_token_ids, config.data.thinking, config.data.train_on
@@ -89,6 +98,13 @@ class LoraRecipe:
                 f"no sample is left to train on: all {len(conversations)} examples were dropped. "
                 "Raise data.max_length or check the data files"
             )
+        for row in length_stats(self.report.lengths, config.data.max_length):
+            logger.info(
+                "lengths of %s: %d samples, min %d, median %g, p95 %d, max %d tokens; %d over max_length",
+                row.dataset, row.count, row.min, row.median, row.p95, row.max, row.over_max_length,
+            )
+        if data.validation:
+            self.validation_samples = encode_conversations(encoder, data.validation, config.data).samples
         total_tokens = sum(len(sample) for sample in self.report.samples)
         supervised = sum(sample.supervised_count for sample in self.report.samples)
         logger.info(
@@ -121,6 +137,9 @@ class LoraRecipe:
             max_grad_norm=train.max_grad_norm,
             logging_steps=train.logging_steps,
             save_steps=train.save_steps,
+            eval_strategy="steps" if self.validation_samples else "no",
+            eval_steps=train.eval_steps,
+            per_device_eval_batch_size=train.per_device_train_batch_size,
             save_total_limit=train.save_total_limit,
             seed=train.seed,
             dataloader_num_workers=train.dataloader_num_workers,
@@ -134,10 +153,13 @@ class LoraRecipe:
 
     def _setup_trainer(self) -> None:
         self.tracking = make_tracking(self.config.tracking, str(self.output_dir), config_to_dict(self.config))
+        stats = length_stats(self.report.lengths, self.config.data.max_length)
+        self.tracking.record_config({"data_lengths": [row.as_dict() for row in stats]})
         self.trainer = Trainer(
             model=self.loaded.model,
             args=self._training_arguments(),
             train_dataset=self.report.samples,
+            eval_dataset=self.validation_samples or None,
             data_collator=ChatCollator(pad_token_id=self._pad_token_id()),
             callbacks=self.tracking.callbacks,
         )
@@ -172,8 +194,14 @@ class LoraRecipe:
             "config": config_to_dict(self.config),
             "base_model": self.loaded.path,
             "versions": _package_versions(),
-            "datasets": [{"path": spec.path, "sha256": _file_sha256(spec.path)} for spec in self.config.data.train],
+            "datasets": [
+                {"path": str(path), "sha256": _file_sha256(path)}
+                for spec in [*self.config.data.train, *self.config.data.validation]
+                for path in dataset_paths(spec.path)
+            ],
             "samples": len(self.report.samples),
+            "validation_samples": len(self.validation_samples),
+            "length_stats": [row.as_dict() for row in length_stats(self.report.lengths, self.config.data.max_length)],
             "dropped": {reason: len(sources) for reason, sources in self.report.dropped.items()},
             "metrics": self.metrics,
             "tracking_run": str(self.tracking.run_folder() or ""),

@@ -6,6 +6,7 @@ network are needed, and `swanlab sync RUN_FOLDER` can upload it later.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,14 @@ class Tracking:
             return self.log_dir
         runs = sorted(self.log_dir.glob("run-*"), key=lambda path: path.stat().st_mtime)
         return runs[-1] if runs else None
+
+    def record_config(self, values: dict[str, Any]) -> None:
+        """Attach extra facts (such as length statistics) to the run's config."""
+        for callback in self.callbacks:
+            if hasattr(callback, "update_config"):
+                callback.update_config(values)
+            elif getattr(callback, "tb_writer", None) is not None:
+                callback.tb_writer.add_text("vlmtune", json.dumps(values, ensure_ascii=False, indent=1))
 
     def finish(self) -> None:
         """Close the run so its folder is complete; safe to call when no run started."""

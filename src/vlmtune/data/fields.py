@@ -1,0 +1,104 @@
+"""Field access shared by the layout converters, with errors that name file, record and field."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from vlmtune.data.conversation import ContentPart, ImagePart, TextPart
+from vlmtune.data.records import Record
+from vlmtune.errors import DataError
+
+IMAGE_PLACEHOLDER = "<image>"
+_REMOTE = re.compile(r"^(https?://|data:)")
+
+
+def string_field(record: Record, name: str, *, required: bool, value: Any = None, allow_empty: bool = False) -> str:
+    """Return a string field; raise for a missing, empty or non-string value."""
+    if value is None:
+        if name not in record.data:
+            if not required:
+                return ""
+            raise DataError(f"{record.location}: field '{name}' is missing; add it or remove the example", "missing field")
+        value = record.data[name]
+    if value is None and not required:
+        return ""
+    if value is None:
+        raise DataError(f"{record.location}: field '{name}' is null; it must be a string", "wrong type")
+    if not isinstance(value, str):
+        raise DataError(
+            f"{record.location}: field '{name}' must be a string, got {type(value).__name__} {value!r:.60}",
+            "wrong type",
+        )
+    if required and not allow_empty and not value.strip():
+        raise DataError(f"{record.location}: field '{name}' is empty; fill it in or remove the example", "empty field")
+    return value
+
+
+def list_field(record: Record, name: str, *, required: bool) -> list[Any]:
+    """Return a list field. A string holding a JSON list is accepted, as CSV files store them."""
+    value = record.data.get(name)
+    if value is None or (value == "" and not required):
+        if required:
+            raise DataError(f"{record.location}: field '{name}' is missing; add it or remove the example", "missing field")
+        return []
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if hasattr(value, "tolist"):  # numpy arrays from Parquet
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise DataError(
+            f"{record.location}: field '{name}' must be a list, got {type(value).__name__} {value!r:.60}", "wrong type"
+        )
+    return list(value)
+
+
+def image_source(record: Record, value: Any, field: str) -> str:
+    """Resolve an image reference: URLs and data: URLs as given, paths relative to the data file."""
+    if isinstance(value, dict):
+        value = value.get("url") or value.get("path") or value.get("image")
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{record.location}: field '{field}' must be an image path or URL, got {value!r:.60}", "wrong type")
+    if _REMOTE.match(value):
+        return value
+    path = Path(value.removeprefix("file://")).expanduser()
+    if not path.is_absolute():
+        path = record.path.parent / path
+    return str(path)
+
+
+def images_field(record: Record, name: str = "images") -> list[str]:
+    return [image_source(record, item, f"{name}[{index}]") for index, item in enumerate(list_field(record, name, required=False))]
+
+
+def split_placeholders(text: str, images: list[str], cursor: int, record: Record, field: str) -> tuple[list[ContentPart], int]:
+    """Replace each `<image>` in text with the next image of the example, in order."""
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    parts: list[ContentPart] = []
+    for number, piece in enumerate(pieces):
+        if number > 0:
+            if cursor >= len(images):
+                raise DataError(
+                    f"{record.location}: field '{field}' has more {IMAGE_PLACEHOLDER} placeholders than the "
+                    f"{len(images)} image(s) in 'images'; the counts must be equal",
+                    "placeholder/image count mismatch",
+                )
+            parts.append(ImagePart(images[cursor]))
+            cursor += 1
+        if piece:
+            parts.append(TextPart(piece))
+    return parts, cursor
+
+
+def check_all_images_used(record: Record, images: list[str], used: int) -> None:
+    if used != len(images):
+        raise DataError(
+            f"{record.location}: the text has {used} {IMAGE_PLACEHOLDER} placeholder(s) but 'images' lists "
+            f"{len(images)} image(s); the counts must be equal",
+            "placeholder/image count mismatch",
+        )

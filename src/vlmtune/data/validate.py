@@ -1,0 +1,63 @@
+"""Checks every converted conversation must pass before it is encoded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from vlmtune.data.conversation import Conversation
+from vlmtune.errors import DataError
+
+
+def check_roles(conversation: Conversation) -> None:
+    """Require: an optional system message, then user/assistant turns alternating, ending with assistant."""
+    messages = conversation.messages
+    start = 1 if messages and messages[0].role == "system" else 0
+    turns = messages[start:]
+    if not turns:
+        raise DataError(f"{conversation.source}: the conversation is empty", "empty conversation")
+    for number, message in enumerate(turns):
+        expected = "user" if number % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise DataError(
+                f"{conversation.source}: message {number + start} is {message.role!r} where {expected!r} was expected; "
+                "turns must alternate user, assistant, ... after an optional first system message",
+                "roles out of order",
+            )
+        if not message.text.strip() and not message.images:
+            raise DataError(f"{conversation.source}: message {number + start} ({message.role}) is empty", "empty field")
+    if turns[-1].role != "assistant":
+        raise DataError(
+            f"{conversation.source}: the conversation ends with a {turns[-1].role} message; it must end with "
+            "the assistant reply to train on",
+            "no final assistant reply",
+        )
+
+
+def check_local_images(conversation: Conversation) -> None:
+    """Open every local image once, so a missing or corrupt file is caught before training."""
+    for image in conversation.images:
+        if image.source.startswith(("http://", "https://", "data:")):
+            continue
+        path = Path(image.source)
+        if not path.is_file():
+            raise DataError(f"{conversation.source}: image not found: {path}", "missing image")
+        try:
+            with Image.open(path) as opened:
+                opened.verify()
+        except (OSError, UnidentifiedImageError) as error:
+            raise DataError(f"{conversation.source}: corrupt or unreadable image {path}: {error}", "corrupt image") from None
+
+
+def check_conversation(conversation: Conversation) -> None:
+    check_roles(conversation)
+    check_local_images(conversation)
+
+
+def conversation_key(conversation: Conversation) -> tuple:
+    """A hashable key of a conversation's content, for finding duplicates."""
+    return tuple(
+        (message.role, message.text, tuple(image.source for image in message.images), message.reasoning or "")
+        for message in conversation.messages
+    )

@@ -1,0 +1,106 @@
+"""Token-length statistics of encoded samples: a table, a terminal histogram and a PNG."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+HISTOGRAM_BINS = 20
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    dataset: str
+    count: int
+    min: int
+    median: float
+    p95: int
+    max: int
+    over_max_length: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _percentile(sorted_values: list[int], fraction: float) -> int:
+    """Nearest-rank percentile."""
+    rank = max(1, round(fraction * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def length_stats(lengths: dict[str, list[int]], max_length: int) -> list[LengthStats]:
+    """Per-dataset statistics; a final row named "all" covers every dataset together."""
+    groups = dict(lengths)
+    if len(groups) > 1:
+        groups["all"] = [length for values in lengths.values() for length in values]
+    rows = []
+    for dataset, values in groups.items():
+        ordered = sorted(values)
+        rows.append(
+            LengthStats(
+                dataset=dataset,
+                count=len(ordered),
+                min=ordered[0],
+                median=statistics.median(ordered),
+                p95=_percentile(ordered, 0.95),
+                max=ordered[-1],
+                over_max_length=sum(value > max_length for value in ordered),
+            )
+        )
+    return rows
+
+
+def stats_table(rows: list[LengthStats], max_length: int) -> Table:
+    table = Table(title=f"encoded sample lengths in tokens (data.max_length={max_length})")
+    for column in ("dataset", "samples", "min", "median", "p95", "max", f"> {max_length}"):
+        table.add_column(column, justify="left" if column == "dataset" else "right")
+    for row in rows:
+        table.add_row(row.dataset, str(row.count), str(row.min), f"{row.median:g}", str(row.p95), str(row.max), str(row.over_max_length))
+    return table
+
+
+def _bins(values: list[int]) -> tuple[list[int], list[int]]:
+    low, high = min(values), max(values)
+    width = max(1, -(-(high - low + 1) // HISTOGRAM_BINS))
+    edges = [low + width * index for index in range(HISTOGRAM_BINS + 1)]
+    counts = [0] * HISTOGRAM_BINS
+    for value in values:
+        counts[min((value - low) // width, HISTOGRAM_BINS - 1)] += 1
+    return edges, counts
+
+
+def text_histogram(values: list[int], width: int = 40) -> str:
+    """A histogram of lengths as text bars, one line per bin."""
+    edges, counts = _bins(values)
+    peak = max(counts)
+    lines = []
+    for index, count in enumerate(counts):
+        if count == 0 and (index == 0 or index == len(counts) - 1):
+            continue
+        bar = "#" * round(width * count / peak) if peak else ""
+        lines.append(f"{edges[index]:>6}-{edges[index + 1] - 1:<6} {count:>6} {bar}")
+    return "\n".join(lines)
+
+
+def write_histogram_png(lengths: dict[str, list[int]], max_length: int, path: str | Path) -> Path:
+    """Write a histogram per dataset with the max_length cut marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(8, 4.5))
+    for dataset, values in lengths.items():
+        axis.hist(values, bins=40, alpha=0.6, label=Path(dataset).name)
+    axis.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
+    axis.set_xlabel("encoded sample length (tokens)")
+    axis.set_ylabel("samples")
+    axis.legend()
+    figure.tight_layout()
+    output = Path(path)
+    figure.savefig(output, dpi=100)
+    pyplot.close(figure)
+    return output

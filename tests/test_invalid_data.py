@@ -1,0 +1,132 @@
+"""Bad data: one fixture file per kind, each with its exact error, and skipping with a report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from conftest import data_settings
+from vlmtune.config import DatasetSpec, DataSettings
+from vlmtune.data.loading import load_data, load_dataset_file
+from vlmtune.encoding import encode_conversations
+from vlmtune.errors import DataError
+
+INVALID = Path(__file__).parent / "fixtures" / "invalid"
+IMAGES = Path(__file__).parent / "fixtures" / "images"
+SKIP_HINT = " (set data.on_invalid: skip to skip such examples)"
+
+# file -> (reason, message after "{path}"); {images} stands for the fixture image folder as written in the file.
+CASES = {
+    "malformed.jsonl": ("malformed JSON", ", line 2, column 22: malformed JSON (Expecting ',' delimiter)" + SKIP_HINT),
+    "malformed_array.json": (
+        "malformed JSON",
+        ", line 3, column 34: malformed JSON (Expecting value) in record 1; fix it "
+        "(a .json array cannot be read past a broken record)",
+    ),
+    "missing_field.jsonl": ("missing field", ", record 0 (line 1): field 'output' is missing; add it or remove the example" + SKIP_HINT),
+    "empty_field.jsonl": ("empty field", ", record 0 (line 1): field 'output' is empty; fill it in or remove the example" + SKIP_HINT),
+    "wrong_type_number.jsonl": ("wrong type", ", record 0 (line 1): field 'instruction' must be a string, got int 42" + SKIP_HINT),
+    "wrong_type_null.jsonl": ("wrong type", ", record 0 (line 1): field 'output' is null; it must be a string" + SKIP_HINT),
+    "wrong_type_list.jsonl": ("wrong type", ", record 0 (line 1): field 'output' must be a string, got list ['a', 'b']" + SKIP_HINT),
+    "empty_conversation.jsonl": ("empty conversation", ", record 0 (line 1): the conversation is empty" + SKIP_HINT),
+    "roles_out_of_order.jsonl": (
+        "roles out of order",
+        ", record 0 (line 1): message 1 is 'user' where 'assistant' was expected; turns must alternate user, "
+        "assistant, ... after an optional first system message" + SKIP_HINT,
+    ),
+    "ends_with_user.jsonl": (
+        "no final assistant reply",
+        ", record 0 (line 1): the conversation ends with a user message; it must end with the assistant reply "
+        "to train on" + SKIP_HINT,
+    ),
+    "missing_image.jsonl": ("missing image", ", record 0 (line 1): image not found: {images}/nowhere.png" + SKIP_HINT),
+    "corrupt_image.jsonl": ("corrupt image", ", record 0 (line 1): corrupt or unreadable image {images}/corrupt.png: "),
+    "placeholder_mismatch.jsonl": (
+        "placeholder/image count mismatch",
+        ", record 0 (line 1): field 'instruction' has more <image> placeholders than the 1 image(s) in 'images'; "
+        "the counts must be equal" + SKIP_HINT,
+    ),
+    "unused_image.jsonl": (
+        "placeholder/image count mismatch",
+        ", record 0 (line 1): the text has 0 <image> placeholder(s) but 'images' lists 1 image(s); "
+        "the counts must be equal" + SKIP_HINT,
+    ),
+    "not_utf8.jsonl": ("invalid UTF-8", ", line 2: not valid UTF-8 (byte 17 of the line); re-save the file as UTF-8" + SKIP_HINT),
+    "empty.json": ("empty file", ": the file is empty"),
+    "tool_turn.jsonl": (
+        "unsupported role",
+        ", record 0 (line 1): field 'conversations[1].from' is 'function_call'; tool turns are not supported yet, "
+        "remove them or the example" + SKIP_HINT,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_invalid_file_exact_error(name):
+    reason, expected = CASES[name]
+    path = INVALID / name
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(DatasetSpec(path=str(path)))
+    expected_text = str(path) + expected.format(images=str(INVALID / ".." / "images"))
+    if name == "corrupt_image.jsonl":  # PIL's own wording follows the prefix
+        assert str(caught.value).startswith(expected_text)
+    else:
+        assert str(caught.value) == expected_text
+    assert caught.value.reason == reason
+
+
+def test_byte_order_mark_accepted():
+    [conversation] = load_dataset_file(DatasetSpec(path=str(INVALID / "with_bom.jsonl")))
+    assert conversation.messages[0].text == "你好"
+
+
+def test_skip_counts_reasons_and_lines(caplog):
+    settings = DataSettings(train=[str(INVALID / "mixed_good_and_bad.jsonl")], on_invalid="skip")
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        loaded = load_data(settings)
+    assert [c.messages[0].text for c in loaded.train] == ["q1", "q3"]
+    assert loaded.report.skipped_count == 3
+    missing = loaded.report.skipped["missing field"]
+    assert [location.rsplit(", ", 1)[1] for location in missing] == ["record 1 (line 2)", "record 4 (line 5)"]
+    assert len(loaded.report.skipped["wrong type"]) == 1
+    assert "skipped 3 invalid example(s)" in caplog.text
+    assert "missing field" in caplog.text
+
+
+def test_skip_malformed_and_non_utf8_lines():
+    for name in ("malformed.jsonl", "not_utf8.jsonl"):
+        loaded = load_data(DataSettings(train=[str(INVALID / name)], on_invalid="skip"))
+        assert len(loaded.train) == 1, name
+        assert loaded.report.skipped_count == 1, name
+
+
+def test_duplicates_reported_and_removed_on_request():
+    path = str(INVALID / "duplicates.jsonl")
+    kept = load_data(DataSettings(train=[path]))
+    assert len(kept.train) == 3
+    assert len(kept.report.duplicates) == 1
+    assert kept.report.duplicates[0].endswith("record 2 (line 3)")
+    removed = load_data(DataSettings(train=[path], dedup=True))
+    assert len(removed.train) == 2
+
+
+def test_nothing_valid_left_is_an_error():
+    with pytest.raises(DataError, match="no valid training example was read"):
+        load_data(DataSettings(train=[str(INVALID / "missing_field.jsonl")], on_invalid="skip"))
+
+
+def test_encoding_failure_skipped_before_training(encoder, tmp_path):
+    from vlmtune.data import Conversation, ImagePart, Message, TextPart
+
+    good = Conversation([Message("user", [TextPart("q")]), Message("assistant", [TextPart("a")])], source="good")
+    bad = Conversation(
+        [Message("user", [ImagePart(str(tmp_path / "deleted.png")), TextPart("q")]), Message("assistant", [TextPart("a")])],
+        source="bad",
+    )
+    report = encode_conversations(encoder, [good, bad], data_settings(on_invalid="skip"))
+    assert len(report.samples) == 1
+    assert report.dropped == {"missing image": ["bad"]}
+    with pytest.raises(DataError, match="image not found"):
+        encode_conversations(encoder, [good, bad], data_settings())

@@ -1,0 +1,78 @@
+"""Length handling: statistics, trimming old turns, and the `data stats` command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import data_settings, write_json
+from vlmtune.data import Conversation, Message, TextPart
+from vlmtune.encoding import encode_conversations
+from vlmtune.encoding.stats import length_stats, text_histogram
+
+
+def conversation(turns: int, answer: str = "好的喵", source: str = "chat.json, record 0 (line 1)") -> Conversation:
+    messages = [Message("system", [TextPart("你是小橘。")])]
+    for number in range(turns):
+        messages.append(Message("user", [TextPart(f"第{number}个问题" + "喵" * 40)]))
+        messages.append(Message("assistant", [TextPart(answer)]))
+    return Conversation(messages, source=source)
+
+
+def test_length_stats_values():
+    [only] = length_stats({"a.json": [10, 20, 30, 40, 100]}, max_length=35)
+    assert (only.count, only.min, only.median, only.p95, only.max) == (5, 10, 30, 100, 100)
+    assert only.over_max_length == 2
+
+
+def test_length_stats_adds_total_row():
+    rows = length_stats({"a.json": [1, 2], "b.json": [3]}, max_length=10)
+    assert [row.dataset for row in rows] == ["a.json", "b.json", "all"]
+    assert rows[-1].count == 3
+
+
+def test_text_histogram_lines():
+    lines = text_histogram([1, 1, 1, 50, 100]).splitlines()
+    assert lines[0].split()[1] == "3"
+    assert sum(int(line.split()[1]) for line in lines) == 5
+
+
+def test_trim_history_removes_oldest_turns(encoder):
+    long = conversation(turns=4)
+    full_length = len(encoder.encode(long))
+    one_turn = len(encoder.encode(conversation(turns=1)))
+    report = encode_conversations(encoder, [long], data_settings(max_length=one_turn + 5, on_overlength="trim_history"))
+    [sample] = report.samples
+    assert len(sample) == one_turn
+    assert report.trimmed == 1
+    assert report.lengths["chat.json"] == [full_length]
+    text = encoder.tokenizer.decode(sample.input_ids, skip_special_tokens=False)
+    assert text.startswith("[gMASK]<sop><|system|>\n你是小橘。<|user|>\n第3个问题")
+
+
+def test_trim_history_drops_when_last_turn_too_long(encoder):
+    too_long = conversation(turns=2, answer="喵" * 400)
+    report = encode_conversations(encoder, [too_long], data_settings(max_length=120, on_overlength="trim_history"))
+    assert report.samples == []
+    assert list(report.dropped) == ["longer than data.max_length=120 tokens"]
+
+
+def test_data_stats_command(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "train.json", [{"instruction": "问" * n, "output": "答"} for n in range(1, 30)])
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {tiny_model_dir}, hub: local}}\ndata: {{train: [{data}], max_length: 40}}\n"
+        f"train: {{output_dir: {tmp_path / 'out'}}}\n",
+        encoding="utf-8",
+    )
+    vlmtune = str(Path(sys.executable).parent / "vlmtune")
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run([vlmtune, "data", "stats", str(config)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "encoded sample lengths in tokens (data.max_length=40)" in result.stdout
+    assert f"{data} " in result.stdout
+    assert "│      29 │" in result.stdout
+    png = tmp_path / "out" / "length_histogram.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
