@@ -5,7 +5,7 @@ set -euo pipefail
 vlmtune=${VLMTUNE:-.venv/bin/vlmtune}
 
 "$vlmtune" tiny-model outputs/tiny-glm4v
-"$vlmtune" train configs/demo.yaml
+"$vlmtune" train configs/demo.yaml --overwrite
 
 ask() {
     local label=$1

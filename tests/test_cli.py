@@ -79,6 +79,19 @@ def test_interactive_chat_with_image(tiny_model_dir):
     assert result.stdout.count("reply cut off") == 1
 
 
+def test_chat_argument_errors_before_loading(tiny_model_dir, tmp_path):
+    missing_adapter = run("chat", "--adapter", str(tmp_path / "nope"), "--message", "hi")
+    assert missing_adapter.returncode == 2
+    assert f"--adapter: folder not found: {tmp_path / 'nope'}" in missing_adapter.stderr
+    missing_image = run("chat", "--model", str(tiny_model_dir), "--image", "nosuch.png", "--message", "hi")
+    assert missing_image.returncode == 2
+    assert "image not found: nosuch.png" in missing_image.stderr
+    assert "loaded" not in missing_image.stderr
+    interactive = run("chat", "--model", str(tiny_model_dir), stdin="/image nosuch.png\n/exit\n")
+    assert "error: image not found: nosuch.png" in interactive.stdout
+    assert "attached" not in interactive.stdout
+
+
 def test_config_error_is_one_clear_message(config_file):
     result = run("train", str(config_file), "train.learning_rate=-1", "lora.rank=4")
     assert result.returncode == 2

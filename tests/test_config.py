@@ -48,7 +48,7 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "4 problem(s)" in message
     assert "train.learning_rate" in message
     assert "train.per_device_train_batch_size" in message
-    assert "train.epochs: unknown key" in message
+    assert "train.epochs: unknown key; valid keys here: output_dir, num_train_epochs" in message
     assert "tracking.backend" in message
     assert "'wandb'" in message
 

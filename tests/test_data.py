@@ -120,6 +120,15 @@ def test_unknown_layout_lists_keys(tmp_path):
         load_dataset_file(DatasetSpec(path=str(path)))
 
 
+def test_empty_array_and_non_object_examples(tmp_path):
+    empty = write_json(tmp_path / "empty.json", [])
+    with pytest.raises(DataError, match=r"empty.json: the file has no examples"):
+        load_dataset_file(DatasetSpec(path=str(empty)))
+    numbers = write_json(tmp_path / "numbers.json", [1, 2])
+    with pytest.raises(DataError, match=r"record 0 \(line 2\): an example must be a JSON object, got int 1"):
+        load_dataset_file(DatasetSpec(path=str(numbers)))
+
+
 def test_max_samples(tmp_path):
     path = write_json(tmp_path / "a.json", [{"instruction": f"q{i}", "output": "a"} for i in range(5)])
     assert len(load_conversations(DataSettings(train=[str(path)], max_samples=2))) == 2

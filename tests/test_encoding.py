@@ -132,6 +132,7 @@ def test_existing_layout_not_wrapped_twice():
         ("<think>\n</think>\n<answer>喵~</answer>", "", "喵~"),
         ("<think>\nstill thinking", "still thinking", ""),
         ("<think>\nx</think>\n<answer>unclosed", "x", "unclosed"),
+        ("<think>\nnever closed<answer>hi</answer>", "never closed", "hi"),
         ("plain answer", "", "plain answer"),
     ],
 )
@@ -139,6 +140,33 @@ def test_split_reply_cases(text, reasoning, answer):
     parsed = split_reply(text)
     assert parsed.reasoning == reasoning
     assert parsed.answer == answer
+
+
+@pytest.mark.parametrize(
+    "text, show_thinking, expected",
+    [
+        ("<think>\nLet me think.</think>\n<answer>Hi!</answer>", True, "[thinking]\nLet me think.\n[answer]\nHi!"),
+        ("<think>\nLet me think.</think>\n<answer>Hi!</answer>", False, "Hi!"),
+        ("<think>\nstill going", True, "[thinking]\nstill going"),
+        ("<think>\nstill going", False, ""),
+    ],
+)
+def test_visible_text_labels_reasoning(text, show_thinking, expected):
+    from vlmtune.inference.generate import visible_text
+
+    assert visible_text(text, "think_answer", show_thinking) == expected
+
+
+def test_visible_text_grows_while_streaming():
+    from vlmtune.inference.generate import visible_text
+
+    # Layout tags are single special tokens, so streamed text never holds half a tag.
+    chunks = ["<think>", "\n", "a", "bc", "</think>", "\n", "<answer>", "x", "yz", "</answer>"]
+    texts = ["".join(chunks[:end]) for end in range(1, len(chunks) + 1)]
+    for show_thinking in (True, False):
+        shown = [visible_text(text, "think_answer", show_thinking) for text in texts]
+        for earlier, later in zip(shown, shown[1:]):
+            assert later.startswith(earlier), (earlier, later)
 
 
 def test_plain_layout_without_thinking(loaded):

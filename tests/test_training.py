@@ -10,6 +10,7 @@ import torch
 
 from conftest import write_json
 from vlmtune.config import GenerationSettings, ModelSettings, build_config
+from vlmtune.errors import ConfigError
 from vlmtune.data import Conversation, Message, TextPart
 from vlmtune.encoding import ChatCollator
 from vlmtune.inference import Generator
@@ -141,6 +142,28 @@ def test_trained_adapter_stops_on_stop_token(run):
     assert reply.stopped, reply
     assert reply.generated_tokens < 40
     assert reply.answer == ANSWER
+
+
+def test_rerun_into_used_folder_needs_a_choice(run, tiny_model_dir):
+    tree = training_tree(tiny_model_dir, run["data_path"], run["recipe"].output_dir)
+    tree["tracking"] = {"backend": "none"}
+    with pytest.raises(ConfigError, match=r"holds checkpoints of an earlier run \(checkpoint-30\)\. Pass --resume"):
+        LoraRecipe(build_config(tree)).setup()
+    with pytest.raises(ConfigError, match=r"checkpoint-30 is already at step 30, and train.max_steps is 30"):
+        LoraRecipe(build_config(tree), resume=True).setup()
+
+
+def test_overwrite_replaces_earlier_checkpoints(tiny_model_dir, tmp_path, run):
+    tree = training_tree(tiny_model_dir, run["data_path"], tmp_path / "out", max_steps=2, save_steps=1)
+    tree["tracking"] = {"backend": "none"}
+    first = LoraRecipe(build_config(tree))
+    first.setup()
+    first.train()
+    tree["train"]["max_steps"] = 1
+    second = LoraRecipe(build_config(tree), overwrite=True)
+    second.setup()
+    second.train()
+    assert sorted(path.name for path in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
 def test_resume_continues_step_count(run, tiny_model_dir):

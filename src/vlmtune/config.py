@@ -101,9 +101,17 @@ class DataSettings(_Section):
         "<think> and <answer> tokens.",
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many examples (for quick runs).")
+    max_pixels: int | None = Field(
+        None, gt=0, description="Largest image area in pixels; larger images are scaled down. None: the processor's limit."
+    )
+    min_pixels: int | None = Field(
+        None, gt=0, description="Smallest image area in pixels; smaller images are scaled up. None: the processor's limit."
+    )
 
     @model_validator(mode="after")
     def _check_validation_source(self) -> DataSettings:
+        if self.max_pixels is not None and self.min_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"data.min_pixels ({self.min_pixels}) is larger than data.max_pixels ({self.max_pixels})")
         if self.validation and self.val_size > 0:
             raise ValueError("set either data.validation (files) or data.val_size (a held-out fraction), not both")
         return self
@@ -124,6 +132,8 @@ class LoraSettings(_Section):
     r: int = Field(8, gt=0, description="Rank of the LoRA matrices.")
     alpha: int = Field(16, gt=0, description="Scaling numerator: updates are scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    vision: bool = Field(False, description="Also add LoRA to the vision tower's Linear layers (qkv, proj, MLP).")
+    train_merger: bool = Field(False, description="Fully train the vision merger (the projector into the language model).")
     target_modules: str | list[str] = Field(
         "auto",
         description="auto: every Linear layer of the language model. A list of module names "
@@ -224,12 +234,27 @@ def _apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _valid_keys(location: tuple) -> list[str]:
+    """The keys allowed where an unknown key was found, for the error message."""
+    model: type[BaseModel] = RunConfig
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        inner = getattr(annotation, "__args__", (annotation,))
+        nested = [item for item in inner if isinstance(item, type) and issubclass(item, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid config in {source} ({error.error_count()} problem(s)):"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  - {key}: unknown key; check the spelling against docs/config.md")
+            valid = ", ".join(_valid_keys(item["loc"]))
+            lines.append(f"  - {key}: unknown key; valid keys here: {valid} (see docs/config.md)")
             continue
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
@@ -263,7 +288,8 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     for override in overrides or []:
         parts, value = parse_override(override)
         _apply_override(tree, parts, value)
-    config = build_config(tree, source=str(config_path))
+    source = f"{config_path} with overrides {' '.join(overrides)}" if overrides else str(config_path)
+    config = build_config(tree, source=source)
     for spec in [*config.data.train, *config.data.validation]:
         candidate = config_path.parent / spec.path
         if not Path(spec.path).is_absolute() and not Path(spec.path).exists() and candidate.exists():

@@ -50,6 +50,10 @@ def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings and errors only.")] = False,
 ) -> None:
     _setup_logging(verbose, quiet)
+    if quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 @app.command("tiny-model")
@@ -81,16 +85,21 @@ def train(
         Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides, e.g. train.max_steps=20.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint-N in train.output_dir.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete an earlier run's checkpoints in train.output_dir and start afresh.")
+    ] = False,
 ) -> None:
     """LoRA-fine-tune a model on the config's datasets and save the adapter."""
     from vlmtune.config import load_config
     from vlmtune.training.recipe import run_training
 
     run_config = load_config(config, overrides)
-    recipe = run_training(run_config, resume=resume)
-    console.print(f"\nadapter saved to {recipe.output_dir}")
-    console.print(recipe.tracking.describe())
-    console.print(f"chat with it: vlmtune chat --adapter {recipe.output_dir}")
+    if resume and overwrite:
+        raise VlmtuneError("--resume and --overwrite contradict each other; pass one of them")
+    recipe = run_training(run_config, resume=resume, overwrite=overwrite)
+    console.print(f"\nadapter saved to {recipe.output_dir}", soft_wrap=True)
+    console.print(recipe.tracking.describe(), soft_wrap=True, markup=False)
+    console.print(f"chat with it: vlmtune chat --adapter {recipe.output_dir}", soft_wrap=True)
 
 
 @app.command()
@@ -112,7 +121,7 @@ def inspect(
         sample = encoder.encode(conversation)
         check = check_sample(encoder, conversation, sample)
         console.rule(conversation.source)
-        console.print(render_sample(encoder, sample))
+        console.print(render_sample(encoder, sample), soft_wrap=True)
         status = "[green]ok[/green]" if check.ok else "[red]FAILED[/red]"
         console.print(
             f"\nself-check {status}: prompt matches the inference template: {check.prompt_matches_template}; "
@@ -170,9 +179,7 @@ def _encoder_for(run_config):
     except OSError:
         generation_config = None
     tokenizer = getattr(processor, "tokenizer", processor)
-    return ConversationEncoder(
-        processor, stop_token_ids(generation_config, tokenizer), run_config.data.thinking, run_config.data.train_on
-    )
+    return ConversationEncoder.from_settings(processor, stop_token_ids(generation_config, tokenizer), run_config.data)
 
 
 @app.command()
@@ -223,7 +230,7 @@ def main() -> None:
     try:
         app()
     except VlmtuneError as error:
-        error_console.print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False)
+        error_console.print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -12,6 +12,11 @@ from vlmtune.data.records import Record
 from vlmtune.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+VIDEO_MESSAGE = (
+    "videos are not supported for training yet; extract frames and pass them as images, "
+    "or remove the example"
+)
 _REMOTE = re.compile(r"^(https?://|data:)")
 
 
@@ -72,12 +77,20 @@ def image_source(record: Record, value: Any, field: str) -> str:
     return str(path)
 
 
+def reject_videos(record: Record, field: str) -> None:
+    raise DataError(f"{record.location}: field '{field}' holds a video; {VIDEO_MESSAGE}", "unsupported video")
+
+
 def images_field(record: Record, name: str = "images") -> list[str]:
+    if record.data.get("videos"):
+        reject_videos(record, "videos")
     return [image_source(record, item, f"{name}[{index}]") for index, item in enumerate(list_field(record, name, required=False))]
 
 
 def split_placeholders(text: str, images: list[str], cursor: int, record: Record, field: str) -> tuple[list[ContentPart], int]:
     """Replace each `<image>` in text with the next image of the example, in order."""
+    if VIDEO_PLACEHOLDER in text:
+        reject_videos(record, field)
     pieces = text.split(IMAGE_PLACEHOLDER)
     parts: list[ContentPart] = []
     for number, piece in enumerate(pieces):

@@ -80,7 +80,12 @@ def detect_layout(record: Record) -> str:
     for layout, matches in DETECTORS:
         if matches(record.data):
             return layout
-    keys = sorted(record.data) if isinstance(record.data, dict) else type(record.data).__name__
+    if not isinstance(record.data, dict):
+        raise DataError(
+            f"{record.location}: an example must be a JSON object, got {type(record.data).__name__} {record.data!r:.60}",
+            "wrong type",
+        )
+    keys = sorted(record.data)
     raise DataError(
         f"{record.location}: cannot tell the dataset layout from the keys {keys}; supported layouts and their "
         f"keys: {LAYOUT_KEYS}. Set data.train[].layout to force one, and data.train[].columns to rename columns."
@@ -93,7 +98,9 @@ def _read_one_file(
     columns = {**DEFAULT_COLUMNS.get(spec.layout, {}), **spec.columns}
     layout = spec.layout if spec.layout != "auto" else None
     conversations = []
+    seen = 0
     for item in iter_records(path, spec.split):
+        seen += 1
         try:
             if isinstance(item, ReadProblem):
                 raise DataError(item.message, item.reason)
@@ -108,6 +115,8 @@ def _read_one_file(
             report.add(error.reason, item.location if isinstance(item, Record) else item.location)
             continue
         conversations.append(conversation)
+    if seen == 0:
+        raise DataError(f"{path}: the file has no examples", "empty file")
     logger.info("read %d examples from %s (layout: %s)", len(conversations), path, layout or "none detected")
     return conversations
 

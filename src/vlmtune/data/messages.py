@@ -22,6 +22,7 @@ from vlmtune.data.fields import (
     image_source,
     images_field,
     list_field,
+    reject_videos,
     split_placeholders,
     string_field,
 )
@@ -47,6 +48,8 @@ def _content_parts(record: Record, content: list[Any], field: str) -> list[Conte
             parts.append(ImagePart(image_source(record, part.get("image_url"), f"{part_field}.image_url")))
         elif kind == "image":
             parts.append(ImagePart(image_source(record, part.get("image"), f"{part_field}.image")))
+        elif kind in ("video", "video_url"):
+            reject_videos(record, part_field)
         else:
             raise DataError(
                 f"{record.location}: field '{part_field}' must be a part with type text, image_url or image, "

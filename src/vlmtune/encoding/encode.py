@@ -22,7 +22,7 @@ import torch
 
 from vlmtune.config import DataSettings
 from vlmtune.data.conversation import Conversation, Message, TextPart
-from vlmtune.encoding.images import load_image
+from vlmtune.encoding.images import apply_image_limits, load_image
 from vlmtune.encoding.thinking import LayoutName, build_reply, detect_layout
 from vlmtune.errors import DataError, TemplateError
 
@@ -63,6 +63,8 @@ class ConversationEncoder:
         stop_ids: list[int],
         thinking: str = "auto",
         train_on: str = "all_turns",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -70,11 +72,25 @@ class ConversationEncoder:
         self.train_on = train_on
         self.layout: LayoutName = detect_layout(self.tokenizer) if thinking == "auto" else thinking
         self.image_token: str | None = getattr(processor, "image_token", None)
+        self.pixel_limits = apply_image_limits(processor, min_pixels, max_pixels)
+        self.resized_images = 0
+        """Images scaled to fit the pixel limits so far, counted once per encode call."""
         self.end_of_turn_id = self._find_end_of_turn_id()
         logger.info(
             "reply layout: %s; end-of-turn token: %s",
             self.layout,
             self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id),
+        )
+
+    @classmethod
+    def from_settings(cls, processor: Any, stop_ids: list[int], settings: DataSettings) -> ConversationEncoder:
+        return cls(
+            processor,
+            stop_ids,
+            thinking=settings.thinking,
+            train_on=settings.train_on,
+            min_pixels=settings.min_pixels,
+            max_pixels=settings.max_pixels,
         )
 
     # -- rendering ---------------------------------------------------------------------
@@ -141,6 +157,9 @@ class ConversationEncoder:
         if self.image_token is None or not hasattr(self.processor, "image_processor"):
             raise DataError(f"{conversation.source}: the example has images but the model's processor takes none")
         loaded = [load_image(image.source, conversation.source) for image in images]
+        if self.pixel_limits is not None:
+            low, high = self.pixel_limits
+            self.resized_images += sum(not low <= image.width * image.height <= high for image in loaded)
         inputs = self.processor.image_processor(images=loaded, return_tensors="pt")
         merge = self.processor.image_processor.merge_size ** 2
         counts = [int(grid.prod()) // merge for grid in inputs["image_grid_thw"]]
@@ -221,10 +240,13 @@ class EncodingReport:
     lengths: dict[str, list[int]] = field(default_factory=dict)
     """Encoded length of every conversation, per dataset file, before any was dropped or trimmed."""
     trimmed: int = 0
+    resized_images: int = 0
 
     def log(self) -> None:
         for reason, sources in self.dropped.items():
             logger.warning("dropped %d example(s): %s (first: %s)", len(sources), reason, sources[0])
+        if self.resized_images:
+            logger.info("scaled %d image(s) into the pixel limits (data.min_pixels / data.max_pixels)", self.resized_images)
         if self.trimmed:
             logger.info("removed the oldest turns of %d example(s) to fit data.max_length", self.trimmed)
         logger.info("encoded %d sample(s)", len(self.samples))
@@ -250,6 +272,7 @@ def encode_conversations(
     """Encode all conversations, applying data.on_invalid and data.on_overlength."""
     max_length = settings.max_length
     report = EncodingReport([], {})
+    resized_before = encoder.resized_images
     overlength = f"longer than data.max_length={max_length} tokens"
     for conversation in conversations:
         try:
@@ -276,6 +299,7 @@ def encode_conversations(
             report.dropped.setdefault(overlength, []).append(conversation.source)
             continue
         report.samples.append(sample)
+    report.resized_images = encoder.resized_images - resized_before
     report.log()
     return report
 

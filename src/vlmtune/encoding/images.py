@@ -7,12 +7,37 @@ import binascii
 import io
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from vlmtune.errors import DataError
 
 URL_TIMEOUT_SECONDS = 30
+
+
+def apply_image_limits(processor: Any, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int] | None:
+    """Set the image processor's pixel limits (GLM-4.1V and Qwen2-VL keep them in `size`).
+
+    Returns the limits in force as (min_pixels, max_pixels), or None for a processor
+    without images or without such limits.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    if image_processor is None or not size or "longest_edge" not in size:
+        if min_pixels or max_pixels:
+            raise DataError("data.min_pixels / data.max_pixels are set but the model's image processor has no pixel limits")
+        return None
+    size = dict(size)
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    image_processor.size = size
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and hasattr(image_processor, name):
+            setattr(image_processor, name, value)
+    return size["shortest_edge"], size["longest_edge"]
 
 
 def load_image(source: str, where: str = "") -> Image.Image:

@@ -41,8 +41,12 @@ def split_reply(text: str) -> ParsedReply:
         reasoning = think.group(1)
         text = text[: think.start()] + text[think.end() :]
     elif text.startswith("<think>"):
-        # Generation stopped inside the think block: everything so far is reasoning.
-        return ParsedReply(reasoning=text[len("<think>") :].lstrip("\n"), answer="")
+        # The think block was never closed: reasoning runs up to an <answer> tag, if any.
+        body = text[len("<think>") :].lstrip("\n")
+        reasoning, tag, rest = body.partition("<answer>")
+        if not tag:
+            return ParsedReply(reasoning=reasoning, answer="")
+        text = tag + rest
     answer = _ANSWER.search(text)
     return ParsedReply(reasoning=reasoning, answer=answer.group(1) if answer else text.strip())
 

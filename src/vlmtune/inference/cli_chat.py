@@ -12,7 +12,7 @@ import yaml
 from rich.console import Console
 
 from vlmtune.config import GenerationSettings, ModelSettings
-from vlmtune.errors import ModelError, VlmtuneError
+from vlmtune.errors import DataError, ModelError, VlmtuneError
 from vlmtune.inference.chat import ChatSession
 from vlmtune.inference.generate import Generator, Reply
 from vlmtune.model.loading import adapter_base_model, load_adapter, load_model
@@ -26,10 +26,37 @@ HELP = """commands:
   /exit                quit (Ctrl-D works too)"""
 
 
+def check_image_argument(image: str) -> str:
+    """Fail early for a local image that does not exist; URLs are checked when loaded."""
+    if image.startswith(("http://", "https://", "data:")):
+        return image
+    path = Path(image.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    return str(path)
+
+
+def adapter_data_settings(adapter: str | None) -> dict[str, Any]:
+    """Read the data section of the config.yaml the adapter was trained with, if there is one."""
+    if not adapter:
+        return {}
+    config_path = Path(adapter) / "config.yaml"
+    if not config_path.is_file():
+        return {}
+    tree = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    return tree.get("data") or {}
+
+
 def load_generator(
     model: str | None, adapter: str | None, hub: str, generation: dict[str, Any], thinking: str, device: str
 ) -> Generator:
-    """Load the base model, attach the adapter if given, and wrap both in a Generator."""
+    """Load the base model, attach the adapter if given, and wrap both in a Generator.
+
+    With an adapter, the reply layout and image pixel limits it was trained with are reused,
+    so chat renders prompts exactly as training did.
+    """
+    if adapter and not Path(adapter).is_dir():
+        raise ModelError(f"--adapter: folder not found: {adapter}")
     if model is None:
         model = adapter_base_model(adapter) if adapter else None
         if model is None:
@@ -37,20 +64,22 @@ def load_generator(
     loaded = load_model(ModelSettings(name_or_path=model, hub=hub, device=device))
     if adapter:
         loaded = load_adapter(loaded, adapter)
-    return Generator(loaded, GenerationSettings(**generation), thinking=thinking)
+    trained = adapter_data_settings(adapter)
+    if thinking == "auto" and trained.get("thinking"):
+        thinking = trained["thinking"]
+    return Generator(
+        loaded,
+        GenerationSettings(**generation),
+        thinking=thinking,
+        min_pixels=trained.get("min_pixels"),
+        max_pixels=trained.get("max_pixels"),
+    )
 
 
-def adapter_system_prompt(adapter: str) -> str | None:
-    """Read the data.system_prompt the adapter was trained with from its config.yaml."""
-    config_path = Path(adapter) / "config.yaml"
-    if not config_path.is_file():
-        return None
-    tree = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    return (tree.get("data") or {}).get("system_prompt")
-
-
-def print_reply_end(console: Console, reply: Reply, max_new_tokens: int) -> None:
+def print_reply_end(console: Console, reply: Reply, max_new_tokens: int, show_thinking: bool) -> None:
     console.print()
+    if not reply.answer.strip() and reply.reasoning.strip() and not show_thinking:
+        console.print("[the reply holds reasoning only; pass --show-thinking to see it]", style="yellow", markup=False)
     if not reply.stopped:
         notice = f"[reply cut off: it reached max_new_tokens={max_new_tokens} without a stop token]"
         console.print(notice, style="yellow", markup=False, highlight=False)
@@ -69,9 +98,11 @@ def run_chat(
     device: str,
     console: Console,
 ) -> None:
+    images = [check_image_argument(image) for image in images]
     generator = load_generator(model, adapter, hub, generation, thinking, device)
+    show_thinking = generator.settings.show_thinking
     if system is None and adapter:
-        system = adapter_system_prompt(adapter)
+        system = adapter_data_settings(adapter).get("system_prompt")
         if system:
             logger.info("using the system prompt the adapter was trained with (pass --system to change it)")
     session = ChatSession(generator, system_prompt=system)
@@ -82,7 +113,7 @@ def run_chat(
 
     if message is not None:
         reply = session.ask(message, images, on_text=show)
-        print_reply_end(console, reply, max_new_tokens)
+        print_reply_end(console, reply, max_new_tokens, show_thinking)
         return
 
     console.print("vlmtune chat. Type /help for commands.")
@@ -108,7 +139,12 @@ def run_chat(
             session.clear()
             console.print("system prompt set; history cleared")
         elif command == "/image":
-            pending_images.extend(shlex.split(argument))
+            try:
+                attached = [check_image_argument(image) for image in shlex.split(argument)]
+            except VlmtuneError as error:
+                console.print(f"error: {error}", markup=False, soft_wrap=True)
+                continue
+            pending_images.extend(attached)
             console.print(f"{len(pending_images)} image(s) attached to your next message")
         elif command.startswith("/"):
             console.print(f"unknown command {command!r}. Type /help for commands.", markup=False)
@@ -117,8 +153,8 @@ def run_chat(
             try:
                 reply = session.ask(line, pending_images, on_text=show)
             except VlmtuneError as error:
-                console.print(f"\nerror: {error}", markup=False)
+                console.print(f"\nerror: {error}", markup=False, soft_wrap=True)
                 continue
             finally:
                 pending_images = []
-            print_reply_end(console, reply, max_new_tokens)
+            print_reply_end(console, reply, max_new_tokens, show_thinking)

@@ -31,32 +31,42 @@ class Reply:
     stopped: bool
     """True when the reply ended on a stop token, False when it hit max_new_tokens."""
 
-    def visible(self, show_thinking: bool) -> str:
-        if show_thinking and self.reasoning:
-            return f"[thinking]\n{self.reasoning.strip()}\n[answer]\n{self.answer}"
-        return self.answer
-
-
 def visible_text(text: str, layout: str, show_thinking: bool) -> str:
-    """Return the part of a partial or full reply that the user sees: the answer, plus the reasoning on request."""
+    """Return the part of a partial or full reply that the user sees: the answer, plus the reasoning on request.
+
+    The result only grows as more of the reply arrives, so it can be streamed by printing
+    the new suffix.
+    """
     if layout == "none":
         return text
     parsed = split_reply(text)
-    if show_thinking:
-        return f"{parsed.reasoning}{parsed.answer}"
-    return parsed.answer
+    if not show_thinking:
+        return parsed.answer
+    shown = f"[thinking]\n{parsed.reasoning}"
+    if "</think>" in text or "<answer>" in text:
+        shown += f"\n[answer]\n{parsed.answer}"
+    return shown
 
 
 class Generator:
     """Generates replies to conversations with one loaded model (and adapter)."""
 
-    def __init__(self, loaded: LoadedModel, settings: GenerationSettings, thinking: str = "auto"):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: GenerationSettings,
+        thinking: str = "auto",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ):
         self.model = loaded.model
         self.processor = loaded.processor
         self.tokenizer = loaded.tokenizer
         self.stop_ids = loaded.stop_token_ids
         self.settings = settings
-        self.encoder = ConversationEncoder(self.processor, self.stop_ids, thinking=thinking)
+        self.encoder = ConversationEncoder(
+            self.processor, self.stop_ids, thinking=thinking, min_pixels=min_pixels, max_pixels=max_pixels
+        )
         self._stop_strings = [self.tokenizer.convert_ids_to_tokens(token) for token in self.stop_ids]
 
     @property

@@ -36,7 +36,8 @@ def resolve_model_path(settings: ModelSettings) -> Path:
     if hub == "auto":
         hub = "local" if Path(name).expanduser().exists() else "huggingface"
     if hub == "local":
-        path = Path(name).expanduser()
+        # Absolute, so adapters record a base model path that works from any folder.
+        path = Path(name).expanduser().resolve()
         if not path.is_dir():
             raise ModelError(
                 f"model.name_or_path: local folder not found: {path}. Build the tiny model with "

@@ -1,8 +1,9 @@
-"""LoRA target discovery and the peft adapter, limited to the language model.
+"""LoRA target discovery and the peft adapter: the language model, and the vision tower on request.
 
 On GLM-4.1V the language model's MLP is a fused `gate_up_proj`, while `gate_proj`,
 `up_proj` and `down_proj` also exist in the vision tower and its merger. So targets
-are resolved against real module names, and only language-model modules are adapted:
+are resolved against real module names, and only language-model modules are adapted
+unless lora.vision is on:
 
     auto               -> q_proj k_proj v_proj o_proj gate_up_proj down_proj (language model)
     [gate_proj, ...]   -> error: gate_proj matches only vision modules
@@ -25,6 +26,10 @@ from vlmtune.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
+# The vision-to-language projector's module name in GLM-4.1V and Qwen2-VL / Qwen2.5-VL.
+MERGER_NAME = "merger"
+
+
 @dataclass(frozen=True)
 class ModuleParts:
     """Qualified-name prefixes of a model's language model and output head."""
@@ -33,12 +38,14 @@ class ModuleParts:
     output_head: str | None
 
     def part_of(self, name: str) -> str:
-        """Classify a module or parameter name as language model, output head or vision."""
+        """Classify a module or parameter name: language model, output head, merger or vision tower."""
         if name == self.language_model or name.startswith(self.language_model + "."):
             return "language model"
         if self.output_head is not None and (name == self.output_head or name.startswith(self.output_head + ".")):
             return "output head"
-        return "vision"
+        if f".{MERGER_NAME}." in f".{name}.":
+            return "merger"
+        return "vision tower"
 
 
 def find_module_parts(model: nn.Module) -> ModuleParts:
@@ -68,20 +75,23 @@ def _describe_matches(names: list[str], parts: ModuleParts) -> str:
     return ", ".join(f"{count} in the {part}" for part, count in sorted(counts.items())) or "nothing"
 
 
-def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[str]:
-    """Return the full names of the language-model Linear layers that LoRA adapts.
+def resolve_target_modules(model: nn.Module, target: str | list[str], vision: bool = False) -> list[str]:
+    """Return the full names of the Linear layers that LoRA adapts.
 
     target is "auto", a list of short names (matched on the last name part) or one
-    regular expression (matched on full names). A short name that matches nothing,
-    or only modules outside the language model, raises ConfigError saying where it
-    matched.
+    regular expression (matched on full names). Only language-model layers qualify,
+    plus the vision tower's when vision is True; the merger never does (train it with
+    lora.train_merger). A short name that matches nothing, or only layers outside those
+    parts, raises ConfigError saying where it matched.
     """
     parts = find_module_parts(model)
+    allowed = {"language model", "vision tower"} if vision else {"language model"}
     linear_names = linear_module_names(model)
     language_linears = [name for name in linear_names if parts.part_of(name) == "language model"]
+    allowed_linears = [name for name in linear_names if parts.part_of(name) in allowed]
 
     if target == "auto":
-        return language_linears
+        return allowed_linears
 
     if isinstance(target, str):
         try:
@@ -89,7 +99,7 @@ def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[st
         except re.error as error:
             raise ConfigError(f"lora.target_modules: invalid regular expression {target!r}: {error}") from None
         matched = [name for name in linear_names if pattern.fullmatch(name)]
-        outside = [name for name in matched if parts.part_of(name) != "language model"]
+        outside = [name for name in matched if parts.part_of(name) not in allowed]
         if not matched:
             raise ConfigError(
                 f"lora.target_modules: the regular expression {target!r} matches no Linear layer; "
@@ -98,7 +108,8 @@ def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[st
         if outside:
             raise ConfigError(
                 f"lora.target_modules: the regular expression {target!r} matches {_describe_matches(matched, parts)} "
-                f"(for example {outside[0]!r}); LoRA adapts only the language model, so narrow the expression"
+                f"(for example {outside[0]!r}); LoRA adapts only the language model (and the vision tower with "
+                "lora.vision: true), so narrow the expression"
             )
         return matched
 
@@ -107,11 +118,11 @@ def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[st
     short_names = sorted({name.rsplit(".", 1)[-1] for name in language_linears})
     for short in target:
         everywhere = [name for name in linear_names if name.rsplit(".", 1)[-1] == short]
-        in_language_model = [name for name in everywhere if parts.part_of(name) == "language model"]
-        if not in_language_model:
+        usable = [name for name in everywhere if parts.part_of(name) in allowed]
+        if not usable:
             where = _describe_matches(everywhere, parts)
-            problems.append(f"{short!r} matches {where} and no language-model Linear layer")
-        selected.extend(in_language_model)
+            problems.append(f"{short!r} matches {where} and no {' or '.join(sorted(allowed))} Linear layer")
+        selected.extend(usable)
     if problems:
         raise ConfigError(
             "lora.target_modules: "
@@ -119,11 +130,15 @@ def resolve_target_modules(model: nn.Module, target: str | list[str]) -> list[st
             + f". Language-model Linear layers of {type(model).__name__} are named: {', '.join(short_names)}. "
             "Use target_modules: auto to adapt all of them"
         )
-    return sorted(set(selected), key=language_linears.index)
+    return sorted(set(selected), key=allowed_linears.index)
 
 
-def _names_to_pattern(names: list[str]) -> str:
-    """Build a compact full-match regex for peft, so adapter_config.json stays readable."""
+def _names_to_pattern(names: list[str], candidates: list[str]) -> str:
+    """Build a full-match regex for peft that selects exactly `names` among `candidates`.
+
+    Layer indices are generalised when that selects the same set, so adapter_config.json
+    stays readable; otherwise the names are listed one by one.
+    """
     groups: dict[str, set[str]] = {}
     for name in names:
         generic = re.sub(r"\.\d+\.", ".*.", name, count=1)
@@ -133,7 +148,10 @@ def _names_to_pattern(names: list[str]) -> str:
     for prefix, shorts in groups.items():
         escaped_prefix = re.escape(prefix).replace(r"\.\*\.", r"\.\d+\.")
         alternatives.append(f"{escaped_prefix}\\.({'|'.join(sorted(shorts))})")
-    return "^(" + "|".join(alternatives) + ")$"
+    compact = "^(" + "|".join(alternatives) + ")$"
+    if {name for name in candidates if re.fullmatch(compact, name)} == set(names):
+        return compact
+    return "^(" + "|".join(re.escape(name) for name in names) + ")$"
 
 
 def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -151,14 +169,16 @@ def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     """Wrap the model with a LoRA adapter on the resolved targets; everything else is frozen."""
-    targets = resolve_target_modules(model, settings.target_modules)
+    targets = resolve_target_modules(model, settings.target_modules, vision=settings.vision)
     short_names = sorted({name.rsplit(".", 1)[-1] for name in targets})
-    logger.info("LoRA on %d language-model Linear layers: %s", len(targets), ", ".join(short_names))
+    where = "language model and vision tower" if settings.vision else "language model"
+    logger.info("LoRA on %d Linear layers of the %s: %s", len(targets), where, ", ".join(short_names))
     lora_config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=_names_to_pattern(targets),
+        target_modules=_names_to_pattern(targets, linear_module_names(model)),
+        modules_to_save=[MERGER_NAME] if settings.train_merger else None,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora_config)

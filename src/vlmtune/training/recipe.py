@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import platform
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
@@ -67,9 +68,10 @@ def _package_versions() -> dict[str, str]:
 class LoraRecipe:
     """One training run, read top to bottom: setup(), train(), save()."""
 
-    def __init__(self, config: RunConfig, resume: bool = False):
+    def __init__(self, config: RunConfig, resume: bool = False, overwrite: bool = False):
         self.config = config
         self.resume = resume
+        self.overwrite = overwrite
         self.output_dir = Path(config.train.output_dir)
         self.loaded: LoadedModel | None = None
         self.report: EncodingReport | None = None
@@ -79,6 +81,7 @@ class LoraRecipe:
         self.metrics: dict[str, Any] = {}
 
     def setup(self) -> None:
+        self._check_output_dir()
         set_seed(self.config.train.seed)
         self._setup_data_and_model()
         self._setup_trainer()
@@ -89,9 +92,7 @@ class LoraRecipe:
         data = load_data(config.data)
         conversations = data.train
         self.loaded = load_model(config.model, for_training=True)
-        encoder = ConversationEncoder(
-            self.loaded.processor, self.loaded.stop_token_ids, config.data.thinking, config.data.train_on
-        )
+        encoder = ConversationEncoder.from_settings(self.loaded.processor, self.loaded.stop_token_ids, config.data)
         self.report = encode_conversations(encoder, conversations, config.data)
         if not self.report.samples:
             raise DataError(
@@ -168,14 +169,37 @@ class LoraRecipe:
         tokenizer = self.loaded.tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.loaded.stop_token_ids[0]
 
-    def train(self) -> None:
-        checkpoint = None
+    def _last_checkpoint(self) -> str | None:
+        return get_last_checkpoint(str(self.output_dir)) if self.output_dir.is_dir() else None
+
+    def _check_output_dir(self) -> None:
+        """Never mix two runs' checkpoints: resume, overwrite on request, or stop."""
+        checkpoint = self._last_checkpoint()
         if self.resume:
-            checkpoint = get_last_checkpoint(str(self.output_dir)) if self.output_dir.is_dir() else None
             if checkpoint is None:
                 raise ConfigError(
                     f"--resume: no checkpoint-N folder in {self.output_dir}; train without --resume to start afresh"
                 )
+            step = int(Path(checkpoint).name.rsplit("-", 1)[1])
+            max_steps = self.config.train.max_steps
+            if 0 < max_steps <= step:
+                raise ConfigError(
+                    f"--resume: {checkpoint} is already at step {step}, and train.max_steps is {max_steps}; "
+                    "raise train.max_steps to train further"
+                )
+        elif checkpoint is not None:
+            if not self.overwrite:
+                raise ConfigError(
+                    f"train.output_dir {self.output_dir} holds checkpoints of an earlier run ({Path(checkpoint).name}). "
+                    "Pass --resume to continue it, --overwrite to replace it, or choose another train.output_dir"
+                )
+            for old in self.output_dir.glob("checkpoint-*"):
+                shutil.rmtree(old)
+            logger.info("removed the earlier run's checkpoints from %s (--overwrite)", self.output_dir)
+
+    def train(self) -> None:
+        checkpoint = self._last_checkpoint() if self.resume else None
+        if checkpoint is not None:
             logger.info("resuming from %s", checkpoint)
         started = time.time()
         try:
@@ -212,9 +236,9 @@ class LoraRecipe:
         return self.output_dir
 
 
-def run_training(config: RunConfig, resume: bool = False) -> LoraRecipe:
+def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False) -> LoraRecipe:
     """Set up, train and save; returns the finished recipe for callers that inspect it."""
-    recipe = LoraRecipe(config, resume=resume)
+    recipe = LoraRecipe(config, resume=resume, overwrite=overwrite)
     recipe.setup()
     recipe.train()
     recipe.save()

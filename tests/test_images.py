@@ -1,0 +1,146 @@
+"""Training and chat on images with the tiny GLM-4.1V: encoding, batches, vision LoRA, limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, data_settings, write_json
+from vlmtune.config import DatasetSpec, GenerationSettings, build_config
+from vlmtune.data import Conversation, ImagePart, Message, TextPart
+from vlmtune.data.loading import load_dataset_file
+from vlmtune.encoding import ChatCollator, ConversationEncoder, encode_conversations
+from vlmtune.errors import DataError
+from vlmtune.inference import ChatSession, Generator
+from vlmtune.training.recipe import LoraRecipe
+
+IMAGE_DATA = REPO_ROOT / "data" / "persona_images" / "train.jsonl"
+FIXTURE_IMAGES = Path(__file__).parent / "fixtures" / "images"
+
+
+def image_conversation(*images: Path, text: str = "这是什么？", answer: str = "是图形喵~") -> Conversation:
+    parts = [ImagePart(str(image)) for image in images]
+    return Conversation(
+        [Message("user", [*parts, TextPart(text)]), Message("assistant", [TextPart(answer)])], source="inline"
+    )
+
+
+def test_bundled_image_data_is_valid():
+    conversations = load_dataset_file(DatasetSpec(path=str(IMAGE_DATA)))
+    assert len(conversations) >= 30
+    assert all(conversation.images for conversation in conversations)
+    assert any(len(conversation.images) == 2 for conversation in conversations)
+
+
+def test_mixed_batch_collates_vision_tensors(encoder):
+    text_only = Conversation([Message("user", [TextPart("你好")]), Message("assistant", [TextPart("喵")])], source="t")
+    one = image_conversation(FIXTURE_IMAGES / "orange.png")
+    two = image_conversation(FIXTURE_IMAGES / "orange.png", FIXTURE_IMAGES / "blue.png")
+    samples = [encoder.encode(c) for c in (text_only, one, two)]
+    batch = ChatCollator(pad_token_id=encoder.tokenizer.pad_token_id)(samples)
+    assert batch["image_grid_thw"].shape == (3, 3)
+    patches = int(batch["image_grid_thw"].prod(dim=1).sum())
+    assert batch["pixel_values"].shape[0] == patches
+    image_id = encoder.tokenizer.convert_tokens_to_ids("<|image|>")
+    assert int((batch["input_ids"] == image_id).sum()) == patches // 4
+    assert int((batch["mm_token_type_ids"] == 1).sum()) == patches // 4
+    assert bool((batch["labels"][batch["input_ids"] == image_id] == -100).all())
+
+
+def test_overlong_image_conversation_dropped_at_preprocessing(encoder):
+    conversation = image_conversation(FIXTURE_IMAGES / "orange.png", FIXTURE_IMAGES / "blue.png")
+    length = len(encoder.encode(conversation))
+    report = encode_conversations(encoder, [conversation], data_settings(max_length=length - 1))
+    assert report.samples == []
+    assert list(report.dropped.values()) == [["inline"]]
+
+
+def test_max_pixels_scales_images_and_counts_them(loaded, tiny_model_dir):
+    from vlmtune.model.loading import load_processor
+
+    processor = load_processor(str(tiny_model_dir))
+    small = ConversationEncoder(processor, loaded.stop_token_ids, max_pixels=28 * 28 * 4, min_pixels=28 * 28)
+    big_image = image_conversation(REPO_ROOT / "data" / "images" / "orange_cat.png")  # 224 x 224
+    report = encode_conversations(small, [big_image], data_settings())
+    [sample] = report.samples
+    assert int(sample.image_grid_thw.prod()) // 4 <= 4
+    assert report.resized_images == 1
+
+
+def test_video_rejected_with_clear_message(tmp_path):
+    path = write_json(
+        tmp_path / "video.json",
+        [{"messages": [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}, {"role": "assistant", "content": "a"}]}],
+    )
+    with pytest.raises(DataError, match=r"holds a video; videos are not supported for training yet; extract frames") as caught:
+        load_dataset_file(DatasetSpec(path=str(path)))
+    assert caught.value.reason == "unsupported video"
+    placeholder = write_json(tmp_path / "p.json", [{"instruction": "<video>看", "output": "a", "videos": ["c.mp4"]}])
+    with pytest.raises(DataError, match="field 'videos' holds a video"):
+        load_dataset_file(DatasetSpec(path=str(placeholder)))
+
+
+def test_chat_history_keeps_both_images(loaded):
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=2))
+    session = ChatSession(generator)
+    session.ask("第一张", [str(FIXTURE_IMAGES / "orange.png")])
+    session.history.append(Message("user", [ImagePart(str(FIXTURE_IMAGES / "blue.png")), TextPart("第二张呢？")]))
+    inputs = generator.prepare_inputs(session.conversation())
+    tokenizer = loaded.tokenizer
+    begin = tokenizer.convert_tokens_to_ids("<|begin_of_image|>")
+    image_id = tokenizer.convert_tokens_to_ids("<|image|>")
+    assert int((inputs["input_ids"] == begin).sum()) == 2
+    assert inputs["image_grid_thw"].shape[0] == 2
+    assert int((inputs["input_ids"] == image_id).sum()) == int(inputs["image_grid_thw"].prod(dim=1).sum()) // 4
+
+
+def train_on_images(tiny_model_dir, folder: Path, **lora) -> LoraRecipe:
+    text_rows = [{"instruction": f"问题{i}", "input": "", "output": "好的喵~"} for i in range(6)]
+    tree = {
+        "model": {"name_or_path": str(tiny_model_dir), "device": "cpu"},
+        "data": {"train": [str(write_json(folder / "text.json", text_rows)), str(IMAGE_DATA)], "max_samples": 16, "max_length": 256},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, **lora},
+        "train": {"output_dir": str(folder / "out"), "max_steps": 8, "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "warmup_steps": 0, "save_steps": 100},
+        "tracking": {"backend": "none"},
+    }
+    recipe = LoraRecipe(build_config(tree))
+    recipe.setup()
+    return recipe
+
+
+def loss_on(model, batch) -> float:
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_training_on_mixed_batches_lowers_loss(tiny_model_dir, tmp_path):
+    recipe = train_on_images(tiny_model_dir, tmp_path)
+    mixed = recipe.report.samples[4:8]
+    assert [sample.pixel_values is not None for sample in mixed] == [False, False, True, True]
+    batch = ChatCollator(pad_token_id=recipe.loaded.tokenizer.pad_token_id)(mixed)
+    before = loss_on(recipe.loaded.model, batch)
+    recipe.train()
+    assert loss_on(recipe.loaded.model, batch) < before
+
+
+def vision_state(model) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.named_parameters() if ".visual." in name}
+
+
+@pytest.mark.parametrize("vision", [False, True])
+def test_vision_weights_change_only_with_vision_lora(tiny_model_dir, tmp_path, vision):
+    recipe = train_on_images(tiny_model_dir, tmp_path, vision=vision)
+    before = vision_state(recipe.loaded.model)
+    recipe.train()
+    after = vision_state(recipe.loaded.model)
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    if vision:
+        assert changed
+        assert all("lora_" in name for name in changed)
+    else:
+        assert changed == []
+        assert not any("lora_" in name for name in before)
