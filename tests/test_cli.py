@@ -101,8 +101,9 @@ def test_config_error_is_one_clear_message(config_file):
     assert "Traceback" not in result.stderr
 
 
-def test_tutorial_lora_targets_rejected(config_file):
-    result = run("train", str(config_file), "lora.target_modules=[q_proj, gate_proj, up_proj]")
+def test_tutorial_lora_targets_rejected(config_file, tmp_path):
+    targets = "lora.target_modules=[q_proj, gate_proj, up_proj]"
+    result = run("train", str(config_file), targets, f"train.output_dir={tmp_path / 'out'}")
     assert result.returncode == 2
     assert "'gate_proj' matches" in result.stderr
     assert "Traceback" not in result.stderr
