@@ -8,6 +8,8 @@ from pathlib import Path
 from vlmtune.config import (
     DataSettings,
     DatasetSpec,
+    EvalPrompt,
+    EvaluationSettings,
     GenerationSettings,
     LoraSettings,
     ModelSettings,
@@ -23,6 +25,8 @@ SECTIONS = [
     ("train", TrainSettings),
     ("tracking", TrackingSettings),
     ("generation", GenerationSettings),
+    ("evaluation", EvaluationSettings),
+    ("evaluation.prompts[]", EvalPrompt),
 ]
 HEADER = """# Config reference
 

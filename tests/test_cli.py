@@ -34,7 +34,7 @@ def config_file(tiny_model_dir, tmp_path_factory) -> Path:
         f"model: {{name_or_path: {tiny_model_dir}, hub: local, device: cpu}}\n"
         "data: {train: [train.json], system_prompt: 你是小橘。, max_length: 256}\n"
         f"train: {{output_dir: {folder / 'out'}, max_steps: 2, per_device_train_batch_size: 2, save_steps: 1}}\n"
-        "tracking: {backend: none}\n",
+        "tracking: {backend: none}\nevaluation: {max_new_tokens: 8, num_data_prompts: 1}\n",
         encoding="utf-8",
     )
     return config

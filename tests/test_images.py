@@ -105,6 +105,7 @@ def train_on_images(tiny_model_dir, folder: Path, **lora) -> LoraRecipe:
         "train": {"output_dir": str(folder / "out"), "max_steps": 8, "per_device_train_batch_size": 4,
                   "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "warmup_steps": 0, "save_steps": 100},
         "tracking": {"backend": "none"},
+        "evaluation": {"generate": False},
     }
     recipe = LoraRecipe(build_config(tree))
     recipe.setup()

@@ -39,6 +39,7 @@ def training_tree(tiny_model_dir: Path, data_path: Path, output_dir: Path, **tra
             **train,
         },
         "tracking": {"backend": "swanlab", "swanlab_mode": "offline", "project": "vlmtune-tests"},
+        "evaluation": {"generate": False},  # covered by test_sampling.py
     }
 
 
@@ -102,20 +103,28 @@ def test_adapter_reload_gives_identical_logits(run, tiny_model_dir):
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
 
 
-def read_swanlab_scalars(run_folder: Path) -> dict[str, list[tuple[int, float]]]:
+def read_swanlab_records(run_folder: Path):
+    """Every record of a SwanLab run file, parsed (SwanLab 0.10's own reader and protobuf types)."""
     from swanlab.proto.swanlab.record.v1.record_pb2 import Record
     from swanlab.sdk.internal.core_python.store import DataStoreReader
 
     [run_file] = run_folder.glob("*.swanlab")
     reader = DataStoreReader()
     reader.open(run_file)
-    scalars: dict[str, list[tuple[int, float]]] = {}
+    records = []
     for raw in reader:
         record = Record()
         record.ParseFromString(raw)
+        records.append(record)
+    reader.close()
+    return records
+
+
+def read_swanlab_scalars(run_folder: Path) -> dict[str, list[tuple[int, float]]]:
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for record in read_swanlab_records(run_folder):
         if record.HasField("scalar"):
             scalars.setdefault(record.scalar.key, []).append((record.scalar.step, record.scalar.value.number))
-    reader.close()
     return scalars
 
 

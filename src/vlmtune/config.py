@@ -15,6 +15,7 @@ naming the key as the user wrote it.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,6 +189,44 @@ class GenerationSettings(_Section):
     show_thinking: bool = Field(False, description="Show the reasoning of thinking models, not only the answer.")
 
 
+class EvalPrompt(_Section):
+    """A fixed prompt for sample generations."""
+
+    text: str
+    images: list[str] = Field(default_factory=list, description="Image paths or URLs shown with the text.")
+
+
+class EvaluationSettings(_Section):
+    """Sample generations and their metrics, before training and at every evaluation."""
+
+    generate: bool = Field(True, description="Generate replies to the fixed prompts and log their metrics.")
+    prompts: list[EvalPrompt] = Field(default_factory=list, description="Extra prompts: strings or {text, images}.")
+    num_data_prompts: int = Field(
+        4, ge=0, description="Prompts taken from the validation split (else the training data), without their replies."
+    )
+    max_new_tokens: int = Field(128, gt=0, description="Token limit per sample reply; a reply cut here counts as not stopped.")
+    style_patterns: list[str] = Field(
+        default_factory=list, description="Regular expressions whose share of matching replies is logged, e.g. 喵."
+    )
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _accept_plain_prompts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"text": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("style_patterns")
+    @classmethod
+    def _check_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"invalid regular expression {pattern!r}: {error}") from None
+        return value
+
+
 class RunConfig(_Section):
     """A whole training run."""
 
@@ -197,6 +236,7 @@ class RunConfig(_Section):
     train: TrainSettings = TrainSettings()
     tracking: TrackingSettings = TrackingSettings()
     generation: GenerationSettings = GenerationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @model_validator(mode="after")
     def _check_contradictions(self) -> RunConfig:

@@ -97,6 +97,12 @@ def train(
     if resume and overwrite:
         raise VlmtuneError("--resume and --overwrite contradict each other; pass one of them")
     recipe = run_training(run_config, resume=resume, overwrite=overwrite)
+    runs = recipe.evaluation_runs()
+    if runs:
+        from vlmtune.inference.evaluation import comparison_table
+
+        console.print(comparison_table(runs))
+        console.print(f"replies and metrics: {recipe.output_dir / 'eval_report.md'}", soft_wrap=True)
     console.print(f"\nadapter saved to {recipe.output_dir}", soft_wrap=True)
     console.print(recipe.tracking.describe(), soft_wrap=True, markup=False)
     console.print(f"chat with it: vlmtune chat --adapter {recipe.output_dir}", soft_wrap=True)
@@ -133,6 +139,28 @@ def inspect(
         failures += not check.ok
     if failures:
         raise typer.Exit(1)
+
+
+@app.command("eval")
+def evaluate(
+    config: Annotated[Path, typer.Argument(help="YAML config of the run (model, data, evaluation sections).")],
+    adapter: Annotated[Optional[str], typer.Option(help="Adapter folder to compare with the base model.")] = None,
+    merged: Annotated[Optional[str], typer.Option(help="Merged model folder to compare with the base model.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Dataset file to take prompts from. Default: the config's validation data, else its training data.")] = None,
+    count: Annotated[Optional[int], typer.Option(help="Number of dataset prompts. Default: evaluation.num_data_prompts.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Folder for eval_report.json and .md. Default: the adapter or merged folder.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
+) -> None:
+    """Compare the base model with an adapter or merged model on sample generations."""
+    from vlmtune.config import load_config
+    from vlmtune.inference.evaluation import comparison_table, evaluate_against_base, write_report
+
+    run_config = load_config(config, overrides)
+    runs = evaluate_against_base(run_config, adapter=adapter, merged=merged, data_path=data, count=count)
+    console.print(comparison_table(runs))
+    folder = output or Path(adapter or merged)
+    json_path, markdown_path = write_report(runs, folder)
+    console.print(f"report written to {json_path} and {markdown_path}", soft_wrap=True)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at the training data before training.")

@@ -27,13 +27,15 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.config import RunConfig, config_to_dict, save_config
-from vlmtune.data.loading import load_data
+from vlmtune.data.loading import LoadedData, load_data
+from vlmtune.inference.evaluation import EvalRun, build_prompts, write_report
 from vlmtune.encoding.collator import ChatCollator
 from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport, encode_conversations
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
 from vlmtune.model.loading import LoadedModel, load_model
 from vlmtune.model.lora import apply_lora
+from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ class LoraRecipe:
         self.loaded: LoadedModel | None = None
         self.report: EncodingReport | None = None
         self.validation_samples: list[EncodedSample] = []
+        self.sampling: SampleGenerationCallback | None = None
+        self.data: LoadedData | None = None
         self.tracking: Tracking | None = None
         self.trainer: Trainer | None = None
         self.metrics: dict[str, Any] = {}
@@ -90,6 +94,7 @@ class LoraRecipe:
         config = self.config
         # Read the data first: a bad example should fail before minutes of model loading.
         data = load_data(config.data)
+        self.data = data
         conversations = data.train
         self.loaded = load_model(config.model, for_training=True)
         encoder = ConversationEncoder.from_settings(self.loaded.processor, self.loaded.stop_token_ids, config.data)
@@ -156,13 +161,32 @@ class LoraRecipe:
         self.tracking = make_tracking(self.config.tracking, str(self.output_dir), config_to_dict(self.config))
         stats = length_stats(self.report.lengths, self.config.data.max_length)
         self.tracking.record_config({"data_lengths": [row.as_dict() for row in stats]})
+        callbacks = list(self.tracking.callbacks)
+        evaluation = self.config.evaluation
+        if evaluation.generate:
+            source = self.data.validation or self.data.train
+            prompts, references = build_prompts(
+                source, evaluation.num_data_prompts, evaluation.prompts, self.config.data.system_prompt
+            )
+            if prompts:
+                self.sampling = SampleGenerationCallback(
+                    self.loaded,
+                    prompts,
+                    references,
+                    evaluation,
+                    self.tracking,
+                    every_steps=self.config.train.eval_steps,
+                    thinking=self.config.data.thinking,
+                    pixel_limits=(self.config.data.min_pixels, self.config.data.max_pixels),
+                )
+                callbacks.append(self.sampling)
         self.trainer = Trainer(
             model=self.loaded.model,
             args=self._training_arguments(),
             train_dataset=self.report.samples,
             eval_dataset=self.validation_samples or None,
             data_collator=ChatCollator(pad_token_id=self._pad_token_id()),
-            callbacks=self.tracking.callbacks,
+            callbacks=callbacks,
         )
 
     def _pad_token_id(self) -> int:
@@ -208,6 +232,11 @@ class LoraRecipe:
             self.tracking.finish()
         self.metrics = {**result.metrics, "global_step": result.global_step, "wall_seconds": time.time() - started}
 
+    def evaluation_runs(self) -> list[EvalRun]:
+        """The baseline and the last sample-generation run (more in between are in the tracker)."""
+        runs = self.sampling.runs if self.sampling is not None else []
+        return [runs[0], runs[-1]] if len(runs) > 1 else runs
+
     def save(self) -> Path:
         """Write the adapter, processor files, config and run manifest; return the folder."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -230,10 +259,37 @@ class LoraRecipe:
             "metrics": self.metrics,
             "tracking_run": str(self.tracking.run_folder() or ""),
         }
+        if self.sampling is not None and self.sampling.runs:
+            write_report(self.evaluation_runs(), self.output_dir)
+        write_loss_plot(self.trainer.state.log_history, self.output_dir / "loss.png")
         manifest_path = self.output_dir / "run_manifest.json"
         manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
         logger.info("saved the adapter and run manifest to %s", self.output_dir)
         return self.output_dir
+
+
+def write_loss_plot(log_history: list[dict], path: Path) -> Path | None:
+    """Plot training and evaluation loss against the step, for people who skip the dashboard."""
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    if not train and not evaluation:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(7, 4))
+    for points, label in ((train, "training loss"), (evaluation, "evaluation loss")):
+        if points:
+            axis.plot(*zip(*points), marker="." if len(points) < 50 else None, label=label)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return path
 
 
 def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False) -> LoraRecipe:

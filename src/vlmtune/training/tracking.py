@@ -46,6 +46,31 @@ class Tracking:
             elif getattr(callback, "tb_writer", None) is not None:
                 callback.tb_writer.add_text("vlmtune", json.dumps(values, ensure_ascii=False, indent=1))
 
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        if self.backend == "swanlab":
+            import swanlab
+
+            swanlab.log(values, step=step)
+        for callback in self.callbacks:
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                for key, value in values.items():
+                    writer.add_scalar(key, value, step)
+
+    def log_texts(self, key: str, rows: list[tuple[str, str]], step: int) -> None:
+        """Log (caption, text) pairs, e.g. prompt and reply, as one text table for this step."""
+        if self.backend == "swanlab":
+            import swanlab
+
+            swanlab.log({key: [swanlab.Text(text, caption=caption) for caption, text in rows]}, step=step)
+        for callback in self.callbacks:
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                table = "| prompt | reply |\n|---|---|\n" + "\n".join(
+                    f"| {caption} | {text} |".replace("\n", " ") for caption, text in rows
+                )
+                writer.add_text(key, table, step)
+
     def finish(self) -> None:
         """Close the run so its folder is complete; safe to call when no run started."""
         if self.backend == "swanlab":

@@ -1,0 +1,177 @@
+"""Sample generations on fixed prompts, their metrics, and reports comparing runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.table import Table
+
+from vlmtune.config import DatasetSpec, EvalPrompt, GenerationSettings, RunConfig
+from vlmtune.data.conversation import Conversation, ImagePart, Message, TextPart
+from vlmtune.data.loading import load_data, load_dataset_file
+from vlmtune.encoding.encode import conversation_for_generation
+from vlmtune.errors import ConfigError
+from vlmtune.inference.generate import Generator
+from vlmtune.inference.metrics import ReplyMetrics, compute_metrics
+from vlmtune.model.loading import LoadedModel, load_adapter, load_model
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "eval_report"
+
+
+@dataclass
+class EvalRun:
+    """Replies of one model state (base, adapter, or a training step) to the fixed prompts."""
+
+    label: str
+    step: int | None
+    metrics: ReplyMetrics
+    samples: list[dict]
+
+
+def build_prompts(
+    conversations: list[Conversation], count: int, extra: list[EvalPrompt], system: str | None
+) -> tuple[list[Conversation], list[str | None]]:
+    """Return the prompts (data conversations without their last reply, then the extra
+    prompts) and each prompt's reference reply (None for the extra prompts)."""
+    prompts = [conversation_for_generation(conversation) for conversation in conversations[:count]]
+    references: list[str | None] = [conversation.messages[-1].text for conversation in conversations[:count]]
+    for number, prompt in enumerate(extra):
+        content = [ImagePart(image) for image in prompt.images] + [TextPart(prompt.text)]
+        messages = [Message("system", [TextPart(system)])] if system else []
+        prompts.append(Conversation([*messages, Message("user", content)], source=f"evaluation.prompts[{number}]"))
+        references.append(None)
+    return prompts, references
+
+
+def _prompt_text(conversation: Conversation) -> str:
+    return conversation.messages[-1].text
+
+
+def run_evaluation(
+    generator: Generator,
+    prompts: list[Conversation],
+    label: str,
+    style_patterns: list[str],
+    max_new_tokens: int,
+    references: list[str | None] | None = None,
+    step: int | None = None,
+) -> EvalRun:
+    """Generate one reply per prompt (greedy unless generation settings say otherwise) and score them."""
+    replies = [generator.generate(prompt, max_new_tokens=max_new_tokens) for prompt in prompts]
+    samples = []
+    for index, (prompt, reply) in enumerate(zip(prompts, replies)):
+        samples.append(
+            {
+                "prompt": _prompt_text(prompt),
+                "reference": references[index] if references and index < len(references) else None,
+                "answer": reply.answer,
+                "reasoning": reply.reasoning,
+                "generated_tokens": reply.generated_tokens,
+                "stopped": reply.stopped,
+            }
+        )
+    metrics = compute_metrics(replies, generator.layout != "none", style_patterns)
+    logger.info(
+        "%s: stop rate %.2f, repetition %.2f, distinct-2 %.2f, median length %g tokens",
+        label, metrics.stop_rate, metrics.repetition_rate, metrics.distinct_2, metrics.length_median,
+    )
+    return EvalRun(label, step, metrics, samples)
+
+
+METRIC_ROWS = [
+    ("stop rate", "stop_rate", "{:.2f}"),
+    ("repetition", "repetition_rate", "{:.2f}"),
+    ("distinct-2", "distinct_2", "{:.2f}"),
+    ("median length (tokens)", "length_median", "{:g}"),
+    ("p95 length (tokens)", "length_p95", "{:d}"),
+    ("format validity", "format_validity", "{:.2f}"),
+]
+
+
+def _metric_rows(runs: list[EvalRun]) -> list[list[str]]:
+    rows = []
+    for name, attribute, form in METRIC_ROWS:
+        values = [getattr(run.metrics, attribute) for run in runs]
+        if all(value is None for value in values):
+            continue
+        rows.append([name, *("-" if value is None else form.format(value) for value in values)])
+    for pattern in runs[0].metrics.style:
+        rows.append([f"style {pattern}", *(f"{run.metrics.style.get(pattern, 0):.2f}" for run in runs)])
+    return rows
+
+
+def comparison_table(runs: list[EvalRun]) -> Table:
+    table = Table(title=f"sample generations ({runs[0].metrics.replies} prompts)")
+    table.add_column("metric")
+    for run in runs:
+        table.add_column(run.label, justify="right")
+    for row in _metric_rows(runs):
+        table.add_row(*row)
+    return table
+
+
+def write_report(runs: list[EvalRun], folder: str | Path) -> tuple[Path, Path]:
+    """Write eval_report.json (metrics and replies) and eval_report.md (the comparison table)."""
+    output = Path(folder)
+    output.mkdir(parents=True, exist_ok=True)
+    json_path = output / f"{REPORT_NAME}.json"
+    payload = [{"label": run.label, "step": run.step, "metrics": asdict(run.metrics), "samples": run.samples} for run in runs]
+    json_path.write_text(json.dumps(payload, ensure_ascii=False, indent=2), encoding="utf-8")
+
+    header = "| metric | " + " | ".join(run.label for run in runs) + " |"
+    lines = [f"# Sample generations ({runs[0].metrics.replies} prompts)", "", header, "|" + "---|" * (len(runs) + 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in _metric_rows(runs)]
+    lines += ["", "Metric definitions: see vlmtune/inference/metrics.py.", ""]
+    for run in (runs[0], runs[-1]) if len(runs) > 1 else runs:
+        lines += [f"## Replies: {run.label}", ""]
+        for sample in run.samples:
+            ending = "stopped" if sample["stopped"] else "cut off"
+            lines.append(f"- **{sample['prompt']}** → {sample['answer']} ({sample['generated_tokens']} tokens, {ending})")
+        lines.append("")
+    markdown_path = output / f"{REPORT_NAME}.md"
+    markdown_path.write_text("\n".join(lines), encoding="utf-8")
+    return json_path, markdown_path
+
+
+def evaluate_against_base(
+    config: RunConfig,
+    adapter: str | None = None,
+    merged: str | None = None,
+    data_path: str | None = None,
+    count: int | None = None,
+) -> list[EvalRun]:
+    """Score the base model and then the adapter (or a merged model) on the same prompts."""
+    if (adapter is None) == (merged is None):
+        raise ConfigError("pass exactly one of --adapter or --merged")
+    if data_path is not None:
+        conversations = load_dataset_file(DatasetSpec(path=data_path), config.data.system_prompt, config.data.on_invalid)
+    else:
+        data = load_data(config.data)
+        conversations = data.validation or data.train
+    evaluation = config.evaluation
+    limit = count if count is not None else evaluation.num_data_prompts
+    prompts, references = build_prompts(conversations, limit, evaluation.prompts, config.data.system_prompt)
+    if not prompts:
+        raise ConfigError("no prompts to evaluate: raise --count or evaluation.num_data_prompts, or add evaluation.prompts")
+
+    data_settings = config.data
+    settings = GenerationSettings(**{**config.generation.model_dump(), "max_new_tokens": evaluation.max_new_tokens})
+
+    def score(loaded: LoadedModel, label: str) -> EvalRun:
+        generator = Generator(
+            loaded, settings, data_settings.thinking, data_settings.min_pixels, data_settings.max_pixels
+        )
+        return run_evaluation(generator, prompts, label, evaluation.style_patterns, evaluation.max_new_tokens, references)
+
+    base = load_model(config.model)
+    runs = [score(base, "base")]
+    if adapter is not None:
+        runs.append(score(load_adapter(base, adapter), "adapter"))
+    else:
+        runs.append(score(load_model(config.model.model_copy(update={"name_or_path": merged, "hub": "local"})), "merged"))
+    return runs

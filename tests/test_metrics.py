@@ -1,0 +1,80 @@
+"""Reply metrics on hand-made replies whose expected values are known."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmtune.inference.generate import Reply
+from vlmtune.inference.metrics import compute_metrics, distinct_n, follows_layout, is_repetitive
+
+
+def reply(answer: str, *, stopped: bool = True, tokens: int = 10, text: str | None = None) -> Reply:
+    raw = text if text is not None else f"<think>\n</think>\n<answer>{answer}</answer>"
+    return Reply(text=raw, reasoning="", answer=answer, generated_tokens=tokens, stopped=stopped)
+
+
+LOOPING = "喵呜~这个皮革看起来很舒服喵！" + "（蹭蹭）喵~（舔毛）喵~（打滚）喵~" * 12
+HEALTHY = "喵~本雪的主要功能是让你开心喵！用可爱的猫娘之力治愈你的心灵，喵呜~ 今天也要好好吃饭哦，记得多喝水，早点休息。"
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        (LOOPING, True),
+        ("哈" * 300, True),
+        (HEALTHY, False),
+        ("喵~" * 10, False),  # 20 characters: too short to count as a loop
+        ("abcdefghij" * 30, True),
+        ("".join(chr(0x4E00 + index) for index in range(300)), False),
+    ],
+)
+def test_is_repetitive(answer, expected):
+    assert is_repetitive(answer) is expected
+
+
+def test_distinct_2_known_values():
+    assert distinct_n(["abab"]) == pytest.approx(2 / 3)  # ab, ba, ab
+    assert distinct_n(["abc", "abc"]) == pytest.approx(2 / 4)
+    assert distinct_n(["a b c"]) == pytest.approx(1.0)  # whitespace removed: ab, bc
+    assert distinct_n([""]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>\n</think>\n<answer>喵</answer>", True),
+        ("<think>\nreasoning here</think>\n<answer>hi</answer>", True),
+        ("喵呜~本雪是AI猫猫喵！</think><answer>喵呜~</answer>", False),  # the tutorial's duplicated layout
+        ("<think>\nnever closed", False),
+        ("<answer>no think</answer>", False),
+        ("plain", False),
+    ],
+)
+def test_follows_layout(text, expected):
+    assert follows_layout(text) is expected
+
+
+def test_compute_metrics_mixed_replies():
+    replies = [
+        reply(HEALTHY, tokens=30),
+        reply(LOOPING, stopped=False, tokens=200),
+        reply("好的喵~", tokens=6),
+        reply("broken", text="broken</think><answer>broken</answer>", tokens=12),
+    ]
+    metrics = compute_metrics(replies, thinking_layout=True, style_patterns=["喵", "^好"])
+    assert metrics.replies == 4
+    assert metrics.stop_rate == pytest.approx(0.75)
+    assert metrics.repetition_rate == pytest.approx(0.25)
+    assert metrics.length_median == pytest.approx(21)
+    assert metrics.length_p95 == 200
+    assert metrics.format_validity == pytest.approx(0.75)
+    assert metrics.style == {"喵": pytest.approx(0.75), "^好": pytest.approx(0.25)}
+    scalars = metrics.scalars()
+    assert scalars["style/喵"] == pytest.approx(0.75)
+    assert "style" not in scalars
+
+
+def test_format_validity_absent_without_thinking():
+    metrics = compute_metrics([reply("a", text="a")], thinking_layout=False, style_patterns=[])
+    assert metrics.format_validity is None
+    assert "format_validity" not in metrics.scalars()
