@@ -163,6 +163,62 @@ def evaluate(
     console.print(f"report written to {json_path} and {markdown_path}", soft_wrap=True)
 
 
+@app.command()
+def predict(
+    data: Annotated[str, typer.Option(help="Dataset file or folder, in any layout vlmtune reads.")],
+    output: Annotated[Path, typer.Option(help="JSONL file to write; ids already in it are skipped.")],
+    model: Annotated[Optional[str], typer.Option(help="Base or merged model. Default: the adapter's base.")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder.")] = None,
+    hub: Annotated[str, typer.Option(help="Where --model lives: auto, local, modelscope or huggingface.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Conversations generated together (left-padded).")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 512,
+    system: Annotated[Optional[str], typer.Option(help="System prompt for examples without one. Default: the adapter's.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+) -> None:
+    """Generate a reply for every example of a dataset and write JSONL (resumable)."""
+    from vlmtune.config import DatasetSpec
+    from vlmtune.data.loading import load_dataset_file
+    from vlmtune.inference.cli_chat import adapter_data_settings, load_generator
+    from vlmtune.inference.predict import predict as run_predict
+
+    trained = adapter_data_settings(adapter)
+    system_prompt = system if system is not None else trained.get("system_prompt")
+    conversations = load_dataset_file(DatasetSpec(path=data), system_prompt)
+    generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
+    written = run_predict(generator, conversations, output, batch_size=batch_size)
+    console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
+
+
+@app.command()
+def export(
+    adapter: Annotated[str, typer.Option(help="LoRA adapter folder from `vlmtune train`.")],
+    output: Annotated[Path, typer.Option(help="New folder for the merged model (or the adapter copy).")],
+    model: Annotated[Optional[str], typer.Option(help="Base model. Default: the adapter's base.")] = None,
+    hub: Annotated[str, typer.Option(help="Where --model lives: auto, local, modelscope or huggingface.")] = "auto",
+    adapter_only: Annotated[bool, typer.Option(help="Copy the adapter with a model card instead of merging.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.")] = "5GB",
+    dtype: Annotated[str, typer.Option(help="auto (the base model's saved dtype), bfloat16, float16 or float32.")] = "auto",
+) -> None:
+    """Merge an adapter into its base model (checked by reloading), or copy it with a model card."""
+    from vlmtune.config import ModelSettings
+    from vlmtune.inference.export import export_adapter_only, export_merged
+    from vlmtune.model.loading import adapter_base_model
+
+    if adapter_only:
+        folder = export_adapter_only(adapter, str(output))
+        console.print(f"adapter and model card written to {folder}", soft_wrap=True)
+        return
+    base = model or adapter_base_model(adapter)
+    if base is None:
+        raise VlmtuneError("--model is required: the adapter records no base model")
+    check = export_merged(adapter, str(output), ModelSettings(name_or_path=base, hub=hub, device="cpu"), max_shard_size, dtype)
+    console.print(
+        f"merged model written to {output}; reloaded logits differ from base + adapter by at most "
+        f"{check.max_logit_difference:.1e} (allowed {check.tolerance:.0e})",
+        soft_wrap=True,
+    )
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Look at the training data before training.")
 app.add_typer(data_app, name="data")
 

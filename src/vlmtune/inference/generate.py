@@ -98,8 +98,11 @@ class Generator:
         return kwargs
 
     def _to_reply(self, generated: list[int]) -> Reply:
-        stopped = bool(generated) and generated[-1] in self.stop_ids
-        body = generated[:-1] if stopped else generated
+        """Build a Reply from generated ids; anything after the first stop id is batch padding."""
+        stop_at = next((index for index, token in enumerate(generated) if token in self.stop_ids), None)
+        stopped = stop_at is not None
+        body = generated[:stop_at] if stopped else generated
+        generated = generated[: stop_at + 1] if stopped else generated
         text = self.tokenizer.decode(body, skip_special_tokens=False)
         parsed = split_reply(text) if self.layout != "none" else None
         return Reply(
@@ -117,6 +120,24 @@ class Generator:
         output = self.model.generate(**inputs, **kwargs)
         generated = output[0, inputs["input_ids"].shape[1] :].tolist()
         return self._to_reply(generated)
+
+    @torch.inference_mode()
+    def generate_batch(self, conversations: list[Conversation], max_new_tokens: int | None = None) -> list[Reply]:
+        """Generate replies for several conversations at once, left-padded."""
+        messages = [self.encoder.template_messages(conversation, with_images=True) for conversation in conversations]
+        padding_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            inputs = self.processor.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", padding=True
+            )
+        finally:
+            self.tokenizer.padding_side = padding_side
+        inputs = {key: value.to(self.model.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+        kwargs = self._generate_kwargs(max_new_tokens)
+        output = self.model.generate(**inputs, **kwargs)
+        prompt_length = inputs["input_ids"].shape[1]
+        return [self._to_reply(row[prompt_length:].tolist()) for row in output]
 
     def stream(
         self, conversation: Conversation, on_text: Callable[[str], None], max_new_tokens: int | None = None

@@ -1,0 +1,167 @@
+"""Export: merge an adapter into its base model, or copy a clean adapter with a model card.
+
+A merged folder has the base model's tensor names, config, generation config and every
+tokenizer, processor and chat-template file, in safetensors shards, so it loads with
+plain `from_pretrained` (and in vLLM for architectures vLLM supports). The export checks
+itself: the saved folder, loaded again, must give the logits of base + adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from vlmtune.config import ModelSettings
+from vlmtune.data.conversation import Conversation, Message, TextPart
+from vlmtune.errors import ModelError
+from vlmtune.model.hub import resolve_model_path
+from vlmtune.model.loading import LoadedModel, load_adapter, load_model
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CHECK_PROMPTS = ("你是谁？", "Hello, who are you?", "1+1等于几？")
+# Largest allowed |merged - (base + adapter)| logit difference, by the dtype the check ran in.
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+
+
+@dataclass
+class ExportCheck:
+    max_logit_difference: float
+    tolerance: float
+    missing_files: list[str]
+    tensor_names_match: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.max_logit_difference <= self.tolerance and not self.missing_files and self.tensor_names_match
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.suffix in WEIGHT_SUFFIXES or path.name in WEIGHT_INDEXES
+
+
+def tensor_names(folder: Path) -> set[str]:
+    names: set[str] = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def _check_logits(loaded: LoadedModel, prompts: tuple[str, ...]) -> list[torch.Tensor]:
+    from vlmtune.encoding.encode import ConversationEncoder
+
+    encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
+    outputs = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            conversation = Conversation([Message("user", [TextPart(prompt)])])
+            messages = encoder.template_messages(conversation)
+            inputs = loaded.processor.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+            )
+            inputs = {key: value.to(loaded.model.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+            outputs.append(loaded.model(**inputs).logits.float().cpu())
+    return outputs
+
+
+def export_merged(
+    adapter_dir: str,
+    output_dir: str,
+    base: ModelSettings,
+    max_shard_size: str = "5GB",
+    dtype: str = "auto",
+) -> ExportCheck:
+    """Merge the adapter into the base model, save it, reload it and compare logits."""
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()):
+        raise ModelError(f"--output: {output} is not empty; choose a new folder so no earlier export is overwritten")
+    base_path = resolve_model_path(base)
+    config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+    saved_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    work_dtype = saved_dtype if dtype == "auto" else dtype
+
+    settings = base.model_copy(update={"name_or_path": str(base_path), "hub": "local", "dtype": work_dtype})
+    adapted = load_adapter(load_model(settings), adapter_dir)
+    expected = _check_logits(adapted, CHECK_PROMPTS)
+    merged = adapted.model.merge_and_unload()
+    merged.save_pretrained(str(output), max_shard_size=max_shard_size, safe_serialization=True)
+    for path in base_path.iterdir():
+        if path.is_file() and not _is_weight_file(path) and not (output / path.name).exists():
+            shutil.copy2(path, output / path.name)
+    logger.info("merged %s into %s and wrote %s", adapter_dir, base_path, output)
+
+    reloaded = load_model(settings.model_copy(update={"name_or_path": str(output)}))
+    actual = _check_logits(reloaded, CHECK_PROMPTS)
+    difference = max(float((left - right).abs().max()) for left, right in zip(actual, expected))
+    base_files = {path.name for path in base_path.iterdir() if path.is_file() and not _is_weight_file(path)}
+    missing = sorted(base_files - {path.name for path in output.iterdir()})
+    check = ExportCheck(
+        max_logit_difference=difference,
+        tolerance=TOLERANCE.get(reloaded.model.dtype, 1e-3),
+        missing_files=missing,
+        tensor_names_match=tensor_names(output) == tensor_names(base_path),
+    )
+    if not check.ok:
+        raise ModelError(
+            f"the export in {output} failed its check: logit difference {difference:.2e} "
+            f"(allowed {check.tolerance:.0e}), missing files {missing or 'none'}, "
+            f"tensor names {'match' if check.tensor_names_match else 'differ from the base model'}"
+        )
+    logger.info("export check passed: max logit difference %.2e on %d prompts", difference, len(CHECK_PROMPTS))
+    return check
+
+
+def export_adapter_only(adapter_dir: str, output_dir: str) -> Path:
+    """Copy the adapter files and write a model card from the run manifest and eval report."""
+    source = Path(adapter_dir)
+    output = Path(output_dir)
+    missing = [name for name in ADAPTER_FILES if not (source / name).is_file()]
+    if missing:
+        raise ModelError(f"--adapter: {source} lacks {', '.join(missing)}; pass the output folder of `vlmtune train`")
+    output.mkdir(parents=True, exist_ok=True)
+    for name in (*ADAPTER_FILES, "config.yaml", "eval_report.md", "loss.png"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, output / name)
+    (output / "README.md").write_text(model_card(source), encoding="utf-8")
+    return output
+
+
+def model_card(adapter_dir: Path) -> str:
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    manifest_path = adapter_dir / "run_manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {adapter_config.get('base_model_name_or_path')}",
+        "tags: [lora, vlmtune]",
+        "---",
+        "",
+        "# LoRA adapter trained with vlmtune",
+        "",
+        f"- base model: `{adapter_config.get('base_model_name_or_path')}`",
+        f"- LoRA: r={adapter_config.get('r')}, alpha={adapter_config.get('lora_alpha')}, "
+        f"dropout={adapter_config.get('lora_dropout')}, targets `{adapter_config.get('target_modules')}`",
+    ]
+    if manifest:
+        config = manifest.get("config", {})
+        lines.append(f"- data: {', '.join(item['path'] for item in manifest.get('datasets', []))} ({manifest.get('samples')} samples)")
+        lines.append(f"- training: {json.dumps(config.get('train', {}), ensure_ascii=False)}")
+        metrics = manifest.get("metrics", {})
+        if metrics:
+            lines.append(f"- final training loss: {metrics.get('train_loss')}, steps: {metrics.get('global_step')}")
+        lines.append(f"- versions: {json.dumps(manifest.get('versions', {}))}")
+    if (adapter_dir / "eval_report.md").is_file():
+        lines += ["", "Sample-generation metrics before and after training: see eval_report.md."]
+    lines += ["", "Load it with `PeftModel.from_pretrained(base_model, this_folder)` or `vlmtune chat --adapter this_folder`.", ""]
+    return "\n".join(lines)

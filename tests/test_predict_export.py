@@ -1,0 +1,128 @@
+"""Batch predict (fields, resume) and export (merge round trip, files, adapter-only card)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PERSONA_DATA, write_json
+from test_training import training_tree
+from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings, build_config
+from vlmtune.data.loading import load_dataset_file
+from vlmtune.errors import ModelError
+from vlmtune.inference import Generator
+from vlmtune.inference.export import export_adapter_only, export_merged, tensor_names
+from vlmtune.inference.predict import predict
+from vlmtune.model.loading import load_adapter, load_model
+from vlmtune.training.recipe import LoraRecipe
+
+FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
+FIELDS = {"id", "prompt", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("adapter")
+    rows = [{"instruction": f"第{i}个问题", "input": "", "output": "好的喵~"} for i in range(8)]
+    tree = training_tree(tiny_model_dir, write_json(folder / "train.json", rows), folder / "out", max_steps=20)
+    tree["tracking"] = {"backend": "none"}
+    recipe = LoraRecipe(build_config(tree))
+    recipe.setup()
+    recipe.train()
+    return recipe.save()
+
+
+def test_predict_fields_and_resume(adapter_dir, tiny_model_dir, tmp_path):
+    loaded = load_adapter(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), str(adapter_dir))
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=24))
+    conversations = load_dataset_file(DatasetSpec(path=str(PERSONA_DATA)), "你是小橘。")[:5]
+    output = tmp_path / "predictions.jsonl"
+
+    assert predict(generator, conversations[:3], output, batch_size=2) == 3
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [set(row) for row in rows] == [FIELDS] * 3
+    assert rows[0]["id"] == "train.json, record 0 (line 2)"
+    assert rows[0]["reference"] == conversations[0].messages[-1].text
+    for row in rows:
+        assert row["finish_reason"] == ("stop" if row["stopped"] else "length")
+        assert row["generated_tokens"] <= 24
+    assert "\\u" not in output.read_text(encoding="utf-8")  # Chinese written as is
+
+    assert predict(generator, conversations, output, batch_size=2) == 2  # resumes after the first three
+    ids = [json.loads(line)["id"] for line in output.read_text(encoding="utf-8").splitlines()]
+    assert len(ids) == 5
+    assert len(set(ids)) == 5
+
+
+def test_batched_replies_match_single_replies(adapter_dir, tiny_model_dir):
+    loaded = load_adapter(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), str(adapter_dir))
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=16))
+    conversations = [c for c in load_dataset_file(DatasetSpec(path=str(FIXTURES / "query_response.jsonl")))]
+    prompts = [c.messages[:-1] for c in conversations]
+    from vlmtune.data import Conversation
+
+    prompts = [Conversation(messages) for messages in prompts]
+    batched = generator.generate_batch(prompts)
+    single = [generator.generate(prompt) for prompt in prompts]
+    assert [reply.answer for reply in batched] == [reply.answer for reply in single]
+    assert [reply.stopped for reply in batched] == [reply.stopped for reply in single]
+
+
+def test_export_round_trip(adapter_dir, tiny_model_dir, tmp_path):
+    output = tmp_path / "merged"
+    check = export_merged(str(adapter_dir), str(output), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
+    assert check.ok
+    assert check.max_logit_difference < 1e-3
+    base_files = {path.name for path in tiny_model_dir.iterdir()}
+    assert {path.name for path in output.iterdir()} == base_files
+    assert tensor_names(output) == tensor_names(tiny_model_dir)
+    config = json.loads((output / "config.json").read_text())
+    assert config["architectures"] == ["Glm4vForConditionalGeneration"]  # what vLLM dispatches on
+    assert not list(output.glob("adapter_*"))
+
+    # Plain transformers loads it, and its logits equal base + adapter.
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(output).eval()
+    adapted = load_adapter(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), str(adapter_dir))
+    ids = torch.tensor([[2, 4, 7, 100, 200, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted.model(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def test_export_refuses_non_empty_folder(adapter_dir, tiny_model_dir, tmp_path):
+    (tmp_path / "keep.txt").write_text("earlier work", encoding="utf-8")
+    with pytest.raises(ModelError, match="is not empty"):
+        export_merged(str(adapter_dir), str(tmp_path), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
+
+
+def test_adapter_only_export_with_card(adapter_dir, tmp_path):
+    output = export_adapter_only(str(adapter_dir), str(tmp_path / "adapter"))
+    assert (output / "adapter_model.safetensors").is_file()
+    card = (output / "README.md").read_text(encoding="utf-8")
+    assert "base_model:" in card
+    assert "r=16, alpha=32" in card
+    assert "final training loss" in card
+
+
+def test_predict_and_export_commands(adapter_dir, tmp_path):
+    vlmtune = str(Path(sys.executable).parent / "vlmtune")
+    data = write_json(tmp_path / "test.json", [{"instruction": "你是谁？", "output": "小橘喵~"}])
+    result = subprocess.run(
+        [vlmtune, "predict", "--adapter", str(adapter_dir), "--data", str(data), "--output", str(tmp_path / "p.jsonl"),
+         "--max-new-tokens", "8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 1 prediction(s)" in result.stdout
+    result = subprocess.run(
+        [vlmtune, "export", "--adapter", str(adapter_dir), "--output", str(tmp_path / "merged")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "merged model written to" in result.stdout
