@@ -47,3 +47,26 @@ def write_json(path: Path, rows) -> Path:
 
 def data_settings(path: Path | str = "unused.json", **overrides) -> DataSettings:
     return DataSettings(train=[str(path)], **overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """An adapter trained briefly on one fixed reply, so generations stop on a stop token."""
+    from vlmtune.config import build_config
+    from vlmtune.training.recipe import LoraRecipe
+
+    folder = tmp_path_factory.mktemp("adapter")
+    rows = [{"instruction": f"第{i}个问题", "input": "", "output": "好的喵~"} for i in range(8)]
+    tree = {
+        "model": {"name_or_path": str(tiny_model_dir), "device": "cpu"},
+        "data": {"train": [str(write_json(folder / "train.json", rows))], "max_length": 128},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train": {"output_dir": str(folder / "out"), "max_steps": 20, "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "warmup_steps": 0, "save_steps": 100, "seed": 7},
+        "tracking": {"backend": "none"},
+        "evaluation": {"generate": False},
+    }
+    recipe = LoraRecipe(build_config(tree))
+    recipe.setup()
+    recipe.train()
+    return recipe.save()

@@ -11,30 +11,21 @@ import pytest
 import torch
 
 from conftest import PERSONA_DATA, write_json
-from test_training import training_tree
-from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings, build_config
+from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings
 from vlmtune.data.loading import load_dataset_file
 from vlmtune.errors import ModelError
 from vlmtune.inference import Generator
 from vlmtune.inference.export import export_adapter_only, export_merged, tensor_names
 from vlmtune.inference.predict import predict
 from vlmtune.model.loading import load_adapter, load_model
-from vlmtune.training.recipe import LoraRecipe
 
 FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
 FIELDS = {"id", "prompt", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("adapter")
-    rows = [{"instruction": f"第{i}个问题", "input": "", "output": "好的喵~"} for i in range(8)]
-    tree = training_tree(tiny_model_dir, write_json(folder / "train.json", rows), folder / "out", max_steps=20)
-    tree["tracking"] = {"backend": "none"}
-    recipe = LoraRecipe(build_config(tree))
-    recipe.setup()
-    recipe.train()
-    return recipe.save()
+def adapter_dir(trained_adapter) -> Path:
+    return trained_adapter
 
 
 def test_predict_fields_and_resume(adapter_dir, tiny_model_dir, tmp_path):

@@ -219,6 +219,41 @@ def export(
     )
 
 
+@app.command()
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Base or merged model. Default: the adapter's base.")] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder.")] = None,
+    hub: Annotated[str, typer.Option(help="Where --model lives: auto, local, modelscope or huggingface.")] = "auto",
+    host: Annotated[str, typer.Option(help="Address to bind. 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 requests.")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="Model id in /v1/models. Default: the adapter or model folder name.")] = None,
+    allow_image_url: Annotated[
+        Optional[list[str]], typer.Option(help="Allow image URLs starting with this http(s):// or file:// prefix; repeat for several.")
+    ] = None,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
+    max_request_mb: Annotated[float, typer.Option(help="Largest request body in MB (images included).")] = 20.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat completions, streaming, images)."""
+    import uvicorn
+
+    from vlmtune.inference.cli_chat import load_generator
+    from vlmtune.serving.app import ServerSettings, create_app
+
+    generator = load_generator(model, adapter, hub, {"max_new_tokens": 1024}, "auto", device)
+    name = served_model_name or Path(adapter or model or "model").name
+    settings = ServerSettings(
+        model_name=name,
+        api_key=api_key,
+        allowed_image_prefixes=allow_image_url or [],
+        max_request_bytes=int(max_request_mb * 1024 * 1024),
+        max_tokens_limit=max_tokens_limit,
+    )
+    console.print(f"serving {name} at http://{host}:{port}/v1", soft_wrap=True)
+    uvicorn.run(create_app(generator, settings), host=host, port=port, log_level="info")
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Look at the training data before training.")
 app.add_typer(data_app, name="data")
 

@@ -30,6 +30,7 @@ class Reply:
     generated_tokens: int
     stopped: bool
     """True when the reply ended on a stop token, False when it hit max_new_tokens."""
+    prompt_tokens: int = 0
 
 def visible_text(text: str, layout: str, show_thinking: bool) -> str:
     """Return the part of a partial or full reply that the user sees: the answer, plus the reasoning on request.
@@ -81,7 +82,14 @@ class Generator:
         )
         return {key: value.to(self.model.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
 
-    def _generate_kwargs(self, max_new_tokens: int | None) -> dict[str, Any]:
+    def with_settings(self, settings: GenerationSettings) -> Generator:
+        """A generator sharing this one's model and processor, with other decoding settings."""
+        copy = object.__new__(Generator)
+        copy.__dict__.update(self.__dict__)
+        copy.settings = settings
+        return copy
+
+    def _generate_kwargs(self, max_new_tokens: int | None, stop_strings: list[str] | None = None) -> dict[str, Any]:
         settings = self.settings
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens or settings.max_new_tokens,
@@ -90,6 +98,8 @@ class Generator:
             "do_sample": settings.do_sample,
             "repetition_penalty": settings.repetition_penalty,
         }
+        if stop_strings:
+            kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
         else:
@@ -97,7 +107,7 @@ class Generator:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _to_reply(self, generated: list[int]) -> Reply:
+    def _to_reply(self, generated: list[int], prompt_tokens: int = 0) -> Reply:
         """Build a Reply from generated ids; anything after the first stop id is batch padding."""
         stop_at = next((index for index, token in enumerate(generated) if token in self.stop_ids), None)
         stopped = stop_at is not None
@@ -111,15 +121,18 @@ class Generator:
             answer=parsed.answer if parsed else text,
             generated_tokens=len(generated),
             stopped=stopped,
+            prompt_tokens=prompt_tokens,
         )
 
     @torch.inference_mode()
-    def generate(self, conversation: Conversation, max_new_tokens: int | None = None) -> Reply:
+    def generate(
+        self, conversation: Conversation, max_new_tokens: int | None = None, stop_strings: list[str] | None = None
+    ) -> Reply:
         inputs = self.prepare_inputs(conversation)
-        kwargs = self._generate_kwargs(max_new_tokens)
+        kwargs = self._generate_kwargs(max_new_tokens, stop_strings)
         output = self.model.generate(**inputs, **kwargs)
-        generated = output[0, inputs["input_ids"].shape[1] :].tolist()
-        return self._to_reply(generated)
+        prompt_tokens = inputs["input_ids"].shape[1]
+        return self._to_reply(output[0, prompt_tokens:].tolist(), prompt_tokens)
 
     @torch.inference_mode()
     def generate_batch(self, conversations: list[Conversation], max_new_tokens: int | None = None) -> list[Reply]:
@@ -140,11 +153,19 @@ class Generator:
         return [self._to_reply(row[prompt_length:].tolist()) for row in output]
 
     def stream(
-        self, conversation: Conversation, on_text: Callable[[str], None], max_new_tokens: int | None = None
+        self,
+        conversation: Conversation,
+        on_text: Callable[[str], None] | None = None,
+        max_new_tokens: int | None = None,
+        on_parts: Callable[[str, str], None] | None = None,
+        stop_strings: list[str] | None = None,
     ) -> Reply:
-        """Generate while calling on_text with each new piece of visible text."""
+        """Generate while calling on_text with each new piece of visible text.
+
+        on_parts, if given, receives the whole reasoning and answer so far after each piece.
+        """
         inputs = self.prepare_inputs(conversation)
-        kwargs = self._generate_kwargs(max_new_tokens)
+        kwargs = self._generate_kwargs(max_new_tokens, stop_strings)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
         result: dict[str, Any] = {}
 
@@ -159,21 +180,26 @@ class Generator:
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         shown = ""
-        for visible in self._visible_pieces(streamer):
-            if visible.startswith(shown) and len(visible) > len(shown):
+        for cleaned in self._cleaned_texts(streamer):
+            if on_parts is not None:
+                parsed = split_reply(cleaned) if self.layout != "none" else None
+                on_parts(parsed.reasoning if parsed else "", parsed.answer if parsed else cleaned)
+            visible = visible_text(cleaned, self.layout, self.settings.show_thinking)
+            if on_text is not None and visible.startswith(shown) and len(visible) > len(shown):
                 on_text(visible[len(shown) :])
                 shown = visible
         worker.join()
         if "error" in result:
             raise result["error"]
-        generated = result["output"][0, inputs["input_ids"].shape[1] :].tolist()
-        return self._to_reply(generated)
+        prompt_tokens = inputs["input_ids"].shape[1]
+        return self._to_reply(result["output"][0, prompt_tokens:].tolist(), prompt_tokens)
 
-    def _visible_pieces(self, streamer: TextIteratorStreamer) -> Iterator[str]:
+    def _cleaned_texts(self, streamer: TextIteratorStreamer) -> Iterator[str]:
+        """The reply so far after each streamed piece, stop tokens removed."""
         text = ""
         for chunk in streamer:
             text += chunk
             cleaned = text
             for stop in self._stop_strings:
                 cleaned = cleaned.replace(stop, "")
-            yield visible_text(cleaned, self.layout, self.settings.show_thinking)
+            yield cleaned

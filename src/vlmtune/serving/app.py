@@ -1,0 +1,298 @@
+"""An OpenAI-compatible chat server for a base model plus adapter, or a merged model.
+
+Endpoints: GET /v1/models and POST /v1/chat/completions (JSON or server-sent events).
+Requests are served one at a time in arrival order; later ones wait instead of failing.
+Errors use OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from vlmtune.config import GenerationSettings
+from vlmtune.data.conversation import ContentPart, Conversation, ImagePart, Message, TextPart
+from vlmtune.encoding.images import load_image
+from vlmtune.errors import VlmtuneError
+from vlmtune.inference.generate import Generator, Reply
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    allowed_image_prefixes: list[str] = field(default_factory=list)
+    """http(s):// or file:// URL prefixes that image parts may use; data: URLs are always allowed."""
+    max_request_bytes: int = 20 * 1024 * 1024
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 1024
+
+
+class ImageURL(BaseModel):
+    url: str
+
+
+class Part(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[Part]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, gt=0)
+    max_completion_tokens: int | None = Field(None, gt=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.kind = kind
+
+
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def _image_part(url: str, settings: ServerSettings, param: str) -> ImagePart:
+    if url.startswith("data:"):
+        return ImagePart(url)
+    if any(url.startswith(prefix) for prefix in settings.allowed_image_prefixes):
+        return ImagePart(url)
+    raise APIError(
+        400,
+        f"image URL {url[:80]!r} is not allowed: send the image as a data: URL, or start the server with "
+        "--allow-image-url PREFIX for trusted http(s):// or file:// locations",
+        param,
+    )
+
+
+def to_conversation(request: ChatRequest, settings: ServerSettings) -> Conversation:
+    messages = []
+    for number, message in enumerate(request.messages):
+        if isinstance(message.content, str):
+            parts: list[ContentPart] = [TextPart(message.content)]
+        else:
+            parts = []
+            for index, part in enumerate(message.content):
+                param = f"messages[{number}].content[{index}]"
+                if part.type == "text":
+                    if part.text is None:
+                        raise APIError(400, "a text part needs 'text'", param)
+                    parts.append(TextPart(part.text))
+                elif part.image_url is None:
+                    raise APIError(400, "an image_url part needs 'image_url': {'url': ...}", param)
+                else:
+                    parts.append(_image_part(part.image_url.url, settings, param))
+        if message.role != "user" and any(isinstance(part, ImagePart) for part in parts):
+            raise APIError(400, f"images are accepted in user messages only, not {message.role}", f"messages[{number}]")
+        messages.append(Message(message.role, parts))
+    if messages[-1].role != "user":
+        raise APIError(400, "the last message must come from the user", f"messages[{len(messages) - 1}]")
+    return Conversation(messages, source="request")
+
+
+def _generation_settings(request: ChatRequest, settings: ServerSettings, base: GenerationSettings) -> GenerationSettings:
+    default = min(settings.default_max_tokens, settings.max_tokens_limit)
+    requested = request.max_completion_tokens or request.max_tokens or default
+    if requested > settings.max_tokens_limit:
+        raise APIError(400, f"max_tokens {requested} is above this server's limit of {settings.max_tokens_limit}", "max_tokens")
+    temperature = base.temperature if request.temperature is None else request.temperature
+    do_sample = base.do_sample if request.temperature is None else request.temperature > 0
+    return base.model_copy(
+        update={
+            "max_new_tokens": requested,
+            "do_sample": do_sample,
+            "temperature": temperature if temperature > 0 else base.temperature,
+            "top_p": base.top_p if request.top_p is None else request.top_p,
+            "show_thinking": False,
+        }
+    )
+
+
+def _cut_at_stop(answer: str, stops: list[str]) -> tuple[str, bool]:
+    positions = [answer.find(stop) for stop in stops if stop and stop in answer]
+    return (answer[: min(positions)], True) if positions else (answer, False)
+
+
+def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="vlmtune OpenAI-compatible server")
+    lock = asyncio.Lock()
+
+    @app.middleware("http")
+    async def limit_and_authorize(request: Request, call_next):
+        request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        request.state.request_id = request_id
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+            return error_response(413, f"request body of {length} bytes exceeds the limit of {settings.max_request_bytes} bytes")
+        if settings.api_key is not None and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
+                logger.info("request %s rejected: missing or wrong API key", request_id)
+                return error_response(401, "missing or invalid API key: send 'Authorization: Bearer KEY'", kind="authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError):
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"] if part != "body")
+        return error_response(400, f"{param or 'body'}: {first['msg']}", param or None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error_response(error.status, error.message, error.param, error.kind)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "vlmtune"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        conversation = to_conversation(body, settings)
+        for image in conversation.images:
+            try:
+                load_image(image.source, "image_url")
+            except VlmtuneError as error:
+                raise APIError(400, str(error)) from None
+        request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        request_id = request.state.request_id
+        if body.stream:
+            return StreamingResponse(_stream(request_generator, conversation, stops, body, request_id), media_type="text/event-stream")
+        started = time.perf_counter()
+        async with lock:
+            try:
+                reply = await asyncio.to_thread(_generate, request_generator, conversation, stops, body.seed)
+            except VlmtuneError as error:
+                raise APIError(400, str(error)) from None
+        answer, stopped_by_string = _cut_at_stop(reply.answer, stops)
+        finish = "stop" if reply.stopped or stopped_by_string else "length"
+        _log_request(request_id, reply, finish, started)
+        message = {"role": "assistant", "content": answer}
+        if reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
+        return {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": settings.model_name,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": _usage(reply),
+        }
+
+    async def _stream(request_generator: Generator, conversation: Conversation, stops: list[str], body: ChatRequest, request_id: str):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        started = time.perf_counter()
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> str:
+            payload = {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": settings.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            if usage is not None:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        sent = {"reasoning": "", "answer": ""}
+
+        def on_parts(reasoning: str, answer: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("parts", reasoning, answer))
+
+        def run() -> None:
+            try:
+                reply = _generate(request_generator, conversation, stops, body.seed, on_parts)
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", reply, None))
+            except Exception as error:  # reported to the client as a final error event
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", error, None))
+
+        async with lock:
+            threading.Thread(target=run, daemon=True).start()
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, first, second = await queue.get()
+                if kind == "parts":
+                    deltas = {}
+                    if first.startswith(sent["reasoning"]) and len(first) > len(sent["reasoning"]):
+                        deltas["reasoning_content"] = first[len(sent["reasoning"]) :]
+                        sent["reasoning"] = first
+                    answer, _ = _cut_at_stop(second, stops)
+                    if answer.startswith(sent["answer"]) and len(answer) > len(sent["answer"]):
+                        deltas["content"] = answer[len(sent["answer"]) :]
+                        sent["answer"] = answer
+                    if deltas:
+                        yield chunk(deltas)
+                elif kind == "done":
+                    reply: Reply = first
+                    _, stopped_by_string = _cut_at_stop(reply.answer, stops)
+                    finish = "stop" if reply.stopped or stopped_by_string else "length"
+                    _log_request(request_id, reply, finish, started)
+                    yield chunk({}, finish, _usage(reply))
+                    break
+                else:
+                    logger.error("request %s failed while streaming: %s", request_id, first)
+                    error = {"error": {"message": str(first), "type": "server_error", "param": None, "code": 500}}
+                    yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
+                    break
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def _generate(generator: Generator, conversation: Conversation, stops: list[str], seed: int | None, on_parts=None) -> Reply:
+    if seed is not None:
+        torch.manual_seed(seed)
+    if on_parts is None:
+        return generator.generate(conversation, stop_strings=stops or None)
+    return generator.stream(conversation, on_parts=on_parts, stop_strings=stops or None)
+
+
+def _usage(reply: Reply) -> dict[str, int]:
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.generated_tokens,
+        "total_tokens": reply.prompt_tokens + reply.generated_tokens,
+    }
+
+
+def _log_request(request_id: str, reply: Reply, finish: str, started: float) -> None:
+    logger.info(
+        "request %s: %d prompt tokens, %d completion tokens, finish %s, %.2f s",
+        request_id, reply.prompt_tokens, reply.generated_tokens, finish, time.perf_counter() - started,
+    )

@@ -1,0 +1,184 @@
+"""The OpenAI-compatible server on 127.0.0.1, called with the official openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import uvicorn
+from PIL import Image
+
+from vlmtune.config import GenerationSettings, ModelSettings
+from vlmtune.inference import Generator
+from vlmtune.model.loading import load_adapter, load_model
+from vlmtune.serving import ServerSettings, create_app
+
+openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e .[test]")
+API_KEY = "test-key"
+PROMPT = "第3个问题"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, trained_adapter):
+    loaded = load_adapter(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), str(trained_adapter))
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=64))
+    settings = ServerSettings(model_name="persona", api_key=API_KEY, max_request_bytes=200_000, max_tokens_limit=256)
+    port = free_port()
+    instance = uvicorn.Server(uvicorn.Config(create_app(generator, settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not instance.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert instance.started, "server did not start within 30 s"
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def post(server: str, body: bytes, key: str | None = API_KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(f"{server}/v1/chat/completions", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def png_data_url() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (240, 150, 40)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_models_endpoint(client):
+    assert [model.id for model in client.models.list().data] == ["persona"]
+
+
+def test_chat_completion_stops_and_splits_reasoning(client):
+    response = client.chat.completions.create(model="persona", messages=[{"role": "user", "content": PROMPT}])
+    choice = response.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.message.content == "好的喵~"
+    assert "<answer>" not in choice.message.content
+    assert "<think>" not in choice.message.content
+    assert response.usage.completion_tokens < 64
+    assert response.usage.prompt_tokens > 0
+
+
+def test_streaming_matches_non_streaming(client):
+    stream = client.chat.completions.create(model="persona", messages=[{"role": "user", "content": PROMPT}], stream=True)
+    chunks = list(stream)
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert content == "好的喵~"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_image_as_data_url(client):
+    response = client.chat.completions.create(
+        model="persona",
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png_data_url()}},
+            {"type": "text", "text": "这是什么颜色？"},
+        ]}],
+        max_tokens=16,
+    )
+    text_only = client.chat.completions.create(
+        model="persona", messages=[{"role": "user", "content": [{"type": "text", "text": "这是什么颜色？"}]}], max_tokens=1
+    )
+    # A 64x48 image is scaled up to 56x56: 4x4 patches, merged 2x2 into 4 image tokens, plus begin and end markers.
+    assert response.usage.prompt_tokens - text_only.usage.prompt_tokens == 6
+    assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_max_tokens_cut_reports_length(client):
+    response = client.chat.completions.create(
+        model="persona", messages=[{"role": "user", "content": "随便说点什么吧"}], max_tokens=2
+    )
+    # The trained layout alone needs more than two tokens, so the reply is cut.
+    assert response.usage.completion_tokens == 2
+    assert response.choices[0].finish_reason == "length"
+
+
+def test_stop_string_cuts_the_answer(client):
+    response = client.chat.completions.create(model="persona", messages=[{"role": "user", "content": PROMPT}], stop=["喵"])
+    assert response.choices[0].message.content == "好的"
+    assert response.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"model": "persona"}, 400, "messages"),
+        ({"messages": "hello"}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, None),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
+         400, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
+         400, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+         400, None),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    code, payload = post(server, json.dumps(body).encode())
+    assert code == status
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["type"] == "invalid_request_error"
+    if param is not None:
+        assert payload["error"]["param"] == param
+
+
+def test_oversized_body_rejected(server):
+    body = json.dumps({"messages": [{"role": "user", "content": "喵" * 300_000}]}).encode()
+    code, payload = post(server, body)
+    assert code == 413
+    assert "exceeds the limit" in payload["error"]["message"]
+
+
+def test_api_key_enforced(server):
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    for key in (None, "wrong"):
+        code, payload = post(server, body, key=key)
+        assert code == 401
+        assert payload["error"]["type"] == "authentication_error"
+
+
+def test_concurrent_requests_are_queued(client):
+    results: list[str] = []
+
+    def ask() -> None:
+        response = client.chat.completions.create(model="persona", messages=[{"role": "user", "content": PROMPT}])
+        results.append(response.choices[0].message.content)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == ["好的喵~"] * 3
