@@ -43,7 +43,7 @@ def finished_ids(output_path: Path) -> set[str]:
 
 
 def example_id(conversation: Conversation) -> str:
-    """The example's file name and record, e.g. `test.json, record 3 (line 9)`; stable across working folders."""
+    """Return the example's file name and record, e.g. `test.json, record 3 (line 9)`, which stays the same from any working folder."""
     path, separator, rest = conversation.source.partition(", record ")
     return f"{Path(path).name}{separator}{rest}" if separator else conversation.source
 

@@ -186,17 +186,20 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
                 load_image(image.source, "image_url")
             except VlmtuneError as error:
                 raise APIError(400, str(error)) from None
+
         request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         request_id = request.state.request_id
         if body.stream:
             return StreamingResponse(_stream(request_generator, conversation, stops, body, request_id), media_type="text/event-stream")
+
         started = time.perf_counter()
         async with lock:
             try:
                 reply = await asyncio.to_thread(_generate, request_generator, conversation, stops, body.seed)
             except VlmtuneError as error:
                 raise APIError(400, str(error)) from None
+
         answer, stopped_by_string = _cut_at_stop(reply.answer, stops)
         finish = "stop" if reply.stopped or stopped_by_string else "length"
         _log_request(request_id, reply, finish, started)
