@@ -3,6 +3,9 @@
 # data with SwanLab logging, then ask the base model and the adapter the same three prompts.
 set -euo pipefail
 vlmtune=${VLMTUNE:-.venv/bin/vlmtune}
+# Everything the demo uses is local; offline mode also stops bitsandbytes, when installed,
+# from looking up a kernel on the Hugging Face Hub.
+export HF_HUB_OFFLINE=1
 
 "$vlmtune" tiny-model outputs/tiny-glm4v
 "$vlmtune" train configs/demo.yaml --overwrite

@@ -13,6 +13,7 @@ from vlmtune.config import (
     GenerationSettings,
     LoraSettings,
     ModelSettings,
+    QuantizationSettings,
     TrackingSettings,
     TrainSettings,
 )
@@ -22,6 +23,7 @@ SECTIONS = [
     ("data", DataSettings),
     ("data.train[]", DatasetSpec),
     ("lora", LoraSettings),
+    ("quantization", QuantizationSettings),
     ("train", TrainSettings),
     ("tracking", TrackingSettings),
     ("generation", GenerationSettings),
@@ -45,8 +47,13 @@ def render() -> str:
     for name, settings_class in SECTIONS:
         lines += [f"## `{name}`", "", settings_class.__doc__.strip(), "", "| key | default | meaning |", "|---|---|---|"]
         for field_name, info in settings_class.model_fields.items():
-            default = "required" if info.is_required() else f"`{info.default!r}`"
-            meaning = info.description or "as in transformers.TrainingArguments"
+            if info.is_required():
+                default = "required"
+            elif info.default_factory is not None:
+                default = f"`{info.default_factory()!r}`"
+            else:
+                default = f"`{info.default!r}`"
+            meaning = info.description or ("as in transformers.TrainingArguments" if name == "train" else "")
             lines.append(f"| `{field_name}` | {default} | {meaning.replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ from vlmtune.config import DataSettings, ModelSettings
 from vlmtune.encoding import ConversationEncoder
 from vlmtune.model.loading import LoadedModel, load_model
 from vlmtune.model.tiny import build_tiny_model
+
+# Tests make no network call. bitsandbytes (imported by transformers whenever it is installed)
+# otherwise looks up a CPU kernel on the Hugging Face Hub; offline mode makes it skip that.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PERSONA_DATA = REPO_ROOT / "data" / "persona_zh" / "train.json"

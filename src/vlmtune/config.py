@@ -135,11 +135,33 @@ class LoraSettings(_Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     vision: bool = Field(False, description="Also add LoRA to the vision tower's Linear layers (qkv, proj, MLP).")
     train_merger: bool = Field(False, description="Fully train the vision merger (the projector into the language model).")
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude vector besides the low-rank update.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale updates by alpha / sqrt(r) instead of alpha / r.")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default",
+        description="Adapter initialisation. pissa and olora start from the weights' principal directions; the "
+        "saved adapter is converted so it still loads on the unchanged base model.",
+    )
+    rank_pattern: dict[str, int] = Field(default_factory=dict, description="Rank per module-name regex matched at the end of names, e.g. {down_proj: 16}.")
+    alpha_pattern: dict[str, int] = Field(default_factory=dict, description="Alpha per module-name regex, like rank_pattern.")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter, e.g. [lm_head]. Their cost is logged.",
+    )
     target_modules: str | list[str] = Field(
         "auto",
         description="auto: every Linear layer of the language model. A list of module names "
         "(matched on the last name part), or one regular expression matched on full module names.",
     )
+
+
+class QuantizationSettings(_Section):
+    """QLoRA: load the language model's Linear layers in 4 or 8 bits with bitsandbytes."""
+
+    bits: Literal[4, 8] | None = Field(None, description="None: no quantization.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of 4-bit matmuls.")
 
 
 class TrainSettings(_Section):
@@ -192,7 +214,7 @@ class GenerationSettings(_Section):
 class EvalPrompt(_Section):
     """A fixed prompt for sample generations."""
 
-    text: str
+    text: str = Field(description="The user message.")
     images: list[str] = Field(default_factory=list, description="Image paths or URLs shown with the text.")
 
 
@@ -233,10 +255,28 @@ class RunConfig(_Section):
     model: ModelSettings
     data: DataSettings
     lora: LoraSettings = LoraSettings()
+    quantization: QuantizationSettings = QuantizationSettings()
     train: TrainSettings = TrainSettings()
     tracking: TrackingSettings = TrackingSettings()
     generation: GenerationSettings = GenerationSettings()
     evaluation: EvaluationSettings = EvaluationSettings()
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> RunConfig:
+        bits = self.quantization.bits
+        if bits is None:
+            return self
+        if self.lora.train_merger:
+            raise ValueError(
+                f"quantization.bits={bits} with lora.train_merger: true is not supported; full fine-tuning of the "
+                "merger needs an unquantized model, so remove one of them"
+            )
+        if self.lora.init in ("pissa", "olora"):
+            raise ValueError(
+                f"quantization.bits={bits} with lora.init: {self.lora.init} is not supported, because that "
+                "initialisation rewrites base weights that are quantized; use lora.init: default or gaussian"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_contradictions(self) -> RunConfig:

@@ -88,7 +88,8 @@ def detect_layout(record: Record) -> str:
     keys = sorted(record.data)
     raise DataError(
         f"{record.location}: cannot tell the dataset layout from the keys {keys}; supported layouts and their "
-        f"keys: {LAYOUT_KEYS}. Set data.train[].layout to force one, and data.train[].columns to rename columns."
+        f"keys: {LAYOUT_KEYS}. Set data.train[].layout to force one, and data.train[].columns to rename columns.",
+        "unknown layout",
     )
 
 

@@ -105,6 +105,20 @@ def _metric_rows(runs: list[EvalRun]) -> list[list[str]]:
     return rows
 
 
+METRIC_NOTES = (
+    "Stop rate: replies that ended on a stop token. Repetition: replies whose last 200 characters "
+    "repeat with a period of 1 to 50 characters for 80% of them. Distinct-2: distinct character "
+    "bigrams over all bigrams. Format validity: replies in the exact <think>…</think><answer>…</answer> "
+    "layout. Style: replies matching each pattern."
+)
+
+
+def _markdown_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: tags escaped, one line, pipes escaped."""
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return escaped.replace("\n", "<br>") or "(empty)"
+
+
 def comparison_table(runs: list[EvalRun]) -> Table:
     table = Table(title=f"sample generations ({runs[0].metrics.replies} prompts)")
     table.add_column("metric")
@@ -126,12 +140,15 @@ def write_report(runs: list[EvalRun], folder: str | Path) -> tuple[Path, Path]:
     header = "| metric | " + " | ".join(run.label for run in runs) + " |"
     lines = [f"# Sample generations ({runs[0].metrics.replies} prompts)", "", header, "|" + "---|" * (len(runs) + 1)]
     lines += ["| " + " | ".join(row) + " |" for row in _metric_rows(runs)]
-    lines += ["", "Metric definitions: see vlmtune/inference/metrics.py.", ""]
+    lines += ["", METRIC_NOTES, ""]
     for run in (runs[0], runs[-1]) if len(runs) > 1 else runs:
-        lines += [f"## Replies: {run.label}", ""]
+        lines += [f"## Replies: {run.label}", "", "| prompt | reply | tokens | ending |", "|---|---|---|---|"]
         for sample in run.samples:
             ending = "stopped" if sample["stopped"] else "cut off"
-            lines.append(f"- **{sample['prompt']}** → {sample['answer']} ({sample['generated_tokens']} tokens, {ending})")
+            lines.append(
+                f"| {_markdown_cell(sample['prompt'])} | {_markdown_cell(sample['answer'])} | "
+                f"{sample['generated_tokens']} | {ending} |"
+            )
         lines.append("")
     markdown_path = output / f"{REPORT_NAME}.md"
     markdown_path.write_text("\n".join(lines), encoding="utf-8")

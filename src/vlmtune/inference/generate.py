@@ -13,7 +13,7 @@ from transformers import TextIteratorStreamer
 from vlmtune.config import GenerationSettings
 from vlmtune.data.conversation import Conversation
 from vlmtune.encoding.encode import ConversationEncoder
-from vlmtune.encoding.thinking import split_reply
+from vlmtune.encoding.thinking import THINK_ANSWER_TOKENS, split_reply
 from vlmtune.model.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,13 @@ def visible_text(text: str, layout: str, show_thinking: bool) -> str:
     return shown
 
 
+def control_tokens(tokenizer: Any) -> list[str]:
+    """Special tokens a reply should never show: every special token except the layout tags."""
+    tokens = set(tokenizer.all_special_tokens)
+    tokens.update(token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    return sorted(tokens - set(THINK_ANSWER_TOKENS), key=len, reverse=True)
+
+
 class Generator:
     """Generates replies to conversations with one loaded model (and adapter)."""
 
@@ -68,7 +75,7 @@ class Generator:
         self.encoder = ConversationEncoder(
             self.processor, self.stop_ids, thinking=thinking, min_pixels=min_pixels, max_pixels=max_pixels
         )
-        self._stop_strings = [self.tokenizer.convert_ids_to_tokens(token) for token in self.stop_ids]
+        self._control_tokens = control_tokens(self.tokenizer)
 
     @property
     def layout(self) -> str:
@@ -117,8 +124,8 @@ class Generator:
         parsed = split_reply(text) if self.layout != "none" else None
         return Reply(
             text=text,
-            reasoning=parsed.reasoning if parsed else "",
-            answer=parsed.answer if parsed else text,
+            reasoning=self._strip_control(parsed.reasoning) if parsed else "",
+            answer=self._strip_control(parsed.answer if parsed else text),
             generated_tokens=len(generated),
             stopped=stopped,
             prompt_tokens=prompt_tokens,
@@ -194,12 +201,14 @@ class Generator:
         prompt_tokens = inputs["input_ids"].shape[1]
         return self._to_reply(result["output"][0, prompt_tokens:].tolist(), prompt_tokens)
 
+    def _strip_control(self, text: str) -> str:
+        for token in self._control_tokens:
+            text = text.replace(token, "")
+        return text
+
     def _cleaned_texts(self, streamer: TextIteratorStreamer) -> Iterator[str]:
-        """The reply so far after each streamed piece, stop tokens removed."""
+        """The reply so far after each streamed piece, control tokens (stop tokens among them) removed."""
         text = ""
         for chunk in streamer:
             text += chunk
-            cleaned = text
-            for stop in self._stop_strings:
-                cleaned = cleaned.replace(stop, "")
-            yield cleaned
+            yield self._strip_control(text)

@@ -19,7 +19,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from vlmtune.config import ModelSettings
+from vlmtune.config import ModelSettings, QuantizationSettings
 from vlmtune.errors import ModelError
 from vlmtune.model.hub import resolve_model_path
 
@@ -76,23 +76,68 @@ def load_processor(path: str, trust_remote_code: bool = False) -> Any:
     return processor
 
 
-def load_model(settings: ModelSettings, *, for_training: bool = False) -> LoadedModel:
-    """Resolve, then load model and processor with the settings' dtype, device and attention."""
+# Modules kept in full precision under quantization: the vision side and the output head.
+UNQUANTIZED_MODULES = ["visual", "vision_tower", "vision_model", "merger", "lm_head"]
+
+
+def check_bitsandbytes(device: torch.device) -> None:
+    """Fail before loading when bitsandbytes is missing or cannot run on this device."""
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional
+    except ImportError as error:
+        raise ModelError(
+            f"quantization needs bitsandbytes, which failed to import ({error}); install it with "
+            "`pip install bitsandbytes`, or remove the quantization section"
+        ) from None
+    try:
+        bitsandbytes.functional.quantize_4bit(torch.ones(64, 64, device=device, dtype=torch.float32))
+    except Exception as error:  # bitsandbytes raises several types when no backend fits the device
+        raise ModelError(
+            f"bitsandbytes {bitsandbytes.__version__} cannot quantize on {device} ({type(error).__name__}: {error}); "
+            "run on a CUDA GPU, or remove the quantization section and train in bf16/fp32"
+        ) from None
+
+
+def quantization_config(settings: QuantizationSettings):
+    from transformers import BitsAndBytesConfig
+
+    if settings.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.type,
+        bnb_4bit_use_double_quant=settings.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[settings.compute_dtype],
+        llm_int8_skip_modules=UNQUANTIZED_MODULES,
+    )
+
+
+def load_model(
+    settings: ModelSettings, *, for_training: bool = False, quantization: QuantizationSettings | None = None
+) -> LoadedModel:
+    """Resolve, then load model and processor with the settings' dtype, device, attention and quantization."""
     path = str(resolve_model_path(settings))
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    quantized = quantization is not None and quantization.bits is not None
+    if quantized:
+        check_bitsandbytes(device)
     processor = load_processor(path, settings.trust_remote_code)
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
     is_vision_language = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     auto_class = AutoModelForImageTextToText if is_vision_language else AutoModelForCausalLM
+    extra = {"quantization_config": quantization_config(quantization), "device_map": {"": device}} if quantized else {}
     model = auto_class.from_pretrained(
         path,
         dtype=dtype,
         attn_implementation=settings.attn_implementation,
         trust_remote_code=settings.trust_remote_code,
+        **extra,
     )
-    model.to(device)
+    if not quantized:
+        model.to(device)
     if not for_training:
         model.eval()
     logger.info("loaded %s (%s) as %s on %s", path, type(model).__name__, dtype, device)

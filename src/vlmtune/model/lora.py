@@ -154,12 +154,28 @@ def _names_to_pattern(names: list[str], candidates: list[str]) -> str:
     return "^(" + "|".join(re.escape(name) for name in names) + ")$"
 
 
+# lora.init -> peft's init_lora_weights.
+INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+
+
+def _check_modules_exist(model: nn.Module, names: list[str]) -> None:
+    known = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise ConfigError(
+            f"lora.modules_to_save: no module named {', '.join(missing)} in {type(model).__name__}; "
+            "use the last part of a module name, e.g. lm_head or embed_tokens"
+        )
+
+
 def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Trainable and total parameter counts per model part."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     parts = find_module_parts(base)
     counts: dict[str, list[int]] = {}
     for name, parameter in base.named_parameters():
+        if ".original_module." in name:
+            continue  # peft's frozen copy of a module trained through modules_to_save
         trainable_total = counts.setdefault(parts.part_of(name), [0, 0])
         trainable_total[1] += parameter.numel()
         if parameter.requires_grad:
@@ -173,15 +189,31 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     short_names = sorted({name.rsplit(".", 1)[-1] for name in targets})
     where = "language model and vision tower" if settings.vision else "language model"
     logger.info("LoRA on %d Linear layers of the %s: %s", len(targets), where, ", ".join(short_names))
+    modules_to_save = [*settings.modules_to_save, *([MERGER_NAME] if settings.train_merger else [])]
+    _check_modules_exist(model, settings.modules_to_save)
     lora_config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=_names_to_pattern(targets, linear_module_names(model)),
-        modules_to_save=[MERGER_NAME] if settings.train_merger else None,
+        modules_to_save=modules_to_save or None,
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
+        init_lora_weights=INIT_WEIGHTS[settings.init],
+        rank_pattern=settings.rank_pattern,
+        alpha_pattern=settings.alpha_pattern,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora_config)
+    for name in settings.modules_to_save:
+        count = sum(
+            parameter.numel()
+            for parameter_name, parameter in peft_model.named_parameters()
+            if parameter.requires_grad and f".{name}.modules_to_save." in f".{parameter_name}"
+        )
+        # fp32 weights + gradients + two AdamW moments: 16 bytes per parameter (an estimate).
+        logger.info("lora.modules_to_save %s: %s trainable parameters, about %.0f MB of training memory",
+                    name, f"{count:,}", count * 16 / 2**20)
     for part, (trainable, total) in sorted(count_parameters(peft_model).items()):
         logger.info("trainable parameters in the %s: %s of %s", part, f"{trainable:,}", f"{total:,}")
     return peft_model

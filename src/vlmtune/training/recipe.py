@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from peft import prepare_model_for_kbit_training
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -34,12 +35,14 @@ from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, Encoding
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
 from vlmtune.model.loading import LoadedModel, load_model
-from vlmtune.model.lora import apply_lora
+from vlmtune.model.lora import INIT_WEIGHTS, apply_lora
 from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
 logger = logging.getLogger(__name__)
 
+# Initialisations that change base weights, so the saved adapter must be converted.
+CONVERTED_INITS = ("pissa", "olora")
 MANIFEST_PACKAGES = ("vlmtune", "torch", "transformers", "peft", "accelerate", "datasets", "swanlab")
 
 
@@ -96,7 +99,7 @@ class LoraRecipe:
         data = load_data(config.data)
         self.data = data
         conversations = data.train
-        self.loaded = load_model(config.model, for_training=True)
+        self.loaded = load_model(config.model, for_training=True, quantization=config.quantization)
         encoder = ConversationEncoder.from_settings(self.loaded.processor, self.loaded.stop_token_ids, config.data)
         self.report = encode_conversations(encoder, conversations, config.data)
         if not self.report.samples:
@@ -122,10 +125,35 @@ class LoraRecipe:
         )
 
         model = self.loaded.model
-        if config.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing = {"use_reentrant": False}
+        if config.quantization.bits is not None:
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=config.train.gradient_checkpointing,
+                gradient_checkpointing_kwargs=checkpointing,
+            )
+        elif config.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
             model.enable_input_require_grads()
         self.loaded.model = apply_lora(model, config.lora)
+        if config.lora.init in CONVERTED_INITS:
+            self._save_initial_adapter()
+
+    @property
+    def _initial_adapter_dir(self) -> Path:
+        return self.output_dir / "initial_adapter"
+
+    def _save_initial_adapter(self) -> None:
+        """Keep the PiSSA/OLoRA starting point, which save() needs to convert the trained adapter.
+
+        Those initialisations move the weights' principal directions from the base weights
+        into the adapter; the conversion turns the result into an ordinary LoRA adapter
+        (of twice the rank) that applies to the unchanged base model.
+        """
+        model = self.loaded.model
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(str(self._initial_adapter_dir))
+        model.peft_config["default"].init_lora_weights = INIT_WEIGHTS[self.config.lora.init]
 
     def _training_arguments(self) -> TrainingArguments:
         train = self.config.train
@@ -241,6 +269,11 @@ class LoraRecipe:
         """Write the adapter, processor files, config and run manifest; return the folder."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.trainer.save_model(str(self.output_dir))
+        if self.config.lora.init in CONVERTED_INITS:
+            self.loaded.model.save_pretrained(
+                str(self.output_dir), path_initial_model_for_weight_conversion=str(self._initial_adapter_dir)
+            )
+            logger.info("converted the %s adapter so it loads on the unchanged base model", self.config.lora.init)
         self.loaded.processor.save_pretrained(str(self.output_dir))
         save_config(self.config, self.output_dir / "config.yaml")
         manifest = {
