@@ -156,7 +156,7 @@ def test_trained_adapter_stops_on_stop_token(run):
 def test_rerun_into_used_folder_needs_a_choice(run, tiny_model_dir):
     tree = training_tree(tiny_model_dir, run["data_path"], run["recipe"].output_dir)
     tree["tracking"] = {"backend": "none"}
-    with pytest.raises(ConfigError, match=r"holds checkpoints of an earlier run \(checkpoint-30\)\. Pass --resume"):
+    with pytest.raises(ConfigError, match=r"contains checkpoints of an earlier run \(checkpoint-30\)\. Pass --resume"):
         LoraRecipe(build_config(tree)).setup()
     with pytest.raises(ConfigError, match=r"checkpoint-30 is already at step 30, and train.max_steps is 30"):
         LoraRecipe(build_config(tree), resume=True).setup()

@@ -315,7 +315,7 @@ def _apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
 
 
 def _valid_keys(location: tuple) -> list[str]:
-    """The keys allowed where an unknown key was found, for the error message."""
+    """List the keys allowed where an unknown key was found, for the error message."""
     model: type[BaseModel] = RunConfig
     for part in location[:-1]:
         field = model.model_fields.get(str(part))

@@ -25,6 +25,15 @@ error_console = Console(stderr=True)
 
 DEFAULT_CORPUS = Path("data/persona_zh/train.json")
 
+# Options shared by the commands that load a model for generation.
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", help="Base or merged model: local folder, ModelScope or Hugging Face id. Default: the adapter's base."),
+]
+AdapterOption = Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder from `vlmtune train`.")]
+HubOption = Annotated[str, typer.Option("--hub", help="Where --model lives: auto, local, modelscope or huggingface.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
+
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.INFO
@@ -167,13 +176,13 @@ def evaluate(
 def predict(
     data: Annotated[str, typer.Option(help="Dataset file or folder, in any layout vlmtune reads.")],
     output: Annotated[Path, typer.Option(help="JSONL file to write; ids already in it are skipped.")],
-    model: Annotated[Optional[str], typer.Option(help="Base or merged model. Default: the adapter's base.")] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder.")] = None,
-    hub: Annotated[str, typer.Option(help="Where --model lives: auto, local, modelscope or huggingface.")] = "auto",
+    model: ModelOption = None,
+    adapter: AdapterOption = None,
+    hub: HubOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Conversations generated together (left-padded).")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 512,
     system: Annotated[Optional[str], typer.Option(help="System prompt for examples without one. Default: the adapter's.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Generate a reply for every example of a dataset and write JSONL (resumable)."""
     from vlmtune.config import DatasetSpec
@@ -194,7 +203,7 @@ def export(
     adapter: Annotated[str, typer.Option(help="LoRA adapter folder from `vlmtune train`.")],
     output: Annotated[Path, typer.Option(help="New folder for the merged model (or the adapter copy).")],
     model: Annotated[Optional[str], typer.Option(help="Base model. Default: the adapter's base.")] = None,
-    hub: Annotated[str, typer.Option(help="Where --model lives: auto, local, modelscope or huggingface.")] = "auto",
+    hub: HubOption = "auto",
     adapter_only: Annotated[bool, typer.Option(help="Copy the adapter with a model card instead of merging.")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard, e.g. 5GB.")] = "5GB",
     dtype: Annotated[str, typer.Option(help="auto (the base model's saved dtype), bfloat16, float16 or float32.")] = "auto",
@@ -221,9 +230,9 @@ def export(
 
 @app.command()
 def serve(
-    model: Annotated[Optional[str], typer.Option(help="Base or merged model. Default: the adapter's base.")] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder.")] = None,
-    hub: Annotated[str, typer.Option(help="Where --model lives: auto, local, modelscope or huggingface.")] = "auto",
+    model: ModelOption = None,
+    adapter: AdapterOption = None,
+    hub: HubOption = "auto",
     host: Annotated[str, typer.Option(help="Address to bind. 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 requests.")] = None,
@@ -233,7 +242,7 @@ def serve(
     ] = None,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
     max_request_mb: Annotated[float, typer.Option(help="Largest request body in MB (images included).")] = 20.0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat completions, streaming, images)."""
     import uvicorn
@@ -284,7 +293,7 @@ def data_stats(
 
 
 def _encoder_for(run_config):
-    """A ConversationEncoder from the config's processor and generation config, without the weights."""
+    """Build a ConversationEncoder from the config's processor and generation config, without the weights."""
     from transformers import GenerationConfig
 
     from vlmtune.encoding import ConversationEncoder
@@ -303,11 +312,9 @@ def _encoder_for(run_config):
 
 @app.command()
 def chat(
-    model: Annotated[
-        Optional[str], typer.Option(help="Base model: local folder, ModelScope or Hugging Face id. Default: the adapter's base.")
-    ] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder from `vlmtune train`.")] = None,
-    hub: Annotated[str, typer.Option(help="Where --model lives: auto, local, modelscope or huggingface.")] = "auto",
+    model: ModelOption = None,
+    adapter: AdapterOption = None,
+    hub: HubOption = "auto",
     message: Annotated[Optional[str], typer.Option("--message", "-m", help="Ask once, print the reply and exit.")] = None,
     image: Annotated[Optional[list[str]], typer.Option(help="Image path or URL for --message; repeat for several.")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
@@ -317,7 +324,7 @@ def chat(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --sample).")] = 0.9,
     show_thinking: Annotated[bool, typer.Option(help="Also print the reasoning of thinking models.")] = False,
     thinking: Annotated[str, typer.Option(help="Reply layout: auto, think_answer or none.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Chat with a model and optional adapter: interactive, or one-shot with --message."""
     from vlmtune.inference.cli_chat import run_chat

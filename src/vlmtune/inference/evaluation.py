@@ -61,7 +61,7 @@ def run_evaluation(
     references: list[str | None] | None = None,
     step: int | None = None,
 ) -> EvalRun:
-    """Generate one reply per prompt (greedy unless generation settings say otherwise) and score them."""
+    """Generate one reply per prompt (greedy unless the generation settings enable sampling) and score them."""
     replies = [generator.generate(prompt, max_new_tokens=max_new_tokens) for prompt in prompts]
     samples = []
     for index, (prompt, reply) in enumerate(zip(prompts, replies)):

@@ -207,7 +207,7 @@ class Generator:
         return text
 
     def _cleaned_texts(self, streamer: TextIteratorStreamer) -> Iterator[str]:
-        """The reply so far after each streamed piece, control tokens (stop tokens among them) removed."""
+        """Yield the reply so far after each streamed piece, without control tokens (stop tokens among them)."""
         text = ""
         for chunk in streamer:
             text += chunk

@@ -31,6 +31,10 @@ from vlmtune.inference.generate import Generator, Reply
 logger = logging.getLogger(__name__)
 
 
+# An oversized body up to this many times max_request_bytes is read before the 413 answer.
+DRAIN_FACTOR = 4
+
+
 @dataclass
 class ServerSettings:
     model_name: str
@@ -157,6 +161,12 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         request.state.request_id = request_id
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
+            # Read (and drop) a body up to a few times the limit first: answering while the client is
+            # still sending makes the connection reset, and the client never sees the 413.
+            if int(length) <= DRAIN_FACTOR * settings.max_request_bytes:
+                async for _ in request.stream():
+                    pass
+            logger.info("request %s rejected: body of %s bytes is over the limit", request_id, length)
             return error_response(413, f"request body of {length} bytes exceeds the limit of {settings.max_request_bytes} bytes")
         if settings.api_key is not None and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization") != f"Bearer {settings.api_key}":

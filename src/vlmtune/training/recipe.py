@@ -6,7 +6,7 @@ Tracking goes to SwanLab (offline by default), TensorBoard or nowhere.
 NOTE: several processes through `torchrun` or `accelerate launch` are left to the
 transformers Trainer and have not been run yet.
 
-The output folder holds the adapter, the processor files (tokenizer, chat template,
+The output folder contains the adapter, the processor files (tokenizer, chat template,
 image processor), `config.yaml` and `run_manifest.json` (settings, package versions,
 dataset hashes, sample counts and final metrics).
 """
@@ -47,7 +47,7 @@ MANIFEST_PACKAGES = ("vlmtune", "torch", "transformers", "peft", "accelerate", "
 
 
 def dataset_paths(path: str) -> list[Path]:
-    """Every file behind a dataset path, for hashing: the file, or a folder's files."""
+    """List every file behind a dataset path, for hashing: the file, or a folder's files."""
     root = Path(path)
     return sorted(child for child in root.rglob("*") if child.is_file()) if root.is_dir() else [root]
 
@@ -147,8 +147,8 @@ class LoraRecipe:
         """Keep the PiSSA/OLoRA starting point, which save() needs to convert the trained adapter.
 
         Those initialisations move the weights' principal directions from the base weights
-        into the adapter; the conversion turns the result into an ordinary LoRA adapter
-        (of twice the rank) that applies to the unchanged base model.
+        into the adapter. The conversion turns the result into an ordinary LoRA adapter, of
+        twice the rank, that applies to the unchanged base model.
         """
         model = self.loaded.model
         model.peft_config["default"].init_lora_weights = True
@@ -242,7 +242,7 @@ class LoraRecipe:
         elif checkpoint is not None:
             if not self.overwrite:
                 raise ConfigError(
-                    f"train.output_dir {self.output_dir} holds checkpoints of an earlier run ({Path(checkpoint).name}). "
+                    f"train.output_dir {self.output_dir} contains checkpoints of an earlier run ({Path(checkpoint).name}). "
                     "Pass --resume to continue it, --overwrite to replace it, or choose another train.output_dir"
                 )
             for old in self.output_dir.glob("checkpoint-*"):
@@ -261,7 +261,7 @@ class LoraRecipe:
         self.metrics = {**result.metrics, "global_step": result.global_step, "wall_seconds": time.time() - started}
 
     def evaluation_runs(self) -> list[EvalRun]:
-        """The baseline and the last sample-generation run (more in between are in the tracker)."""
+        """Return the baseline and the last sample-generation run (the tracker has the ones in between)."""
         runs = self.sampling.runs if self.sampling is not None else []
         return [runs[0], runs[-1]] if len(runs) > 1 else runs
 
@@ -276,6 +276,11 @@ class LoraRecipe:
             logger.info("converted the %s adapter so it loads on the unchanged base model", self.config.lora.init)
         self.loaded.processor.save_pretrained(str(self.output_dir))
         save_config(self.config, self.output_dir / "config.yaml")
+        self._write_manifest()
+        logger.info("saved the adapter and run manifest to %s", self.output_dir)
+        return self.output_dir
+
+    def _write_manifest(self) -> None:
         manifest = {
             "config": config_to_dict(self.config),
             "base_model": self.loaded.path,
@@ -297,8 +302,6 @@ class LoraRecipe:
         write_loss_plot(self.trainer.state.log_history, self.output_dir / "loss.png")
         manifest_path = self.output_dir / "run_manifest.json"
         manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
-        logger.info("saved the adapter and run manifest to %s", self.output_dir)
-        return self.output_dir
 
 
 def write_loss_plot(log_history: list[dict], path: Path) -> Path | None:
