@@ -16,6 +16,7 @@ data:
 
 
 def write(tmp_path, text: str):
+    (tmp_path / "train.json").write_text("[]", encoding="utf-8")
     path = tmp_path / "run.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -24,7 +25,7 @@ def write(tmp_path, text: str):
 def test_minimal_config_defaults(tmp_path):
     config = load_config(write(tmp_path, MINIMAL))
     assert config.model.hub == "auto"
-    assert config.data.train[0].path == "train.json"
+    assert config.data.train[0].path == str(tmp_path / "train.json")
     assert config.tracking.backend == "swanlab"
     assert config.tracking.swanlab_mode == "offline"
     assert config.lora.target_modules == "auto"
@@ -66,9 +67,24 @@ def test_bad_override_and_missing_file(tmp_path):
 
 
 def test_dataset_path_relative_to_config(tmp_path):
-    (tmp_path / "train.json").write_text("[]", encoding="utf-8")
     config = load_config(write(tmp_path, MINIMAL))
     assert config.data.train[0].path == str(tmp_path / "train.json")
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("train.json", "nowhere.json"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith("data.train[0].path: dataset not found: nowhere.json (looked in the working folder")
+    assert f"next to the config file, in {tmp_path.resolve()}" in message
+
+
+def test_cross_section_rule_message(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL), ["quantization.bits=4", "lora.train_merger=true"])
+    assert "  - quantization.bits=4 with lora.train_merger: true is not supported" in str(caught.value)
+    assert "Value error" not in str(caught.value)
 
 
 def test_saved_config_round_trips_chinese(tmp_path):

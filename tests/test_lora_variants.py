@@ -91,11 +91,20 @@ def test_unknown_modules_to_save(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_trains_on_cpu_and_loads_unquantized(tiny_model_dir, tmp_path, bits):
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install -e .[test]")
-    recipe = LoraRecipe(build_config(tree(tiny_model_dir, tmp_path, quantization={"bits": bits}, steps=6)))
+    config = tree(tiny_model_dir, tmp_path, quantization={"bits": bits}, steps=6)
+    if bits == 8:
+        # Validation and sample generations run the quantized model in eval mode too.
+        config["data"]["val_size"] = 0.25
+        config["train"]["eval_steps"] = 3
+        config["evaluation"] = {"generate": True, "num_data_prompts": 2, "max_new_tokens": 8}
+    recipe = LoraRecipe(build_config(config))
     recipe.setup()
-    quantized = [name for name, module in recipe.loaded.model.named_modules() if "bnb" in type(module).__module__]
-    assert quantized
-    assert not any(".visual." in name for name in quantized)  # the vision tower stays unquantized
+    quantized = [
+        name for name, module in recipe.loaded.model.named_modules() if type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    ]
+    assert any(".language_model." in name for name in quantized)
+    assert not any(".visual." in name for name in quantized)  # the vision tower and merger stay unquantized
+    assert not any(name.endswith("lm_head") for name in quantized)
     before = recipe.trainer.state.global_step
     recipe.train()
     assert recipe.trainer.state.global_step == before + 6
@@ -112,6 +121,15 @@ def test_qlora_trains_on_cpu_and_loads_unquantized(tiny_model_dir, tmp_path, bit
             base_loss = reloaded(**batch).loss.item()
         adapted_loss = reloaded(**batch).loss.item()
     assert adapted_loss < base_loss
+
+
+def test_cpu_four_bit_with_evaluation_rejected(tiny_model_dir, tmp_path):
+    config = tree(tiny_model_dir, tmp_path, quantization={"bits": 4})
+    config["data"]["val_size"] = 0.25
+    recipe = LoraRecipe(build_config(config))
+    with pytest.raises(ConfigError, match=r"quantization.bits=4 on CPU cannot also evaluate.*evaluation.generate=false"):
+        recipe.setup()
+    assert recipe.loaded is None  # rejected before the model was loaded
 
 
 def test_missing_bitsandbytes_is_reported_before_loading(tiny_model_dir):

@@ -122,6 +122,26 @@ def test_max_tokens_cut_reports_length(client):
     assert response.choices[0].finish_reason == "length"
 
 
+def test_stop_string_ignores_layout_tags(client):
+    # "think" occurs in the <think> tag the reply starts with; only the answer is searched.
+    response = client.chat.completions.create(model="persona", messages=[{"role": "user", "content": PROMPT}], stop=["think"])
+    assert response.choices[0].message.content == "好的喵~"
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_unknown_path_and_invalid_json(server):
+    request = urllib.request.Request(f"{server}/v1/nothing", headers={"Authorization": f"Bearer {API_KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    payload = json.loads(caught.value.read())
+    assert caught.value.code == 404
+    assert payload["error"]["type"] == "not_found_error"
+    code, payload = post(server, b'{"messages": [')
+    assert code == 400
+    assert payload["error"]["message"].startswith("the request body is not valid JSON")
+    assert payload["error"]["param"] is None
+
+
 def test_stop_string_cuts_the_answer(client):
     response = client.chat.completions.create(model="persona", messages=[{"role": "user", "content": PROMPT}], stop=["喵"])
     assert response.choices[0].message.content == "好的"

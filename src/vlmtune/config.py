@@ -159,7 +159,7 @@ class QuantizationSettings(_Section):
     """QLoRA: load the language model's Linear layers in 4 or 8 bits with bitsandbytes."""
 
     bits: Literal[4, 8] | None = Field(None, description="None: no quantization.")
-    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 or fp4.")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype of 4-bit matmuls.")
 
@@ -338,7 +338,11 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             continue
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  - {key}: {item['msg']}{shown}")
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "value_error" and not item["loc"]:
+            lines.append(f"  - {message}")  # a rule across sections; the message names the keys
+        else:
+            lines.append(f"  - {key}: {message}{shown}")
     return "\n".join(lines)
 
 
@@ -370,10 +374,18 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         _apply_override(tree, parts, value)
     source = f"{config_path} with overrides {' '.join(overrides)}" if overrides else str(config_path)
     config = build_config(tree, source=source)
-    for spec in [*config.data.train, *config.data.validation]:
-        candidate = config_path.parent / spec.path
-        if not Path(spec.path).is_absolute() and not Path(spec.path).exists() and candidate.exists():
-            spec.path = str(candidate)
+    for field, specs in (("data.train", config.data.train), ("data.validation", config.data.validation)):
+        for index, spec in enumerate(specs):
+            candidate = config_path.parent / spec.path
+            if Path(spec.path).exists():
+                continue
+            if not Path(spec.path).is_absolute() and candidate.exists():
+                spec.path = str(candidate)
+                continue
+            raise ConfigError(
+                f"{field}[{index}].path: dataset not found: {spec.path} (looked in the working folder "
+                f"{Path.cwd()} and next to the config file, in {config_path.parent.resolve()})"
+            )
     return config
 
 

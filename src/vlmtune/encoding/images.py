@@ -59,6 +59,8 @@ def load_image(source: str, where: str = "") -> Image.Image:
         image.load()
     except DataError:
         raise
-    except (OSError, UnidentifiedImageError, ValueError, binascii.Error) as error:
-        raise DataError(f"{prefix}cannot load image {source!r}: {error}", "corrupt image") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{prefix}cannot load image {source[:80]!r}: not a recognised image format", "corrupt image") from None
+    except (OSError, ValueError, binascii.Error) as error:
+        raise DataError(f"{prefix}cannot load image {source[:80]!r}: {error}", "corrupt image") from None
     return image.convert("RGB")

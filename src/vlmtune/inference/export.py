@@ -159,7 +159,9 @@ def model_card(adapter_dir: Path) -> str:
         lines.append(f"- training: {json.dumps(config.get('train', {}), ensure_ascii=False)}")
         metrics = manifest.get("metrics", {})
         if metrics:
-            lines.append(f"- final training loss: {metrics.get('train_loss')}, steps: {metrics.get('global_step')}")
+            loss = metrics.get("train_loss")
+            shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else loss
+            lines.append(f"- final training loss: {shown}, steps: {metrics.get('global_step')}")
         lines.append(f"- versions: {json.dumps(manifest.get('versions', {}))}")
     if (adapter_dir / "eval_report.md").is_file():
         lines += ["", "Sample-generation metrics before and after training: see eval_report.md."]

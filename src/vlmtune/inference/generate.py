@@ -149,7 +149,12 @@ class Generator:
         self.tokenizer.padding_side = "left"
         try:
             inputs = self.processor.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", padding=True
+                messages,
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"padding": True},
             )
         finally:
             self.tokenizer.padding_side = padding_side

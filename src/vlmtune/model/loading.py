@@ -77,7 +77,8 @@ def load_processor(path: str, trust_remote_code: bool = False) -> Any:
 
 
 # Modules kept in full precision under quantization: the vision side and the output head.
-UNQUANTIZED_MODULES = ["visual", "vision_tower", "vision_model", "merger", "lm_head"]
+# transformers matches these from the start of a module's full name (or as a suffix).
+UNQUANTIZED_MODULES = [r"(.*\.)?visual", r"(.*\.)?vision_tower", r"(.*\.)?vision_model", r"(.*\.)?merger", "lm_head"]
 
 
 def check_bitsandbytes(device: torch.device) -> None:
@@ -140,7 +141,8 @@ def load_model(
         model.to(device)
     if not for_training:
         model.eval()
-    logger.info("loaded %s (%s) as %s on %s", path, type(model).__name__, dtype, device)
+    precision = f"{quantization.bits}-bit language model, {dtype} elsewhere" if quantized else str(dtype)
+    logger.info("loaded %s (%s) as %s on %s", path, type(model).__name__, precision, device)
     return LoadedModel(model=model, processor=processor, path=path)
 
 

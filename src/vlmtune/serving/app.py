@@ -20,6 +20,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
 from vlmtune.config import GenerationSettings
@@ -177,12 +178,23 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
         first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"] if part != "body")
-        return error_response(400, f"{param or 'body'}: {first['msg']}", param or None)
+        if first["type"] == "json_invalid":
+            message, param = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+        else:
+            param = ".".join(str(part) for part in first["loc"] if part != "body") or None
+            message = f"{param or 'body'}: {first['msg']}"
+        logger.info("request %s rejected (400): %s", request.state.request_id, message)
+        return error_response(400, message, param)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
+        logger.info("request %s rejected (%d): %s", request.state.request_id, error.status, error.message)
         return error_response(error.status, error.message, error.param, error.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return error_response(error.status_code, f"{request.method} {request.url.path}: {error.detail}", kind=kind)
 
     @app.get("/v1/models")
     async def list_models():
@@ -199,14 +211,18 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
         request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        # With a thinking layout the stop strings apply to the answer only, so they are not given
+        # to generate(), which would also stop inside the reasoning; the answer is cut afterwards.
+        generation_stops = stops if generator.layout == "none" else []
         request_id = request.state.request_id
         if body.stream:
-            return StreamingResponse(_stream(request_generator, conversation, stops, body, request_id), media_type="text/event-stream")
+            stream = _stream(request_generator, conversation, stops, generation_stops, body, request_id)
+            return StreamingResponse(stream, media_type="text/event-stream")
 
         started = time.perf_counter()
         async with lock:
             try:
-                reply = await asyncio.to_thread(_generate, request_generator, conversation, stops, body.seed)
+                reply = await asyncio.to_thread(_generate, request_generator, conversation, generation_stops, body.seed)
             except VlmtuneError as error:
                 raise APIError(400, str(error)) from None
 
@@ -225,7 +241,14 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
             "usage": _usage(reply),
         }
 
-    async def _stream(request_generator: Generator, conversation: Conversation, stops: list[str], body: ChatRequest, request_id: str):
+    async def _stream(
+        request_generator: Generator,
+        conversation: Conversation,
+        stops: list[str],
+        generation_stops: list[str],
+        body: ChatRequest,
+        request_id: str,
+    ):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         started = time.perf_counter()
@@ -250,7 +273,7 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
         def run() -> None:
             try:
-                reply = _generate(request_generator, conversation, stops, body.seed, on_parts)
+                reply = _generate(request_generator, conversation, generation_stops, body.seed, on_parts)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", reply, None))
             except Exception as error:  # reported to the client as a final error event
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", error, None))

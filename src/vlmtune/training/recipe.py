@@ -34,7 +34,7 @@ from vlmtune.encoding.collator import ChatCollator
 from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport, encode_conversations
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
-from vlmtune.model.loading import LoadedModel, load_model
+from vlmtune.model.loading import LoadedModel, load_model, resolve_device
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora
 from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
@@ -99,6 +99,7 @@ class LoraRecipe:
         data = load_data(config.data)
         self.data = data
         conversations = data.train
+        self._check_cpu_four_bit(bool(data.validation))
         self.loaded = load_model(config.model, for_training=True, quantization=config.quantization)
         encoder = ConversationEncoder.from_settings(self.loaded.processor, self.loaded.stop_token_ids, config.data)
         self.report = encode_conversations(encoder, conversations, config.data)
@@ -138,6 +139,23 @@ class LoraRecipe:
         self.loaded.model = apply_lora(model, config.lora)
         if config.lora.init in CONVERTED_INITS:
             self._save_initial_adapter()
+
+    def _check_cpu_four_bit(self, has_validation: bool) -> None:
+        """Stop before loading when 4-bit training on CPU would also have to evaluate.
+
+        NOTE: bitsandbytes 0.50.2 repacks 4-bit weights in place for CPU inference once a layer
+        runs in eval mode; training steps after that fail, and evaluation after training failed
+        on this model's small vision layers. 8-bit and GPU runs are not affected.
+        """
+        config = self.config
+        on_cpu = resolve_device(config.model.device).type == "cpu"
+        evaluates = has_validation or config.evaluation.generate
+        if config.quantization.bits == 4 and on_cpu and evaluates:
+            raise ConfigError(
+                "quantization.bits=4 on CPU cannot also evaluate: bitsandbytes' CPU 4-bit inference breaks "
+                "training afterwards. Set evaluation.generate=false and data.val_size=0 (and no data.validation), "
+                "use quantization.bits=8, or train on a CUDA GPU"
+            )
 
     @property
     def _initial_adapter_dir(self) -> Path:
