@@ -51,6 +51,11 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        # bitsandbytes, when installed, warns at every model load that it could not fetch an
+        # optional CPU kernel from the Hugging Face Hub; vlmtune works without it.
+        for noisy in ("kernels", "bitsandbytes.backends.cpu.ops"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 @app.callback()
