@@ -42,7 +42,8 @@ def test_predict_fields_and_resume(adapter_dir, tiny_model_dir, tmp_path):
     for row in rows:
         assert row["finish_reason"] == ("stop" if row["stopped"] else "length")
         assert row["generated_tokens"] <= 24
-    assert "\\u" not in output.read_text(encoding="utf-8")  # Chinese written as is
+    raw = output.read_text(encoding="utf-8")
+    assert json.dumps(conversations[0].messages[-1].text, ensure_ascii=False)[1:-1] in raw  # Chinese not escaped
 
     assert predict(generator, conversations, output, batch_size=2) == 2  # resumes after the first three
     ids = [json.loads(line)["id"] for line in output.read_text(encoding="utf-8").splitlines()]

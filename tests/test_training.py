@@ -201,3 +201,32 @@ def test_validation_loss_logged(tiny_model_dir, tmp_path):
     assert len(eval_losses) == 2
     scalars = read_swanlab_scalars(recipe.tracking.run_folder())
     assert [step for step, _ in scalars["eval/loss"]] == [2, 4]
+
+
+def dataloader_padding(recipe: LoraRecipe) -> float:
+    """Padding share of the batches the Trainer's own dataloader yields for one epoch."""
+    real = computed = 0
+    for batch in recipe.trainer.get_train_dataloader():
+        real += int(batch["attention_mask"].sum())
+        computed += batch["attention_mask"].numel()
+    return 1 - real / computed
+
+
+def test_group_by_length_cuts_padding(tiny_model_dir, tmp_path):
+    from conftest import PERSONA_DATA
+
+    measured = {}
+    logged = {}
+    for grouped in (True, False):
+        tree = training_tree(tiny_model_dir, PERSONA_DATA, tmp_path / f"out-{grouped}", group_by_length=grouped)
+        tree["train"]["per_device_train_batch_size"] = 8
+        tree["data"]["max_samples"] = 160
+        tree["data"]["max_length"] = 512
+        recipe = LoraRecipe(build_config(tree))
+        recipe.setup()
+        measured[grouped] = dataloader_padding(recipe)
+        logged[grouped] = recipe.padding_share
+    # On this data: about 18% padding grouped by length against about 45% in random order.
+    assert measured[True] < 0.5 * measured[False]
+    assert logged[True] < 0.5 * logged[False]
+    assert abs(logged[False] - measured[False]) < 0.05

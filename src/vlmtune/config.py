@@ -181,6 +181,9 @@ class TrainSettings(_Section):
     save_steps: int = Field(100, gt=0)
     eval_steps: int = Field(50, gt=0, description="Evaluate on the validation data every this many steps (when there is any).")
     save_total_limit: int | None = 2
+    group_by_length: bool = Field(
+        True, description="Batch samples of similar length together so less compute goes to padding."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (non-reentrant) to save memory.")
     seed: int = 42
     dataloader_num_workers: int = Field(0, ge=0)

@@ -10,6 +10,28 @@ import torch
 from vlmtune.encoding.encode import IGNORE_INDEX, EncodedSample
 
 
+class SampleDataset(torch.utils.data.Dataset):
+    """Encoded samples as mapping items with `input_ids`, the shape the transformers Trainer
+    reads lengths from for length-grouped sampling; the collator unwraps them."""
+
+    def __init__(self, samples: list[EncodedSample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        return {"input_ids": sample.input_ids, "sample": sample}
+
+
+def padding_share(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of computed tokens that are padding when each batch is padded to its longest sample."""
+    computed = sum(max(lengths[index] for index in batch) * len(batch) for batch in batches if batch)
+    real = sum(lengths[index] for batch in batches for index in batch)
+    return 1 - real / computed if computed else 0.0
+
+
 @dataclass
 class ChatCollator:
     """Right-pads a list of encoded samples into a batch for the model's forward pass.
@@ -21,7 +43,8 @@ class ChatCollator:
 
     pad_token_id: int
 
-    def __call__(self, samples: list[EncodedSample]) -> dict[str, Any]:
+    def __call__(self, samples: list[EncodedSample | dict]) -> dict[str, Any]:
+        samples = [item["sample"] if isinstance(item, dict) else item for item in samples]
         longest = max(len(sample) for sample in samples)
         batch_size = len(samples)
         input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)

@@ -23,14 +23,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import prepare_model_for_kbit_training
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.config import RunConfig, config_to_dict, save_config
 from vlmtune.data.loading import LoadedData, load_data
 from vlmtune.inference.evaluation import EvalRun, build_prompts, write_report
-from vlmtune.encoding.collator import ChatCollator
+from vlmtune.encoding.collator import ChatCollator, SampleDataset, padding_share
 from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport, encode_conversations
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
@@ -86,6 +88,7 @@ class LoraRecipe:
         self.tracking: Tracking | None = None
         self.trainer: Trainer | None = None
         self.metrics: dict[str, Any] = {}
+        self.padding_share: float | None = None
 
     def setup(self) -> None:
         self._check_output_dir()
@@ -190,6 +193,7 @@ class LoraRecipe:
             logging_steps=train.logging_steps,
             save_steps=train.save_steps,
             eval_strategy="steps" if self.validation_samples else "no",
+            train_sampling_strategy="group_by_length" if train.group_by_length else "random",
             eval_steps=train.eval_steps,
             per_device_eval_batch_size=train.per_device_train_batch_size,
             save_total_limit=train.save_total_limit,
@@ -226,14 +230,37 @@ class LoraRecipe:
                     pixel_limits=(self.config.data.min_pixels, self.config.data.max_pixels),
                 )
                 callbacks.append(self.sampling)
+        self._log_padding_share()
         self.trainer = Trainer(
             model=self.loaded.model,
             args=self._training_arguments(),
-            train_dataset=self.report.samples,
-            eval_dataset=self.validation_samples or None,
+            train_dataset=SampleDataset(self.report.samples),
+            eval_dataset=SampleDataset(self.validation_samples) if self.validation_samples else None,
             data_collator=ChatCollator(pad_token_id=self._pad_token_id()),
             callbacks=callbacks,
         )
+
+    def _log_padding_share(self) -> None:
+        """Log the padding share of one epoch's batches, grouped by length and in random order."""
+        train = self.config.train
+        lengths = [len(sample) for sample in self.report.samples]
+        batch_size = train.per_device_train_batch_size
+        generator = torch.Generator().manual_seed(train.seed)
+        random_order = torch.randperm(len(lengths), generator=generator).tolist()
+        grouped_order = list(
+            LengthGroupedSampler(batch_size * train.gradient_accumulation_steps, lengths=lengths, generator=generator)
+        )
+
+        def batches(order: list[int]) -> list[list[int]]:
+            return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+        grouped, shuffled = padding_share(lengths, batches(grouped_order)), padding_share(lengths, batches(random_order))
+        chosen = grouped if train.group_by_length else shuffled
+        logger.info(
+            "padding: %.0f%% of computed tokens (train.group_by_length=%s; %.0f%% grouped by length, %.0f%% in random order)",
+            100 * chosen, train.group_by_length, 100 * grouped, 100 * shuffled,
+        )
+        self.padding_share = chosen
 
     def _pad_token_id(self) -> int:
         tokenizer = self.loaded.tokenizer
