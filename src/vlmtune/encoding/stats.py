@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +26,10 @@ class LengthStats:
         return asdict(self)
 
 
-def _percentile(sorted_values: list[int], fraction: float) -> int:
-    """Nearest-rank percentile."""
-    rank = max(1, round(fraction * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
+def percentile(values: list[int], fraction: float) -> int:
+    """Return the nearest-rank percentile: the smallest value with `fraction` of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
 
 
 def length_stats(lengths: dict[str, list[int]], max_length: int) -> list[LengthStats]:
@@ -45,7 +46,7 @@ def length_stats(lengths: dict[str, list[int]], max_length: int) -> list[LengthS
                 count=len(ordered),
                 min=ordered[0],
                 median=statistics.median(ordered),
-                p95=_percentile(ordered, 0.95),
+                p95=percentile(ordered, 0.95),
                 max=ordered[-1],
                 over_max_length=sum(value > max_length for value in ordered),
             )
@@ -73,7 +74,7 @@ def _bins(values: list[int]) -> tuple[list[int], list[int]]:
 
 
 def text_histogram(values: list[int], width: int = 40) -> str:
-    """A histogram of lengths as text bars, one line per bin."""
+    """Draw a histogram of lengths as text bars, one line per bin."""
     edges, counts = _bins(values)
     peak = max(counts)
     lines = []

@@ -17,11 +17,11 @@ Definitions (all shares are between 0 and 1):
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 from dataclasses import asdict, dataclass, field
 
+from vlmtune.encoding.stats import percentile
 from vlmtune.inference.generate import Reply
 
 TAIL_CHARS = 200
@@ -56,11 +56,6 @@ def follows_layout(raw_text: str) -> bool:
     return _LAYOUT.fullmatch(raw_text) is not None
 
 
-def _percentile(values: list[int], fraction: float) -> int:
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
-
-
 @dataclass
 class ReplyMetrics:
     """Metrics over one set of replies; see the module docstring for the definitions."""
@@ -93,7 +88,7 @@ def compute_metrics(replies: list[Reply], thinking_layout: bool, style_patterns:
         repetition_rate=sum(is_repetitive(answer) for answer in answers) / count,
         distinct_2=distinct_n(answers, 2),
         length_median=statistics.median(lengths),
-        length_p95=_percentile(lengths, 0.95),
+        length_p95=percentile(lengths, 0.95),
         format_validity=sum(follows_layout(reply.text) for reply in replies) / count if thinking_layout else None,
         style={pattern: sum(bool(re.search(pattern, answer)) for answer in answers) / count for pattern in style_patterns},
     )
