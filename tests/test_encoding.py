@@ -160,7 +160,7 @@ def test_visible_text_labels_reasoning(text, show_thinking, expected):
 def test_visible_text_grows_while_streaming():
     from vlmtune.inference.generate import visible_text
 
-    # Layout tags are single special tokens, so streamed text never holds half a tag.
+    # Layout tags are single special tokens, so streamed text never contains half a tag.
     chunks = ["<think>", "\n", "a", "bc", "</think>", "\n", "<answer>", "x", "yz", "</answer>"]
     texts = ["".join(chunks[:end]) for end in range(1, len(chunks) + 1)]
     for show_thinking in (True, False):

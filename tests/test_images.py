@@ -74,11 +74,11 @@ def test_video_rejected_with_clear_message(tmp_path):
         tmp_path / "video.json",
         [{"messages": [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}, {"role": "assistant", "content": "a"}]}],
     )
-    with pytest.raises(DataError, match=r"holds a video; videos are not supported for training yet; extract frames") as caught:
+    with pytest.raises(DataError, match=r"contains a video; videos are not supported for training yet; extract frames") as caught:
         load_dataset_file(DatasetSpec(path=str(path)))
     assert caught.value.reason == "unsupported video"
     placeholder = write_json(tmp_path / "p.json", [{"instruction": "<video>看", "output": "a", "videos": ["c.mp4"]}])
-    with pytest.raises(DataError, match="field 'videos' holds a video"):
+    with pytest.raises(DataError, match="field 'videos' contains a video"):
         load_dataset_file(DatasetSpec(path=str(placeholder)))
 
 

@@ -53,7 +53,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
         # bitsandbytes, when installed, warns at every model load that it could not fetch an
-        # optional CPU kernel from the Hugging Face Hub; vlmtune works without it.
+        # optional CPU kernel from the Hugging Face Hub. vlmtune works without that kernel.
         for noisy in ("kernels", "bitsandbytes.backends.cpu.ops"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 

@@ -78,7 +78,7 @@ def image_source(record: Record, value: Any, field: str) -> str:
 
 
 def reject_videos(record: Record, field: str) -> None:
-    raise DataError(f"{record.location}: field '{field}' holds a video; {VIDEO_MESSAGE}", "unsupported video")
+    raise DataError(f"{record.location}: field '{field}' contains a video; {VIDEO_MESSAGE}", "unsupported video")
 
 
 def images_field(record: Record, name: str = "images") -> list[str]:

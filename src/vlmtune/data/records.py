@@ -179,7 +179,7 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def dataset_files(path: str | Path) -> list[Path]:
-    """The files a dataset path stands for: itself, or the supported files of a folder."""
+    """List the files behind a dataset path: the file itself, or the supported files of a folder."""
     file_path = Path(path)
     if not file_path.exists():
         raise DataError(f"dataset file not found: {file_path}")

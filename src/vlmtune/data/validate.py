@@ -56,7 +56,7 @@ def check_conversation(conversation: Conversation) -> None:
 
 
 def conversation_key(conversation: Conversation) -> tuple:
-    """A hashable key of a conversation's content, for finding duplicates."""
+    """Build a hashable key of a conversation's content, for finding duplicates."""
     return tuple(
         (message.role, message.text, tuple(image.source for image in message.images), message.reasoning or "")
         for message in conversation.messages

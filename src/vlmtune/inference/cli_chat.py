@@ -79,7 +79,7 @@ def load_generator(
 def print_reply_end(console: Console, reply: Reply, max_new_tokens: int, show_thinking: bool) -> None:
     console.print()
     if not reply.answer.strip() and reply.reasoning.strip() and not show_thinking:
-        console.print("[the reply holds reasoning only; pass --show-thinking to see it]", style="yellow", markup=False)
+        console.print("[the reply contains reasoning only; pass --show-thinking to see it]", style="yellow", markup=False)
     if not reply.stopped:
         notice = f"[reply cut off: it reached max_new_tokens={max_new_tokens} without a stop token]"
         console.print(notice, style="yellow", markup=False, highlight=False)

@@ -32,7 +32,7 @@ from vlmtune.inference.generate import Generator, Reply
 logger = logging.getLogger(__name__)
 
 
-# An oversized body up to this many times max_request_bytes is read before the 413 answer.
+# An oversized body up to this many times max_request_bytes is read before the 413 response.
 DRAIN_FACTOR = 4
 
 
@@ -162,8 +162,8 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         request.state.request_id = request_id
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            # Read (and drop) a body up to a few times the limit first: answering while the client is
-            # still sending makes the connection reset, and the client never sees the 413.
+            # Read (and drop) a body up to a few times the limit first. Responding while the client
+            # is still sending resets the connection, so the client would never see the 413.
             if int(length) <= DRAIN_FACTOR * settings.max_request_bytes:
                 async for _ in request.stream():
                     pass
