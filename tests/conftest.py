@@ -23,10 +23,17 @@ PERSONA_DATA = REPO_ROOT / "data" / "persona_zh" / "train.json"
 REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
 
 
+@pytest.fixture(scope="session")
+def encoded_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("encoded-cache")
+
+
 @pytest.fixture(autouse=True)
-def _quiet_swanlab(monkeypatch):
-    # Keeps SwanLab from asking for a login or reaching the network in any test.
+def _isolated_environment(monkeypatch, encoded_cache_dir):
+    # Keeps SwanLab from asking for a login or reaching the network in any test, and keeps
+    # encoded-data caches out of the user's home folder.
     monkeypatch.setenv("SWANLAB_MODE", "offline")
+    monkeypatch.setenv("VLMTUNE_CACHE", str(encoded_cache_dir))
 
 
 @pytest.fixture(scope="session")

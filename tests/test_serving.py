@@ -115,9 +115,9 @@ def test_image_as_data_url(client):
 
 def test_max_tokens_cut_reports_length(client):
     response = client.chat.completions.create(
-        model="persona", messages=[{"role": "user", "content": "随便说点什么吧"}], max_tokens=2
+        model="persona", messages=[{"role": "user", "content": "第3个问题"}], max_tokens=2
     )
-    # The trained layout alone needs more than two tokens, so the reply is cut.
+    # A training prompt: the trained layout alone needs more than two tokens, so the reply is cut.
     assert response.usage.completion_tokens == 2
     assert response.choices[0].finish_reason == "length"
 

@@ -102,6 +102,15 @@ class DataSettings(_Section):
         "<think> and <answer> tokens.",
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many examples (for quick runs).")
+    cache: bool = Field(
+        True,
+        description="Save encoded samples under a key of data, tokenizer, template and settings; "
+        "a later run with the same inputs loads them instead of encoding again.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Folder for encoded samples. None: $VLMTUNE_CACHE, else ~/.cache/vlmtune/encoded."
+    )
+    num_proc: int | None = Field(None, gt=0, description="Processes that encode the data (datasets.map). None: one.")
     max_pixels: int | None = Field(
         None, gt=0, description="Largest image area in pixels; larger images are scaled down. None: the processor's limit."
     )
@@ -184,7 +193,18 @@ class TrainSettings(_Section):
     group_by_length: bool = Field(
         True, description="Batch samples of similar length together so less compute goes to padding."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (non-reentrant) to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass (non-reentrant) to save memory, at about a third "
+        "more compute. auto: on for models of 1B parameters or more.",
+    )
+    padding_free: bool | Literal["auto"] = Field(
+        "auto",
+        description="Put each batch's samples in one row with per-sample positions, so no compute goes to "
+        "padding. Checked on the model before training: true stops with an error if packed and separate "
+        "forward passes differ. auto: on with flash attention (variable-length kernels) when the check "
+        "passes, else padded batches; with sdpa or eager attention a packed row costs a full attention mask.",
+    )
     seed: int = 42
     dataloader_num_workers: int = Field(0, ge=0)
 

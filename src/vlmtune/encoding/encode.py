@@ -241,6 +241,8 @@ class EncodingReport:
     """Encoded length of every conversation, per dataset file, before any was dropped or trimmed."""
     trimmed: int = 0
     resized_images: int = 0
+    seconds: float = 0.0
+    """Wall time of encoding, or of loading the cached result."""
 
     def log(self) -> None:
         for reason, sources in self.dropped.items():
@@ -253,7 +255,7 @@ class EncodingReport:
 
 
 def dataset_of(source: str) -> str:
-    """The dataset file part of a `FILE, record N (line L)` source."""
+    """Return the dataset file part of a `FILE, record N (line L)` source."""
     return source.split(", record ")[0]
 
 
@@ -266,39 +268,70 @@ def _without_oldest_turn(conversation: Conversation) -> Conversation | None:
     return Conversation([*messages[:start], *messages[start + 2 :]], source=conversation.source)
 
 
+@dataclass
+class EncodingOutcome:
+    """What data.on_invalid and data.on_overlength made of one conversation."""
+
+    sample: EncodedSample | None
+    length: int | None = None
+    """Encoded length before any trimming; None when the conversation could not be encoded."""
+    dropped: str | None = None
+    """Why the conversation was dropped; None when it was kept."""
+    error: DataError | None = None
+    """The error to raise (on_invalid or on_overlength is `error`)."""
+    trimmed: bool = False
+
+
+def encode_with_policy(encoder: ConversationEncoder, conversation: Conversation, settings: DataSettings) -> EncodingOutcome:
+    """Encode one conversation and apply data.on_invalid and data.on_overlength to it."""
+    max_length = settings.max_length
+    try:
+        sample = encoder.encode(conversation)
+    except DataError as error:
+        if settings.on_invalid == "error":
+            return EncodingOutcome(None, error=error)
+        return EncodingOutcome(None, dropped=error.reason)
+    length = len(sample)
+    if length <= max_length:
+        return EncodingOutcome(sample, length)
+    if settings.on_overlength == "error":
+        error = DataError(
+            f"{conversation.source}: the encoded sample has {length} tokens, more than "
+            f"data.max_length={max_length}. Raise data.max_length, or set data.on_overlength to drop or trim_history",
+            "too long",
+        )
+        return EncodingOutcome(None, length, error=error)
+    if settings.on_overlength == "trim_history":
+        shorter = _without_oldest_turn(conversation)
+        while shorter is not None and len(sample) > max_length:
+            sample = encoder.encode(shorter)
+            shorter = _without_oldest_turn(shorter)
+        if len(sample) <= max_length:
+            return EncodingOutcome(sample, length, trimmed=True)
+    return EncodingOutcome(None, length, dropped=f"longer than data.max_length={max_length} tokens")
+
+
+def add_outcome(report: EncodingReport, outcome: EncodingOutcome, source: str) -> None:
+    """Count one outcome into the report; raises its error, if it has one."""
+    if outcome.length is not None:
+        report.lengths.setdefault(dataset_of(source), []).append(outcome.length)
+    if outcome.error is not None:
+        raise outcome.error
+    if outcome.dropped is not None:
+        report.dropped.setdefault(outcome.dropped, []).append(source)
+        return
+    report.trimmed += outcome.trimmed
+    report.samples.append(outcome.sample)
+
+
 def encode_conversations(
     encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings
 ) -> EncodingReport:
-    """Encode all conversations, applying data.on_invalid and data.on_overlength."""
-    max_length = settings.max_length
+    """Encode all conversations in this process, applying data.on_invalid and data.on_overlength."""
     report = EncodingReport([], {})
     resized_before = encoder.resized_images
-    overlength = f"longer than data.max_length={max_length} tokens"
     for conversation in conversations:
-        try:
-            sample = encoder.encode(conversation)
-        except DataError as error:
-            if settings.on_invalid == "error":
-                raise
-            report.dropped.setdefault(error.reason, []).append(conversation.source)
-            continue
-        report.lengths.setdefault(dataset_of(conversation.source), []).append(len(sample))
-        if len(sample) > max_length and settings.on_overlength == "error":
-            raise DataError(
-                f"{conversation.source}: the encoded sample has {len(sample)} tokens, more than "
-                f"data.max_length={max_length}. Raise data.max_length, or set data.on_overlength to drop or trim_history",
-                "too long",
-            )
-        if len(sample) > max_length and settings.on_overlength == "trim_history":
-            shorter = _without_oldest_turn(conversation)
-            while shorter is not None and len(sample) > max_length:
-                sample = encoder.encode(shorter)
-                shorter = _without_oldest_turn(shorter)
-            report.trimmed += len(sample) <= max_length
-        if len(sample) > max_length:
-            report.dropped.setdefault(overlength, []).append(conversation.source)
-            continue
-        report.samples.append(sample)
+        add_outcome(report, encode_with_policy(encoder, conversation, settings), conversation.source)
     report.resized_images = encoder.resized_images - resized_before
     report.log()
     return report
@@ -316,7 +349,10 @@ __all__ = [
     "IGNORE_INDEX",
     "ConversationEncoder",
     "EncodedSample",
+    "EncodingOutcome",
     "EncodingReport",
+    "add_outcome",
     "conversation_for_generation",
     "encode_conversations",
+    "encode_with_policy",
 ]

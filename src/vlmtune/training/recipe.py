@@ -25,23 +25,29 @@ from typing import Any
 
 import torch
 from peft import prepare_model_for_kbit_training
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.config import RunConfig, config_to_dict, save_config
 from vlmtune.data.loading import LoadedData, load_data
 from vlmtune.inference.evaluation import EvalRun, build_prompts, write_report
-from vlmtune.encoding.collator import ChatCollator, SampleDataset, padding_share
-from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport, encode_conversations
+from vlmtune.encoding.collator import ChatCollator, LengthGroupedSampler, SampleDataset, padding_share
+from vlmtune.encoding.cache import encode_dataset
+from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
 from vlmtune.model.loading import LoadedModel, load_model, resolve_device
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora
+from vlmtune.model.packing import PackedPositions
 from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
 logger = logging.getLogger(__name__)
+
+AUTO_CHECKPOINTING_PARAMETERS = 1_000_000_000
+"""train.gradient_checkpointing=auto turns checkpointing on from this many parameters."""
+PADDING_FREE_TOLERANCE = 1e-2
+"""Largest relative difference of logits, packed vs separate, that counts as numerical noise."""
 
 # Initialisations that change base weights, so the saved adapter must be converted.
 CONVERTED_INITS = ("pissa", "olora")
@@ -72,6 +78,16 @@ def _package_versions() -> dict[str, str]:
     return versions
 
 
+class _Trainer(Trainer):
+    """transformers' Trainer with vlmtune's length-grouped sampler (see encoding/collator.py)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, SampleDataset):
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(dataset.lengths, self.args.per_device_train_batch_size, seed=self.args.seed)
+
+
 class LoraRecipe:
     """One training run, read top to bottom: setup(), train(), save()."""
 
@@ -89,6 +105,8 @@ class LoraRecipe:
         self.trainer: Trainer | None = None
         self.metrics: dict[str, Any] = {}
         self.padding_share: float | None = None
+        self.collator: ChatCollator | None = None
+        self.gradient_checkpointing = False
 
     def setup(self) -> None:
         self._check_output_dir()
@@ -105,7 +123,7 @@ class LoraRecipe:
         self._check_cpu_four_bit(bool(data.validation))
         self.loaded = load_model(config.model, for_training=True, quantization=config.quantization)
         encoder = ConversationEncoder.from_settings(self.loaded.processor, self.loaded.stop_token_ids, config.data)
-        self.report = encode_conversations(encoder, conversations, config.data)
+        self.report = encode_dataset(encoder, conversations, config.data, name="training")
         if not self.report.samples:
             raise DataError(
                 f"no sample is left to train on: all {len(conversations)} examples were dropped. "
@@ -117,7 +135,7 @@ class LoraRecipe:
                 row.dataset, row.count, row.min, row.median, row.p95, row.max, row.over_max_length,
             )
         if data.validation:
-            self.validation_samples = encode_conversations(encoder, data.validation, config.data).samples
+            self.validation_samples = encode_dataset(encoder, data.validation, config.data, name="validation").samples
         total_tokens = sum(len(sample) for sample in self.report.samples)
         supervised = sum(sample.supervised_count for sample in self.report.samples)
         logger.info(
@@ -130,25 +148,68 @@ class LoraRecipe:
 
         model = self.loaded.model
         checkpointing = {"use_reentrant": False}
+        self.gradient_checkpointing = self._resolve_gradient_checkpointing(model)
         if config.quantization.bits is not None:
             model = prepare_model_for_kbit_training(
                 model,
-                use_gradient_checkpointing=config.train.gradient_checkpointing,
+                use_gradient_checkpointing=self.gradient_checkpointing,
                 gradient_checkpointing_kwargs=checkpointing,
             )
-        elif config.train.gradient_checkpointing:
+        elif self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
             model.enable_input_require_grads()
         self.loaded.model = apply_lora(model, config.lora)
         if config.lora.init in CONVERTED_INITS:
             self._save_initial_adapter()
+        self.collator = self._make_collator()
+
+    def _resolve_gradient_checkpointing(self, model: torch.nn.Module) -> bool:
+        setting = self.config.train.gradient_checkpointing
+        if setting != "auto":
+            return setting
+        parameters = sum(parameter.numel() for parameter in model.parameters())
+        enabled = parameters >= AUTO_CHECKPOINTING_PARAMETERS
+        logger.info(
+            "gradient checkpointing %s (train.gradient_checkpointing=auto, %.2fB parameters)",
+            "on" if enabled else "off", parameters / 1e9,
+        )
+        return enabled
+
+    def _make_collator(self) -> ChatCollator:
+        """Use padding-free batches when asked for or when flash attention makes them cheap, and when
+        the model computes them exactly as padded ones."""
+        padded = ChatCollator(pad_token_id=self._pad_token_id())
+        setting = self.config.train.padding_free
+        attention = getattr(self.loaded.model.config, "_attn_implementation", None) or "eager"
+        if setting is False:
+            return padded
+        if setting == "auto" and "flash" not in attention:
+            logger.info(
+                "padding-free batches off: %s attention would compute a full mask over each packed row "
+                "(train.padding_free=auto turns them on with flash attention)", attention,
+            )
+            return padded
+        packed = ChatCollator(pad_token_id=padded.pad_token_id, positions=PackedPositions(self.loaded.model))
+        difference = padding_free_difference(self.loaded.model, padded, packed, self.report.samples)
+        if difference <= PADDING_FREE_TOLERANCE:
+            logger.info("padding-free batches: packed and separate forward passes agree (difference %.1e)", difference)
+            return packed
+        message = (
+            f"padding-free batches change this model's outputs (relative difference {difference:.3f} on two "
+            f"training samples): {type(self.loaded.model.get_base_model()).__name__} does not separate samples "
+            "that share a row"
+        )
+        if setting is True:
+            raise ConfigError(f"train.padding_free=true: {message}. Set train.padding_free to false or auto")
+        logger.warning("%s; training on padded batches (train.padding_free=auto)", message)
+        return padded
 
     def _check_cpu_four_bit(self, has_validation: bool) -> None:
         """Stop before loading when 4-bit training on CPU would also have to evaluate.
 
         NOTE: bitsandbytes 0.50.2 repacks 4-bit weights in place for CPU inference once a layer
-        runs in eval mode; training steps after that fail, and evaluation after training failed
-        on this model's small vision layers. 8-bit and GPU runs are not affected.
+        runs in eval mode, and training steps after that fail. 8-bit CPU runs pass the same
+        tests; GPU runs use other kernels and have not been tried.
         """
         config = self.config
         on_cpu = resolve_device(config.model.device).type == "cpu"
@@ -231,33 +292,31 @@ class LoraRecipe:
                 )
                 callbacks.append(self.sampling)
         self._log_padding_share()
-        self.trainer = Trainer(
+        self.trainer = _Trainer(
             model=self.loaded.model,
             args=self._training_arguments(),
             train_dataset=SampleDataset(self.report.samples),
             eval_dataset=SampleDataset(self.validation_samples) if self.validation_samples else None,
-            data_collator=ChatCollator(pad_token_id=self._pad_token_id()),
+            data_collator=self.collator,
             callbacks=callbacks,
         )
 
     def _log_padding_share(self) -> None:
         """Log the padding share of one epoch's batches, grouped by length and in random order."""
         train = self.config.train
+        if self.collator.positions is not None:
+            logger.info("padding: none (padding-free batches)")
+            self.padding_share = 0.0
+            return
         lengths = [len(sample) for sample in self.report.samples]
         batch_size = train.per_device_train_batch_size
-        generator = torch.Generator().manual_seed(train.seed)
-        random_order = torch.randperm(len(lengths), generator=generator).tolist()
-        grouped_order = list(
-            LengthGroupedSampler(batch_size * train.gradient_accumulation_steps, lengths=lengths, generator=generator)
-        )
-
-        def batches(order: list[int]) -> list[list[int]]:
-            return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-        grouped, shuffled = padding_share(lengths, batches(grouped_order)), padding_share(lengths, batches(random_order))
+        random_order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(train.seed)).tolist()
+        random_batches = [random_order[start : start + batch_size] for start in range(0, len(lengths), batch_size)]
+        grouped_batches = LengthGroupedSampler(lengths, batch_size, seed=train.seed).batches()
+        grouped, shuffled = padding_share(lengths, grouped_batches), padding_share(lengths, random_batches)
         chosen = grouped if train.group_by_length else shuffled
         logger.info(
-            "padding: %.0f%% of computed tokens (train.group_by_length=%s; %.0f%% grouped by length, %.0f%% in random order)",
+            "padding: %.1f%% of computed tokens (train.group_by_length=%s; %.1f%% grouped by length, %.1f%% in random order)",
             100 * chosen, train.group_by_length, 100 * grouped, 100 * shuffled,
         )
         self.padding_share = chosen
@@ -347,6 +406,34 @@ class LoraRecipe:
         write_loss_plot(self.trainer.state.log_history, self.output_dir / "loss.png")
         manifest_path = self.output_dir / "run_manifest.json"
         manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+@torch.no_grad()
+def padding_free_difference(
+    model: torch.nn.Module, padded: ChatCollator, packed: ChatCollator, samples: list[EncodedSample]
+) -> float:
+    """Relative difference of logits between two samples run separately and in one padding-free row.
+
+    Attention that ignores the per-sample positions lets the second sample see the first,
+    which changes its logits by far more than numerical noise.
+    """
+    pair = sorted(samples, key=len)[:2]
+    if len(pair) < 2:
+        return 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+
+        def logits(batch: dict[str, Any]) -> torch.Tensor:
+            batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            return model(**{**batch, "use_cache": False}).logits.float()
+
+        separate = torch.cat([logits(padded([sample]))[0] for sample in pair])
+        together = logits(packed(pair))[0]
+    finally:
+        model.train(was_training)
+    return float((separate - together).abs().mean() / separate.abs().mean().clamp_min(1e-6))
 
 
 def write_loss_plot(log_history: list[dict], path: Path) -> Path | None:

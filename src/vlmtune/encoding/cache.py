@@ -1,0 +1,235 @@
+"""Encode a dataset once: `datasets.map` over the conversations, saved under a key.
+
+The key hashes everything the encoded samples depend on. These are the conversations
+themselves (after reading, system prompt, de-duplication and splitting) and the image
+files they name (path, size and modification time). They are also the tokenizer, the
+chat template, the image processor's settings, the stop ids and the data settings that
+shape encoding. A second
+run with the same inputs loads the saved Arrow files instead of encoding again; any
+change to one of them gives a new key. Set `data.num_proc` to encode in several
+processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from vlmtune import __version__
+from vlmtune.config import DataSettings
+from vlmtune.data.conversation import Conversation
+from vlmtune.encoding.encode import (
+    ConversationEncoder,
+    EncodedSample,
+    EncodingOutcome,
+    EncodingReport,
+    add_outcome,
+    encode_with_policy,
+)
+from vlmtune.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "VLMTUNE_CACHE"
+"""Environment variable naming the cache root when data.cache_dir is not set."""
+
+# Settings that change what the encoder produces. The others (paths, splits) act through the conversations.
+ENCODING_SETTINGS = ("thinking", "train_on", "max_length", "on_overlength", "on_invalid", "min_pixels", "max_pixels")
+
+
+def cache_root(settings: DataSettings) -> Path:
+    if settings.cache_dir:
+        return Path(settings.cache_dir)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path.home() / ".cache" / "vlmtune" / "encoded"
+
+
+def _image_stamp(source: str) -> str:
+    """Return what identifies an image: path, size and modification time of a file, or the URL itself."""
+    if source.startswith(("http://", "https://", "data:")):
+        return source
+    path = Path(source.removeprefix("file://")).expanduser()
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"{source}:missing"  # encoding reports the missing file with its record
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def encoding_key(encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings) -> str:
+    """Hash every input of encoding into one hex key."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        digest.update(json.dumps(value, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8"))
+        digest.update(b"\0")
+
+    tokenizer = encoder.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    add(__version__)
+    add(backend.to_str() if backend is not None else tokenizer.get_vocab())
+    add(getattr(encoder.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
+    image_processor = getattr(encoder.processor, "image_processor", None)
+    add(image_processor.to_json_string() if image_processor is not None else None)
+    add([encoder.stop_ids, encoder.end_of_turn_id, encoder.layout, encoder.pixel_limits])
+    add({name: getattr(settings, name) for name in ENCODING_SETTINGS})
+    for conversation in conversations:
+        add(conversation.source)
+        add([asdict(message) for message in conversation.messages])
+        add([_image_stamp(image.source) for image in conversation.images])
+    return digest.hexdigest()[:32]
+
+
+# -- rows <-> samples ----------------------------------------------------------------------
+
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "reply_starts": datasets.Sequence(datasets.Value("int32")),
+        "mm_token_type_ids": datasets.Sequence(datasets.Value("int8")),
+        "pixel_values": datasets.Sequence(datasets.Value("float32")),
+        "pixel_shape": datasets.Sequence(datasets.Value("int32")),
+        "image_grid_thw": datasets.Sequence(datasets.Value("int32")),
+        "source": datasets.Value("string"),
+        "outcome": datasets.Value("string"),
+    }
+)
+
+
+def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
+    sample = outcome.sample
+    fields = {
+        "length": outcome.length,
+        "dropped": outcome.dropped,
+        "trimmed": outcome.trimmed,
+        "error": None if outcome.error is None else [str(outcome.error), outcome.error.reason],
+    }
+    row: dict[str, Any] = {
+        "input_ids": [],
+        "labels": [],
+        "reply_starts": [],
+        "mm_token_type_ids": [],
+        "pixel_values": [],
+        "pixel_shape": [],
+        "image_grid_thw": [],
+        "source": source,
+        "outcome": json.dumps(fields),
+    }
+    if sample is not None:
+        row.update(input_ids=sample.input_ids, labels=sample.labels, reply_starts=sample.reply_starts)
+        row["mm_token_type_ids"] = sample.mm_token_type_ids or []
+        if sample.pixel_values is not None:
+            row["pixel_values"] = sample.pixel_values.float().flatten().tolist()
+            row["pixel_shape"] = list(sample.pixel_values.shape)
+            row["image_grid_thw"] = sample.image_grid_thw.flatten().tolist()
+    return row
+
+
+def _row_outcome(row: dict[str, Any]) -> EncodingOutcome:
+    fields = json.loads(row["outcome"])
+    error = DataError(*fields["error"]) if fields["error"] else None
+    if fields["dropped"] is not None or error is not None:
+        return EncodingOutcome(None, fields["length"], dropped=fields["dropped"], error=error)
+    sample = EncodedSample(row["input_ids"], row["labels"], row["reply_starts"], source=row["source"])
+    if row["mm_token_type_ids"]:
+        sample.mm_token_type_ids = row["mm_token_type_ids"]
+    if row["pixel_shape"]:
+        sample.pixel_values = torch.tensor(row["pixel_values"], dtype=torch.float32).view(*row["pixel_shape"])
+        sample.image_grid_thw = torch.tensor(row["image_grid_thw"], dtype=torch.long).view(-1, 3)
+    return EncodingOutcome(sample, fields["length"], trimmed=fields["trimmed"])
+
+
+class _EncodeRows:
+    """The `datasets.map` function: encode the conversations whose indices are in the batch."""
+
+    def __init__(self, encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings):
+        self.encoder = encoder
+        self.conversations = conversations
+        self.settings = settings
+        self.parent_pid = os.getpid()
+
+    def __call__(self, batch: dict[str, list[int]]) -> dict[str, list[Any]]:
+        if os.getpid() != self.parent_pid:
+            # A forked worker must not enter the parent's OpenMP thread pool: it would wait forever.
+            torch.set_num_threads(1)
+        rows = []
+        for index in batch["index"]:
+            conversation = self.conversations[index]
+            resized_before = self.encoder.resized_images
+            row = _outcome_row(encode_with_policy(self.encoder, conversation, self.settings), conversation.source)
+            row["resized_images"] = self.encoder.resized_images - resized_before
+            rows.append(row)
+        return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
+
+
+def encode_dataset(
+    encoder: ConversationEncoder,
+    conversations: list[Conversation],
+    settings: DataSettings,
+    name: str = "train",
+) -> EncodingReport:
+    """Encode conversations through `datasets.map`, or load the result of an earlier run with the same inputs."""
+    started = time.perf_counter()
+    key = encoding_key(encoder, conversations, settings)
+    folder = cache_root(settings) / key
+    if settings.cache and (folder / "dataset_info.json").is_file():
+        encoded = datasets.load_from_disk(str(folder))
+        logger.info("%s data: cache hit, loaded %d encoded examples from %s", name, len(encoded), folder)
+    else:
+        encoded = _encode(encoder, conversations, settings)
+        if settings.cache:
+            _save(encoded, folder)
+    report = EncodingReport([], {})
+    for row in encoded:
+        add_outcome(report, _row_outcome(row), row["source"])
+        report.resized_images += row["resized_images"]
+    report.seconds = time.perf_counter() - started
+    report.log()
+    return report
+
+
+def _encode(encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings) -> datasets.Dataset:
+    features = FEATURES.copy()
+    features["resized_images"] = datasets.Value("int32")
+    indices = datasets.Dataset.from_dict({"index": list(range(len(conversations)))})
+    num_proc = settings.num_proc if settings.num_proc and settings.num_proc > 1 and len(conversations) > 1 else None
+    return indices.map(
+        _EncodeRows(encoder, conversations, settings),
+        batched=True,
+        batch_size=64,
+        num_proc=num_proc,
+        remove_columns=["index"],
+        features=features,
+        new_fingerprint=f"vlmtune-encode-{len(conversations)}",
+        load_from_cache_file=False,
+        keep_in_memory=True,
+        desc="encoding",
+    )
+
+
+def _save(encoded: datasets.Dataset, folder: Path) -> None:
+    """Write the encoded dataset next to its final folder, then move it in place, so readers never see half a cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    encoded.save_to_disk(str(partial))
+    try:
+        partial.rename(folder)
+    except OSError:  # another process saved the same key first
+        shutil.rmtree(partial, ignore_errors=True)
+    logger.info("saved the encoded data to %s", folder)
+
+
+__all__ = ["cache_root", "encode_dataset", "encoding_key"]

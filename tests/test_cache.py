@@ -1,0 +1,115 @@
+"""Encoding through datasets.map with a keyed cache: same samples, cache hits, new keys on change."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import PERSONA_DATA, data_settings
+from vlmtune.config import DatasetSpec
+from vlmtune.data import Conversation, ImagePart, Message, TextPart
+from vlmtune.data.loading import load_dataset_file
+from vlmtune.encoding import ConversationEncoder, encode_conversations
+from vlmtune.encoding.cache import encode_dataset, encoding_key
+from vlmtune.errors import DataError
+from test_images import FIXTURE_IMAGES, IMAGE_DATA, image_conversation
+
+
+@pytest.fixture(scope="module")
+def mixed_conversations() -> list[Conversation]:
+    text = load_dataset_file(DatasetSpec(path=str(PERSONA_DATA)))[:40]
+    images = load_dataset_file(DatasetSpec(path=str(IMAGE_DATA)))[:6]
+    return text + images
+
+
+def assert_same_samples(left, right):
+    assert len(left) == len(right)
+    for a, b in zip(left, right):
+        assert (a.input_ids, a.labels, a.reply_starts, a.source) == (b.input_ids, b.labels, b.reply_starts, b.source)
+        assert a.mm_token_type_ids == b.mm_token_type_ids
+        assert (a.pixel_values is None) == (b.pixel_values is None)
+        if a.pixel_values is not None:
+            assert torch.equal(a.pixel_values, b.pixel_values)
+            assert torch.equal(a.image_grid_thw, b.image_grid_thw)
+
+
+def test_cached_encoding_matches_direct_encoding_and_hits_the_second_time(
+    encoder, mixed_conversations, tmp_path, caplog
+):
+    settings = data_settings(cache_dir=str(tmp_path), max_length=256)
+    direct = encode_conversations(encoder, mixed_conversations, settings)
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        first = encode_dataset(encoder, mixed_conversations, settings)
+    assert "cache hit" not in caplog.text
+    assert_same_samples(direct.samples, first.samples)
+    assert first.dropped == direct.dropped and first.lengths == direct.lengths
+    assert any(sample.pixel_values is not None for sample in first.samples)
+    assert len(list(tmp_path.iterdir())) == 1
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        second = encode_dataset(encoder, mixed_conversations, settings)
+    assert "cache hit" in caplog.text
+    assert_same_samples(direct.samples, second.samples)
+    assert second.dropped == direct.dropped and second.lengths == direct.lengths
+
+
+def test_two_processes_encode_the_same_samples(encoder, mixed_conversations, tmp_path):
+    one = encode_dataset(encoder, mixed_conversations, data_settings(cache=False, cache_dir=str(tmp_path)))
+    two = encode_dataset(encoder, mixed_conversations, data_settings(cache=False, cache_dir=str(tmp_path), num_proc=2))
+    assert_same_samples(one.samples, two.samples)
+    assert list(tmp_path.iterdir()) == []  # cache=False writes nothing
+
+
+def test_key_changes_with_every_input(loaded, encoder, tmp_path):
+    image = tmp_path / "cat.png"
+    shutil.copy(FIXTURE_IMAGES / "orange.png", image)
+    conversations = [image_conversation(image)]
+    settings = data_settings()
+    key = encoding_key(encoder, conversations, settings)
+    assert encoding_key(encoder, conversations, settings) == key
+
+    assert encoding_key(encoder, conversations, data_settings(max_length=100)) != key
+    assert encoding_key(encoder, conversations, data_settings(thinking="none")) != key
+    assert encoding_key(encoder, [image_conversation(image, answer="不是喵")], settings) != key
+    no_think = ConversationEncoder(loaded.processor, loaded.stop_token_ids, thinking="none")
+    assert encoding_key(no_think, conversations, settings) != key
+
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert encoding_key(encoder, conversations, settings) != key
+
+
+def test_key_changes_with_the_chat_template(loaded, encoder):
+    conversations = [Conversation([Message("user", [TextPart("你好")]), Message("assistant", [TextPart("喵")])])]
+    settings = data_settings()
+    key = encoding_key(encoder, conversations, settings)
+    processor = loaded.processor
+    original = processor.chat_template
+    try:
+        processor.chat_template = original.replace("<|assistant|>", "<|assistant|> ", 1)
+        assert encoding_key(encoder, conversations, settings) != key
+    finally:
+        processor.chat_template = original
+
+
+def test_invalid_examples_are_reported_from_cache_too(encoder, tmp_path):
+    good = Conversation([Message("user", [TextPart("你好")]), Message("assistant", [TextPart("喵")])], source="a.json, record 0")
+    missing = Conversation(
+        [Message("user", [ImagePart(str(tmp_path / "gone.png")), TextPart("?")]), Message("assistant", [TextPart("喵")])],
+        source="a.json, record 1",
+    )
+    settings = data_settings(cache_dir=str(tmp_path / "cache"), on_invalid="skip")
+    for _ in range(2):  # encoded, then loaded from the cache
+        report = encode_dataset(encoder, [good, missing], settings)
+        assert len(report.samples) == 1
+        assert report.dropped == {"missing image": ["a.json, record 1"]}
+
+    strict = data_settings(cache_dir=str(tmp_path / "cache"), on_invalid="error")
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"a.json, record 1: image not found: .*gone.png"):
+            encode_dataset(encoder, [good, missing], strict)
