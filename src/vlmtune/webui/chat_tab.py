@@ -88,7 +88,7 @@ class ChatTab:
             self.refresh = gr.Button(t("refresh_adapters"), scale=1, elem_id="chat-refresh")
             self.compare = gr.Checkbox(label=t("compare"), value=False, scale=1, elem_id="chat-compare")
         self.system = gr.Textbox(label=t("system_prompt"), info=t("system_prompt_info"), lines=2, elem_id="chat-system")
-        with gr.Accordion(t("generation_settings"), open=False):
+        with gr.Accordion(t("generation_settings"), open=False, elem_id="chat-settings"):
             with gr.Row():
                 self.temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label=t("temperature"))
                 self.top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label=t("top_p"))

@@ -39,9 +39,16 @@ def error_text(error: Exception) -> str:
 
 def loss_frame(losses: list[tuple[int, float]], eval_losses: list[tuple[int, float]]) -> pandas.DataFrame:
     """Return the loss points as the long table gr.LinePlot draws, one series per loss."""
-    rows = [{"step": step, "loss": loss, "series": "training"} for step, loss in losses]
-    rows += [{"step": step, "loss": loss, "series": "evaluation"} for step, loss in eval_losses]
-    return pandas.DataFrame(rows, columns=["step", "loss", "series"])
+    points = [(step, loss, "training") for step, loss in losses]
+    points += [(step, loss, "evaluation") for step, loss in eval_losses]
+    # Explicit dtypes even when empty, because the plot picks quantitative or nominal axes from them.
+    return pandas.DataFrame(
+        {
+            "step": pandas.Series([point[0] for point in points], dtype="int64"),
+            "loss": pandas.Series([point[1] for point in points], dtype="float64"),
+            "series": pandas.Series([point[2] for point in points], dtype="str"),
+        }
+    )
 
 
 def progress_html(step: int, max_steps: int, state: str) -> str:
@@ -88,7 +95,7 @@ class TrainTab:
                     self.lora_rank = gr.Number(value=8, label=t("lora_rank"), precision=0, minimum=1)
                     self.max_length = gr.Number(value=1024, label=t("max_length"), precision=0, minimum=1)
                 self.thinking = gr.Dropdown(choices=THINKING_LAYOUTS, value="auto", label=t("thinking"))
-                with gr.Accordion(t("more_settings"), open=False):
+                with gr.Accordion(t("more_settings"), open=False, elem_id="train-more"):
                     self.max_steps = gr.Number(value=-1, label=t("max_steps"), precision=0, elem_id="train-max-steps")
                     self.overwrite = gr.Checkbox(label=t("overwrite"), value=False, elem_id="train-overwrite")
                 with gr.Row():
