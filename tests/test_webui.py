@@ -16,8 +16,8 @@ from vlmtune.config import GenerationSettings, load_config  # noqa: E402
 from vlmtune.errors import ConfigError  # noqa: E402
 from vlmtune.webui.adapters import find_adapters  # noqa: E402
 from vlmtune.webui.app import parse_auth  # noqa: E402
-from vlmtune.webui.chat import ADAPTER_SIDE, BASE_SIDE, ChatBackend, Turn, side_history  # noqa: E402
-from vlmtune.webui.chat_tab import chat_messages  # noqa: E402
+from vlmtune.webui.chat import ADAPTER_SIDE, BASE_SIDE, ChatBackend, SideReply, Turn, side_history  # noqa: E402
+from vlmtune.webui.chat_tab import chat_messages, reply_messages  # noqa: E402
 from vlmtune.webui.forms import (  # noqa: E402
     CONFIG_FILE_NAME,
     TrainForm,
@@ -311,3 +311,48 @@ def test_switch_to_second_adapter(backend, trained_adapter, tmp_path):
         assert backend.adapter == str(copy)
     finally:
         backend.use_adapter(str(trained_adapter))
+
+
+def test_reply_renders_thinking_collapsed():
+    reply = SideReply(answer="好的喵~", reasoning="先想一想", stopped=True, done=True, max_new_tokens=64)
+    answer, thought = reply_messages(reply)
+    assert answer == {"role": "assistant", "content": "好的喵~"}
+    assert thought["content"] == "先想一想"
+    assert thought["metadata"]["status"] == "done", "a done thought starts collapsed"
+
+
+def test_cut_reply_marked():
+    reply = SideReply(answer="喵喵喵", stopped=False, done=True, max_new_tokens=8)
+    (answer,) = reply_messages(reply)
+    assert answer["content"].startswith("喵喵喵")
+    assert "reply cut off: it reached max_new_tokens=8" in answer["content"]
+    streaming = SideReply(answer="喵", stopped=False, done=False, max_new_tokens=8)
+    assert reply_messages(streaming) == [{"role": "assistant", "content": "喵"}], "no mark while it streams"
+
+
+def test_reasoning_only_reply_explained():
+    reply = SideReply(answer="", reasoning="想了很久", stopped=True, done=True)
+    answer, thought = reply_messages(reply)
+    assert "reasoning only" in answer["content"]
+    assert thought["content"] == "想了很久"
+
+
+def test_images_shown_before_text():
+    turns = [Turn(text="这是什么？", images=["a.png", "b.png"])]
+    assert chat_messages(turns, ADAPTER_SIDE) == [
+        {"role": "user", "content": {"path": "a.png"}},
+        {"role": "user", "content": {"path": "b.png"}},
+        {"role": "user", "content": "这是什么？"},
+    ]
+
+
+def test_cli_rejects_bad_auth(tiny_model_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "vlmtune.cli.main", "webui", "--model", str(tiny_model_dir), "--auth", "alice"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--auth: expected USER:PASSWORD" in result.stderr

@@ -371,3 +371,10 @@ def test_chinese_labels_follow_browser(server):
         _screenshot(driver, "chat-zh")
     finally:
         driver.quit()
+
+
+def test_page_loads_nothing_from_elsewhere(page, server):
+    resources = page.execute_script("return performance.getEntriesByType('resource').map(entry => entry.name)")
+    assert resources, "the browser recorded no resource loads"
+    outside = [url for url in resources if not url.startswith((server, "data:", "blob:"))]
+    assert outside == [], "the page loads resources only from the local server"

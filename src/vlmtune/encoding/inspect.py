@@ -61,8 +61,8 @@ SegmentKind = Literal["supervised", "masked", "image"]
 def sample_segments(encoder: ConversationEncoder, sample: EncodedSample) -> list[tuple[str, SegmentKind]]:
     """Split a sample into decoded runs of supervised, masked and image tokens.
 
-    A run of image tokens becomes one `<image token>×COUNT` piece, because hundreds of
-    identical markers say less than their count.
+    A run of image tokens becomes one `<image token>×COUNT` piece, because a count is easier to
+    read than hundreds of identical markers.
     """
     tokenizer = encoder.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(encoder.image_token) if encoder.image_token else None

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class WebUISettings:
-    """What `vlmtune webui` passes to the app."""
+    """Settings that `vlmtune webui` passes to the app."""
 
     model: str
     adapter: str | None = None

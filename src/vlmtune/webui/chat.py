@@ -127,7 +127,7 @@ class ChatBackend:
     def stream_turn(
         self, turns: list[Turn], side: str, settings: GenerationSettings, system_prompt: str | None
     ) -> Iterator[SideReply]:
-        """Answer the last turn on one side, yielding the reply as it grows; the last one has done=True.
+        """Generate the last turn's reply on one side, yielding it as it grows; the last yield has done=True.
 
         Errors from generation are raised in the caller's thread.
         """

@@ -173,6 +173,7 @@ class ChatTab:
                 for _ in self.backend.stream_turn(turns, side, settings, prompt):
                     yield self._views(turns)
         except VlmtuneError as error:
+            logger.warning("chat request failed (adapter %s): %s", adapter, error)
             yield self._views(turns[:-1], f"**Error:** {error}")
         except Exception as error:  # shown in the page instead of a traceback; logged in full
             logger.exception("chat generation failed")

@@ -26,7 +26,7 @@ PROGRESS_FILE_NAME = "progress.jsonl"  # written by vlmtune.training.progress.Pr
 
 @dataclass
 class Progress:
-    """What progress.jsonl tells about a run so far."""
+    """A run's state so far, as read from progress.jsonl."""
 
     step: int = 0
     max_steps: int = 0

@@ -37,6 +37,14 @@ def error_text(error: Exception) -> str:
     return f"**Error:** {type(error).__name__}: {error}"
 
 
+def log_error(action: str, error: Exception) -> None:
+    """Log an error shown in the page: one line for user errors, the traceback for anything else."""
+    if isinstance(error, VlmtuneError):
+        logger.warning("%s: %s", action, error)
+    else:
+        logger.exception(action)
+
+
 def loss_frame(losses: list[tuple[int, float]], eval_losses: list[tuple[int, float]]) -> pandas.DataFrame:
     """Return the loss points as the long table gr.LinePlot draws, one series per loss."""
     points = [(step, loss, "training") for step, loss in losses]
@@ -76,6 +84,7 @@ class TrainTab:
         t = self.i18n
         presets = list_presets(self.presets_dir)
         default_preset = next((preset for preset in presets if Path(preset).name == "demo.yaml"), presets[0] if presets else None)
+
         with gr.Row():
             with gr.Column():
                 self.dataset = gr.Textbox(label=t("dataset"), elem_id="train-dataset")
@@ -87,6 +96,7 @@ class TrainTab:
                 self.preset = gr.Dropdown(
                     choices=presets, value=default_preset, label=t("preset"), allow_custom_value=True, elem_id="train-preset"
                 )
+
             with gr.Column():
                 with gr.Row():
                     self.epochs = gr.Number(value=3, label=t("epochs"), minimum=0.01)
@@ -102,12 +112,14 @@ class TrainTab:
                     self.preview = gr.Button(t("preview"), elem_id="train-preview")
                     self.start = gr.Button(t("start"), variant="primary", elem_id="train-start")
                     self.stop = gr.Button(t("stop"), variant="stop", elem_id="train-stop")
+
         self.status = gr.Markdown(elem_id="train-status")
         self.samples = [
             gr.HighlightedText(label=t("preview_sample"), color_map=COLOR_MAP, show_legend=True, visible=False,
                                elem_id=f"train-sample-{index}")
             for index in range(PREVIEW_COUNT)
         ]
+
         self.command = gr.Textbox(label=t("command"), interactive=False, elem_id="train-command")
         self.progress = gr.HTML(progress_html(0, 0, "idle"), label=t("progress"))
         self.loss_plot = gr.LinePlot(
@@ -161,8 +173,7 @@ class TrainTab:
             config = build_run_config(self._form(*values))
             previews = preview_samples(config, PREVIEW_COUNT)
         except Exception as error:  # shown in the page instead of a traceback
-            if not isinstance(error, VlmtuneError):
-                logger.exception("preview failed")
+            log_error("preview failed", error)
             return [error_text(error), *hidden]
         lines = []
         for index, preview in enumerate(previews, start=1):
@@ -193,8 +204,7 @@ class TrainTab:
             shown = shell_command(command)
             self.jobs.start(command, shown, output_dir)
         except Exception as error:  # shown in the page instead of a traceback
-            if not isinstance(error, VlmtuneError):
-                logger.exception("starting the training run failed")
+            log_error("starting the training run failed", error)
             return error_text(error), ""
         return f"Started; the config is {config_path}.", shown
 
