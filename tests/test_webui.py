@@ -356,3 +356,15 @@ def test_cli_rejects_bad_auth(tiny_model_dir):
     )
     assert result.returncode == 2, result.stderr
     assert "--auth: expected USER:PASSWORD" in result.stderr
+
+
+def test_upload_kept_next_to_runs(tmp_path):
+    from vlmtune.webui.train_tab import TrainTab
+
+    (tmp_path / "cache").mkdir()
+    uploaded = write_json(tmp_path / "cache" / "mine.json", [{"instruction": "你好", "input": "", "output": "喵"}])
+    tab = TrainTab(JobManager(), None, str(tmp_path / "outputs"), "configs", i18n=lambda key: key)
+    kept = Path(tab.keep_upload(str(uploaded)))
+    assert kept == tmp_path / "outputs" / "uploads" / "mine.json"
+    assert kept.read_text(encoding="utf-8") == uploaded.read_text(encoding="utf-8")
+    assert tab.keep_upload(None) == ""
