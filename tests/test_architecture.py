@@ -20,6 +20,8 @@ FORBIDDEN = {
     "training": {"serving", "cli"},
     "inference": {"training", "serving", "cli"},
     "serving": {"training", "cli"},
+    # The web UI starts training as a `vlmtune train` subprocess, never in its own process.
+    "webui": {"training", "serving", "cli"},
 }
 
 

@@ -299,20 +299,11 @@ def data_stats(
 
 def _encoder_for(run_config):
     """Build a ConversationEncoder from the config's processor and generation config, without the weights."""
-    from transformers import GenerationConfig
-
     from vlmtune.encoding import ConversationEncoder
-    from vlmtune.model.hub import resolve_model_path
-    from vlmtune.model.loading import load_processor, stop_token_ids
+    from vlmtune.model.loading import load_processor_and_stop_ids
 
-    model_path = str(resolve_model_path(run_config.model))
-    processor = load_processor(model_path, run_config.model.trust_remote_code)
-    try:
-        generation_config = GenerationConfig.from_pretrained(model_path)
-    except OSError:
-        generation_config = None
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return ConversationEncoder.from_settings(processor, stop_token_ids(generation_config, tokenizer), run_config.data)
+    processor, stop_ids = load_processor_and_stop_ids(run_config.model)
+    return ConversationEncoder.from_settings(processor, stop_ids, run_config.data)
 
 
 @app.command()
@@ -352,6 +343,42 @@ def chat(
         device=device,
         console=console,
     )
+
+
+@app.command()
+def webui(
+    model: ModelOption = None,
+    adapter: AdapterOption = None,
+    hub: HubOption = "auto",
+    outputs: Annotated[Path, typer.Option(help="Folder searched for adapters and used for new runs.")] = Path("outputs"),
+    presets: Annotated[Path, typer.Option(help="Folder of YAML presets for the Train tab.")] = Path("configs"),
+    host: Annotated[str, typer.Option(help="Address to bind. 0.0.0.0 exposes the page to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 7860,
+    auth: Annotated[Optional[str], typer.Option(help="Require a login, given as USER:PASSWORD.")] = None,
+    share: Annotated[bool, typer.Option(help="Also publish the page through a public Gradio share link.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Starting value of the Chat tab's max new tokens per reply.")] = 512,
+    device: DeviceOption = "auto",
+) -> None:
+    """Open a web page to chat with a model and adapter, and to start and follow training runs."""
+    from vlmtune.model.loading import adapter_base_model
+
+    try:
+        from vlmtune.webui.app import WebUISettings, launch
+    except ImportError as error:
+        raise VlmtuneError(f"the web UI needs gradio ({error}); install it with pip install -e '.[webui]'") from None
+    base = model or (adapter_base_model(adapter) if adapter else None)
+    if base is None:
+        raise VlmtuneError("--model is required unless --adapter names a folder whose adapter_config.json records its base model")
+    settings = WebUISettings(
+        model=base,
+        adapter=adapter,
+        outputs_dir=str(outputs),
+        presets_dir=str(presets),
+        hub=hub,
+        device=device,
+        max_new_tokens=max_new_tokens,
+    )
+    launch(settings, host=host, port=port, auth=auth, share=share)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import groupby
+from typing import Literal
 
 from rich.text import Text
 
@@ -54,17 +55,35 @@ def check_sample(encoder: ConversationEncoder, conversation: Conversation, sampl
     return SelfCheck(prompt_matches, ends_with_stop, len(supervised), problems)
 
 
-def render_sample(encoder: ConversationEncoder, sample: EncodedSample) -> Text:
-    """Supervised tokens in bold green, masked tokens dim; image token runs shown as a count."""
+SegmentKind = Literal["supervised", "masked", "image"]
+
+
+def sample_segments(encoder: ConversationEncoder, sample: EncodedSample) -> list[tuple[str, SegmentKind]]:
+    """Split a sample into decoded runs of supervised, masked and image tokens.
+
+    A run of image tokens becomes one `<image token>×COUNT` piece, because a count is easier to
+    read than hundreds of identical markers.
+    """
     tokenizer = encoder.tokenizer
     image_id = tokenizer.convert_tokens_to_ids(encoder.image_token) if encoder.image_token else None
-    text = Text()
+    segments: list[tuple[str, SegmentKind]] = []
     pairs = zip(sample.input_ids, sample.labels)
     for (is_supervised, is_image), run in groupby(pairs, key=lambda pair: (pair[1] != IGNORE_INDEX, pair[0] == image_id)):
         ids = [token for token, _ in run]
         if is_image:
-            text.append(f"{encoder.image_token}×{len(ids)}", style="magenta")
-            continue
-        piece = tokenizer.decode(ids, skip_special_tokens=False)
-        text.append(piece, style="bold green" if is_supervised else "dim")
+            segments.append((f"{encoder.image_token}×{len(ids)}", "image"))
+        else:
+            piece = tokenizer.decode(ids, skip_special_tokens=False)
+            segments.append((piece, "supervised" if is_supervised else "masked"))
+    return segments
+
+
+SEGMENT_STYLES = {"supervised": "bold green", "masked": "dim", "image": "magenta"}
+
+
+def render_sample(encoder: ConversationEncoder, sample: EncodedSample) -> Text:
+    """Supervised tokens in bold green, masked tokens dim; image token runs shown as a count."""
+    text = Text()
+    for piece, kind in sample_segments(encoder, sample):
+        text.append(piece, style=SEGMENT_STYLES[kind])
     return text

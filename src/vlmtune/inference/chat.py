@@ -20,15 +20,16 @@ class ChatSession:
         system = [Message("system", [TextPart(self.system_prompt)])] if self.system_prompt else []
         return Conversation([*system, *self.history], source="chat")
 
-    def ask(self, text: str, images: list[str] | None = None, on_text=None) -> Reply:
+    def ask(self, text: str, images: list[str] | None = None, on_text=None, on_parts=None) -> Reply:
+        """Send one user message and add the reply to the history; streams when on_text or on_parts is given."""
         content: list[ContentPart] = [ImagePart(image) for image in images or []]
         content.append(TextPart(text))
         self.history.append(Message("user", content))
         try:
-            if on_text is None:
+            if on_text is None and on_parts is None:
                 reply = self.generator.generate(self.conversation())
             else:
-                reply = self.generator.stream(self.conversation(), on_text)
+                reply = self.generator.stream(self.conversation(), on_text, on_parts=on_parts)
         except Exception:
             self.history.pop()
             raise

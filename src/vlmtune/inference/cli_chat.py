@@ -76,13 +76,17 @@ def load_generator(
     )
 
 
+def cut_off_notice(max_new_tokens: int) -> str:
+    """Return the marker shown after a reply that reached the token limit without a stop token."""
+    return f"[reply cut off: it reached max_new_tokens={max_new_tokens} without a stop token]"
+
+
 def print_reply_end(console: Console, reply: Reply, max_new_tokens: int, show_thinking: bool) -> None:
     console.print()
     if not reply.answer.strip() and reply.reasoning.strip() and not show_thinking:
         console.print("[the reply contains reasoning only; pass --show-thinking to see it]", style="yellow", markup=False)
     if not reply.stopped:
-        notice = f"[reply cut off: it reached max_new_tokens={max_new_tokens} without a stop token]"
-        console.print(notice, style="yellow", markup=False, highlight=False)
+        console.print(cut_off_notice(max_new_tokens), style="yellow", markup=False, highlight=False)
 
 
 def run_chat(

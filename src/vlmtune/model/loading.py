@@ -76,6 +76,18 @@ def load_processor(path: str, trust_remote_code: bool = False) -> Any:
     return processor
 
 
+def load_processor_and_stop_ids(settings: ModelSettings) -> tuple[Any, list[int]]:
+    """Load the processor and the stop ids without the weights, for encoding and inspecting data."""
+    path = str(resolve_model_path(settings))
+    processor = load_processor(path, settings.trust_remote_code)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation_config = None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return processor, stop_token_ids(generation_config, tokenizer)
+
+
 # Modules kept in full precision under quantization: the vision side and the output head.
 # transformers matches these from the start of a module's full name (or as a suffix).
 UNQUANTIZED_MODULES = [r"(.*\.)?visual", r"(.*\.)?vision_tower", r"(.*\.)?vision_model", r"(.*\.)?merger", "lm_head"]

@@ -8,7 +8,9 @@ transformers Trainer and have not been run yet.
 
 The output folder contains the adapter, the processor files (tokenizer, chat template,
 image processor), `config.yaml` and `run_manifest.json` (settings, package versions,
-dataset hashes, sample counts and final metrics).
+dataset hashes, sample counts and final metrics), and `progress.jsonl` (steps, logged
+metrics and checkpoints while training runs). SIGINT or SIGTERM during training stops
+the run after the current step with a checkpoint, and the adapter is still saved.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from vlmtune.errors import ConfigError, DataError
 from vlmtune.model.loading import LoadedModel, load_model, resolve_device
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora
 from vlmtune.model.packing import PackedPositions
+from vlmtune.training.progress import ProgressFileCallback, StopOnSignalCallback
 from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
@@ -272,7 +275,9 @@ class LoraRecipe:
         self.tracking = make_tracking(self.config.tracking, str(self.output_dir), config_to_dict(self.config))
         stats = length_stats(self.report.lengths, self.config.data.max_length)
         self.tracking.record_config({"data_lengths": [row.as_dict() for row in stats]})
-        callbacks = list(self.tracking.callbacks)
+        # First, so a stop signal is handled even during the baseline sample generations.
+        progress = ProgressFileCallback(self.output_dir)
+        callbacks = [progress, StopOnSignalCallback(progress), *self.tracking.callbacks]
         evaluation = self.config.evaluation
         if evaluation.generate:
             source = self.data.validation or self.data.train

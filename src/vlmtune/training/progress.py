@@ -1,0 +1,103 @@
+"""Trainer callbacks that let another process follow and stop a run.
+
+`ProgressFileCallback` appends one JSON line per event to OUTPUT_DIR/progress.jsonl:
+
+    {"event": "train_begin", "step": 0, "max_steps": 60, "time": 1764880000.0}
+    {"event": "log", "step": 10, "max_steps": 60, "logs": {"loss": 2.31, "learning_rate": 0.003}, ...}
+    {"event": "save", "step": 20, "max_steps": 60, "checkpoint": "outputs/run/checkpoint-20", ...}
+    {"event": "stop_requested", "step": 23, "max_steps": 60, "signal": "SIGINT", ...}
+    {"event": "train_end", "step": 23, "max_steps": 60, ...}
+
+`StopOnSignalCallback` turns SIGINT or SIGTERM during training into a clean stop: the
+Trainer saves a checkpoint at the end of the current step and leaves its loop, so the
+recipe still saves the adapter, config.yaml and the run manifest. A second signal
+interrupts at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.jsonl"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class ProgressFileCallback(TrainerCallback):
+    """Appends the run's steps, logged metrics and checkpoints to a JSON-lines file."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / PROGRESS_FILE
+
+    def write(self, event: str, state: TrainerState, **fields: Any) -> None:
+        record = {"event": event, "step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **fields}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.write("train_begin", state)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        numbers = {key: value for key, value in (logs or {}).items() if isinstance(value, (int, float))}
+        self.write("log", state, logs=numbers)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.write("save", state, checkpoint=str(checkpoint))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.write("train_end", state)
+
+
+class StopOnSignalCallback(TrainerCallback):
+    """Stops training with a checkpoint when the process receives SIGINT or SIGTERM.
+
+    The handlers are installed for the duration of `Trainer.train` only, and only in the
+    main thread, because Python delivers signals there alone.
+    """
+
+    def __init__(self, progress: ProgressFileCallback | None = None):
+        self.progress = progress
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            # A second signal: the user does not want to wait for the checkpoint.
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        logger.warning("%s received: stopping after the current step and saving a checkpoint", self.requested)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            logger.debug("training outside the main thread: SIGINT and SIGTERM keep their usual handlers")
+            return
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.requested is None:
+            return
+        control.should_save = True
+        control.should_training_stop = True
+        if self.progress is not None:
+            self.progress.write("stop_requested", state, signal=self.requested)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._restore()

@@ -1,0 +1,205 @@
+"""Turning the Train tab's form values into an ordinary vlmtune config, and previewing its samples."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmtune.config import RunConfig, build_config, save_config
+from vlmtune.data.loading import load_conversations
+from vlmtune.encoding import ConversationEncoder
+from vlmtune.encoding.inspect import SegmentKind, SelfCheck, check_sample, sample_segments
+from vlmtune.errors import ConfigError
+from vlmtune.model.loading import load_processor_and_stop_ids
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_NAME = "train_config.yaml"
+"""Name of the config the page writes into the output folder before it starts a run."""
+
+
+@dataclass
+class TrainForm:
+    """The beginner settings of the Train tab; everything else comes from the preset."""
+
+    dataset: str
+    model: str
+    output_dir: str
+    preset: str
+    num_train_epochs: float = 3.0
+    learning_rate: float = 1e-4
+    lora_rank: int = 8
+    max_length: int = 1024
+    thinking: str = "auto"
+    max_steps: int = -1
+
+
+def list_presets(folder: str | Path) -> list[str]:
+    """List the YAML files in a presets folder, sorted by name."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    return sorted(str(path) for path in [*root.glob("*.yaml"), *root.glob("*.yml")])
+
+
+def read_preset(preset: str) -> dict[str, Any]:
+    """Read a preset's settings tree, raising ConfigError that names the file and what to do."""
+    path = Path(preset)
+    if not preset or not path.is_file():
+        raise ConfigError(f"preset not found: {preset!r}. Choose one of the YAML files in the presets folder")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"preset {path}: invalid YAML: {error}. Fix the file or choose another preset") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"preset {path}: the top level must be a mapping of sections (model, data, ...)")
+    return tree
+
+
+def _absolute_if_exists(value: str, *folders: Path) -> str:
+    """Return the path made absolute when it exists in one of the folders, else unchanged."""
+    candidate = Path(value)
+    if candidate.is_absolute():
+        return value
+    for folder in folders:
+        if (folder / candidate).exists():
+            return str((folder / candidate).resolve())
+    return value
+
+
+def _check_form(form: TrainForm) -> list[str]:
+    problems = []
+    if not form.dataset.strip():
+        problems.append("dataset: no file chosen. Enter the path of a dataset file or upload one")
+    elif not Path(form.dataset).exists():
+        problems.append(f"dataset: file not found: {form.dataset}. Check the path or upload the file")
+    if not form.model.strip():
+        problems.append("base model: empty. Enter a local model folder, a ModelScope id or a Hugging Face id")
+    if not form.output_dir.strip():
+        problems.append("output folder: empty. Enter a folder for the adapter and checkpoints, e.g. outputs/my-run")
+    return problems
+
+
+def build_run_config(form: TrainForm) -> RunConfig:
+    """Merge the form's values into the preset and validate the result, reporting every problem at once.
+
+    The dataset replaces the preset's training and validation files. The LoRA alpha follows
+    the rank so that the preset's alpha / r scaling is kept. Relative paths that exist are
+    made absolute, because the written config lives in the output folder.
+    """
+    tree = read_preset(form.preset)
+    problems = _check_form(form)
+    if problems:
+        raise ConfigError("the form has problems:\n" + "\n".join(f"  - {problem}" for problem in problems))
+
+    preset_folder = Path(form.preset).resolve().parent
+    model = tree.setdefault("model", {})
+    model_path = _absolute_if_exists(form.model.strip(), Path.cwd())
+    model["name_or_path"] = model_path
+    if Path(model_path).is_dir():
+        model["hub"] = "local"
+    elif model.get("hub") == "local":
+        model["hub"] = "auto"
+
+    data = tree.setdefault("data", {})
+    data["train"] = [str(Path(form.dataset).resolve())]
+    data.pop("validation", None)
+    data["max_length"] = form.max_length
+    data["thinking"] = form.thinking
+
+    lora = tree.setdefault("lora", {})
+    preset_rank, preset_alpha = lora.get("r", 8), lora.get("alpha", 16)
+    lora["r"] = form.lora_rank
+    lora["alpha"] = max(1, round(form.lora_rank * preset_alpha / preset_rank))
+
+    train = tree.setdefault("train", {})
+    train["output_dir"] = str(Path(form.output_dir).resolve())
+    train["num_train_epochs"] = form.num_train_epochs
+    train["learning_rate"] = form.learning_rate
+    train["max_steps"] = form.max_steps
+
+    for prompt in (tree.get("evaluation") or {}).get("prompts") or []:
+        if isinstance(prompt, dict) and isinstance(prompt.get("images"), list):
+            prompt["images"] = [_absolute_if_exists(image, Path.cwd(), preset_folder) for image in prompt["images"]]
+    return build_config(tree, source=f"preset {form.preset} with the form's values")
+
+
+def write_run_config(config: RunConfig) -> Path:
+    """Write the config into its output folder as train_config.yaml and return the path."""
+    folder = Path(config.train.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CONFIG_FILE_NAME
+    save_config(config, path)
+    return path
+
+
+def train_command(config_path: str | Path, overwrite: bool = False, resume: bool = False) -> list[str]:
+    """Return the argv that runs `vlmtune train` on the config with this interpreter."""
+    command = [sys.executable, "-m", "vlmtune.cli.main", "train", str(config_path)]
+    if overwrite:
+        command.append("--overwrite")
+    if resume:
+        command.append("--resume")
+    return command
+
+
+def shell_command(command: list[str]) -> str:
+    """Return the command as the user would type it, with the `vlmtune` console script."""
+    prefix = [sys.executable, "-m", "vlmtune.cli.main"]
+    shown = ["vlmtune", *command[len(prefix) :]] if command[: len(prefix)] == prefix else command
+    return shlex.join(shown)
+
+
+@dataclass
+class SamplePreview:
+    """One encoded sample as the Preview shows it."""
+
+    source: str
+    segments: list[tuple[str, SegmentKind]]
+    check: SelfCheck
+    length: int
+    max_length: int
+    problems: list[str] = field(default_factory=list)
+
+
+@lru_cache(maxsize=4)
+def _processor_for(model_settings_json: str) -> tuple[Any, tuple[int, ...]]:
+    """Load a processor once per model settings; the Preview is clicked repeatedly."""
+    from vlmtune.config import ModelSettings
+
+    processor, stop_ids = load_processor_and_stop_ids(ModelSettings.model_validate_json(model_settings_json))
+    return processor, tuple(stop_ids)
+
+
+def preview_samples(config: RunConfig, count: int = 3) -> list[SamplePreview]:
+    """Encode the first examples of the config's data and run the self-check on each."""
+    processor, stop_ids = _processor_for(config.model.model_dump_json())
+    encoder = ConversationEncoder.from_settings(processor, list(stop_ids), config.data)
+    previews = []
+    for conversation in load_conversations(config.data)[:count]:
+        sample = encoder.encode(conversation)
+        check = check_sample(encoder, conversation, sample)
+        problems = list(check.problems)
+        if len(sample) > config.data.max_length:
+            problems.append(
+                f"{len(sample)} tokens, more than data.max_length={config.data.max_length}; "
+                f"training will apply data.on_overlength={config.data.on_overlength}"
+            )
+        previews.append(
+            SamplePreview(
+                source=conversation.source,
+                segments=sample_segments(encoder, sample),
+                check=check,
+                length=len(sample),
+                max_length=config.data.max_length,
+                problems=problems,
+            )
+        )
+    return previews
