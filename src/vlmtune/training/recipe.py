@@ -3,8 +3,12 @@
 Supported: a local, ModelScope or Hugging Face model with a chat template, Alpaca data,
 LoRA on the language model, gradient checkpointing and resuming from the last checkpoint.
 Tracking goes to SwanLab (offline by default), TensorBoard or nowhere.
-NOTE: several processes through `torchrun` or `accelerate launch` are left to the
-transformers Trainer and have not been run yet.
+
+Several processes (`torchrun`, `accelerate launch`, DeepSpeed through train.deepspeed) go
+through the transformers Trainer: every process loads the model and trains on its share
+of each batch, and only the main process (rank 0) tracks, generates samples and writes
+the adapter, processor files, config, manifest and loss plot. tests/test_distributed.py
+runs two CPU processes with the gloo backend; DeepSpeed and FSDP have not been run here.
 
 The output folder contains the adapter, the processor files (tokenizer, chat template,
 image processor), `config.yaml` and `run_manifest.json` (settings, package versions,
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -90,6 +95,15 @@ class LoraRecipe:
         self.metrics: dict[str, Any] = {}
         self.padding_share: float | None = None
 
+    @property
+    def is_main_process(self) -> bool:
+        """True in single-process runs and in the rank-0 process of torchrun, accelerate or deepspeed.
+
+        Read from the RANK variable those launchers set, so it is known before the Trainer
+        starts the process group.
+        """
+        return int(os.environ.get("RANK", "0")) == 0
+
     def setup(self) -> None:
         self._check_output_dir()
         set_seed(self.config.train.seed)
@@ -140,7 +154,7 @@ class LoraRecipe:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
             model.enable_input_require_grads()
         self.loaded.model = apply_lora(model, config.lora)
-        if config.lora.init in CONVERTED_INITS:
+        if config.lora.init in CONVERTED_INITS and self.is_main_process:
             self._save_initial_adapter()
 
     def _check_cpu_four_bit(self, has_validation: bool) -> None:
@@ -199,6 +213,8 @@ class LoraRecipe:
             save_total_limit=train.save_total_limit,
             seed=train.seed,
             dataloader_num_workers=train.dataloader_num_workers,
+            optim=train.optim,
+            deepspeed=train.deepspeed,
             bf16=str(dtype) == "torch.bfloat16",
             fp16=str(dtype) == "torch.float16",
             use_cpu=self.loaded.model.device.type == "cpu",
@@ -208,12 +224,17 @@ class LoraRecipe:
         )
 
     def _setup_trainer(self) -> None:
-        self.tracking = make_tracking(self.config.tracking, str(self.output_dir), config_to_dict(self.config))
+        if self.is_main_process:
+            self.tracking = make_tracking(self.config.tracking, str(self.output_dir), config_to_dict(self.config))
+        else:
+            self.tracking = Tracking("none", None)
         stats = length_stats(self.report.lengths, self.config.data.max_length)
         self.tracking.record_config({"data_lengths": [row.as_dict() for row in stats]})
         callbacks = list(self.tracking.callbacks)
         evaluation = self.config.evaluation
-        if evaluation.generate:
+        # Sample generations run on the main process only: the other processes wait for it at
+        # the next gradient synchronisation.
+        if evaluation.generate and self.is_main_process:
             source = self.data.validation or self.data.train
             prompts, references = build_prompts(
                 source, evaluation.num_data_prompts, evaluation.prompts, self.config.data.system_prompt
@@ -290,9 +311,10 @@ class LoraRecipe:
                     f"train.output_dir {self.output_dir} contains checkpoints of an earlier run ({Path(checkpoint).name}). "
                     "Pass --resume to continue it, --overwrite to replace it, or choose another train.output_dir"
                 )
-            for old in self.output_dir.glob("checkpoint-*"):
-                shutil.rmtree(old)
-            logger.info("removed the earlier run's checkpoints from %s (--overwrite)", self.output_dir)
+            if self.is_main_process:
+                for old in self.output_dir.glob("checkpoint-*"):
+                    shutil.rmtree(old)
+                logger.info("removed the earlier run's checkpoints from %s (--overwrite)", self.output_dir)
 
     def train(self) -> None:
         checkpoint = self._last_checkpoint() if self.resume else None
@@ -311,9 +333,16 @@ class LoraRecipe:
         return [runs[0], runs[-1]] if len(runs) > 1 else runs
 
     def save(self) -> Path:
-        """Write the adapter, processor files, config and run manifest; return the folder."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        """Write the adapter, processor files, config and run manifest; return the folder.
+
+        Every process calls Trainer.save_model, which gathers sharded weights (DeepSpeed
+        ZeRO-3, FSDP) and writes from the main process only; the rest is written by the main
+        process alone.
+        """
         self.trainer.save_model(str(self.output_dir))
+        if not self.is_main_process:
+            return self.output_dir
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.config.lora.init in CONVERTED_INITS:
             self.loaded.model.save_pretrained(
                 str(self.output_dir), path_initial_model_for_weight_conversion=str(self._initial_adapter_dir)
