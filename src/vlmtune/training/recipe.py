@@ -43,6 +43,8 @@ from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
 from vlmtune.model.loading import LoadedModel, load_model, resolve_device
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora
+from vlmtune.training.loss import token_mean_loss
+from vlmtune.training.sampler import LengthGroupedTrainer
 from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
@@ -252,13 +254,15 @@ class LoraRecipe:
                 )
                 callbacks.append(self.sampling)
         self._log_padding_share()
-        self.trainer = Trainer(
+        self.trainer = LengthGroupedTrainer(
+            sample_lengths=[len(sample) for sample in self.report.samples],
             model=self.loaded.model,
             args=self._training_arguments(),
             train_dataset=SampleDataset(self.report.samples),
             eval_dataset=SampleDataset(self.validation_samples) if self.validation_samples else None,
             data_collator=ChatCollator(pad_token_id=self._pad_token_id()),
             callbacks=callbacks,
+            compute_loss_func=token_mean_loss,
         )
 
     def _log_padding_share(self) -> None:
