@@ -6,8 +6,8 @@ Bytes per parameter follow what `load_model` and the recipe do:
 
 - no quantization: every weight in the compute dtype (`model.dtype`; `auto` is bfloat16 on a GPU);
 - 8-bit (LLM.int8): quantized Linear weights take 1 byte plus one float32 scale per output
-  row; 4-bit: half a byte plus a float32 absmax per 64 weights, or with double quantization
-  an 8-bit absmax per 64 weights plus a float32 constant per 256 absmax values.
+  row. 4-bit: half a byte plus a float32 absmax per 64 weights. With double quantization the
+  absmax is 8-bit, plus a float32 constant per 256 absmax values.
   Only the Linear layers outside `UNQUANTIZED_MODULES` are quantized (transformers'
   `should_convert_module` decides, as in loading). peft's `prepare_model_for_kbit_training`
   then casts every other float16/bfloat16 weight (embeddings, vision tower, merger, output
@@ -87,7 +87,7 @@ BUNDLED_CONFIGS = {
 
 @dataclass(frozen=True)
 class Workload:
-    """What one training step processes on one device."""
+    """The batch of one training step on one device: samples, tokens per sample and images."""
 
     batch_size: int
     sequence_length: int
@@ -341,8 +341,8 @@ def estimate_memory(
     edges = 4 * shape.hidden + dtype_bytes * shape.hidden  # final norm, embeddings output
     shape_note = f"{workload.batch_size} x {workload.sequence_length} tokens"
     if config.train.gradient_checkpointing:
-        kept = layer_count * dtype_bytes * shape.hidden + edges
-        estimate.add("activations", tokens * kept, f"{shape_note}; checkpointing keeps {layer_count} layer inputs")
+        kept_bytes = layer_count * dtype_bytes * shape.hidden + edges
+        estimate.add("activations", tokens * kept_bytes, f"{shape_note}; checkpointing keeps {layer_count} layer inputs")
         # The loss's backward ends before the first layer is recomputed, so only the larger counts.
         recomputed = tokens * per_layer
         if recomputed > loss_bytes:
@@ -350,8 +350,8 @@ def estimate_memory(
         else:
             estimate.add("backward peak: loss (logits)", loss_bytes, f"{loss_note}; larger than 1 recomputed layer")
     else:
-        kept = layer_count * per_layer + edges
-        estimate.add("activations", tokens * kept, f"{shape_note}; {layer_count} layers x {per_layer / 1024:.0f} KiB/token")
+        kept_bytes = layer_count * per_layer + edges
+        estimate.add("activations", tokens * kept_bytes, f"{shape_note}; {layer_count} layers x {per_layer / 1024:.0f} KiB/token")
         estimate.add("backward peak: loss (logits)", loss_bytes, loss_note)
     _add_vision(estimate, peft_model.get_base_model(), config, workload, dtype_bytes)
     if device != "cpu":
