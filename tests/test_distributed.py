@@ -62,17 +62,18 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
 
     ddp = torchrun("-m", "vlmtune.cli.main", "train", str(ddp_config))
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    one = subprocess.run([str(BIN / "vlmtune"), "train", str(single_config)], capture_output=True, text=True,
-                         timeout=600, check=False)
-    assert one.returncode == 0, one.stderr[-4000:]
+    single_run = subprocess.run([str(BIN / "vlmtune"), "train", str(single_config)], capture_output=True, text=True,
+                                timeout=600, check=False)
+    assert single_run.returncode == 0, single_run.stderr[-4000:]
 
     ddp_losses = step_losses(double / "out")
     single_losses = step_losses(single / "out")
     print("2 processes:", ddp_losses, "1 process:", single_losses)
     assert len(ddp_losses) == 4
     assert len(single_losses) == 4
-    for step, (two, one_loss) in enumerate(zip(ddp_losses, single_losses), start=1):
-        assert abs(two - one_loss) <= LOSS_TOLERANCE * max(1.0, abs(one_loss)), f"step {step}: {two} vs {one_loss}"
+    for step, (ddp_loss, single_loss) in enumerate(zip(ddp_losses, single_losses), start=1):
+        allowed = LOSS_TOLERANCE * max(1.0, abs(single_loss))
+        assert abs(ddp_loss - single_loss) <= allowed, f"step {step}: {ddp_loss} vs {single_loss}"
 
     # Only rank 0 writes the run's files and logs its decisions.
     output = double / "out"

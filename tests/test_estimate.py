@@ -18,8 +18,8 @@ from vlmtune.model.estimate import (
     estimate_memory,
     image_tokens,
     load_model_config,
-    run_estimate,
 )
+from vlmtune.model.estimate_report import run_estimate
 
 GLM_9B = "zai-org/GLM-4.1V-9B-Thinking"
 # Tolerance of the estimate against the measured peak on the tiny model. Leaving out the
@@ -267,3 +267,11 @@ def test_estimate_close_to_measured_peak(tiny_model_dir, tmp_path, sections, ima
     ratio = estimate.total / measured
     print(f"estimate {estimate.total / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, ratio {ratio:.3f}")
     assert abs(ratio - 1) < MEASURED_TOLERANCE, (estimate.items, measured)
+
+
+def test_deepspeed_run_states_ddp_assumption():
+    train = {"deepspeed": "examples/deepspeed/zero3.json", "gradient_checkpointing": True}
+    report = run_estimate(run_config(GLM_9B, train=train), gpu_gib=80)
+    assert any("ZeRO-3" in line for line in report.assumptions)
+    assert report.estimate.fits is True
+    assert report.lever is None

@@ -209,7 +209,7 @@ class TrainSettings(_Section):
 
         names = [member.value for member in OptimizerNames]
         if value not in names:
-            raise ValueError(f"unknown optimizer {value!r}; valid names: {', '.join(names)}")
+            raise ValueError(f"invalid optimizer {value!r}; valid names: {', '.join(names)}")
         return value
 
 

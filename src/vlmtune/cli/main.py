@@ -282,7 +282,7 @@ def estimate(
 ) -> None:
     """Estimate the per-device memory of a training run from the model config, without loading weights."""
     from vlmtune.config import load_config
-    from vlmtune.model.estimate import estimate_table, run_estimate, write_estimate_json
+    from vlmtune.model.estimate_report import estimate_table, run_estimate, write_estimate_json
 
     if device not in ("cuda", "cpu"):
         raise VlmtuneError(f"--device: expected cuda or cpu, got {device!r}")

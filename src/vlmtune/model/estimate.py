@@ -43,13 +43,11 @@ overhead.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -57,10 +55,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from vlmtune.config import LoraSettings, RunConfig
+from vlmtune.config import VISION_MODULE_NAMES, LoraSettings, RunConfig
 from vlmtune.errors import ModelError
 from vlmtune.model.loading import UNQUANTIZED_MODULES
-from vlmtune.model.lora import apply_lora, find_module_parts
+from vlmtune.model.lora import apply_lora
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +374,7 @@ def _add_vision(estimate: MemoryEstimate, model: nn.Module, config: RunConfig, w
                      if isinstance(module, nn.Linear) and re.search(r"(gate|up)_proj$", name)), default=4 * hidden)
     shape = _layer_shape(block, hidden, hidden, mlp_width)
     trains_vision = config.lora.vision or config.lora.train_merger or bool(
-        set(config.lora.modules_to_save) & {"visual", "merger", "vision_tower", "vision_model"}
+        set(config.lora.modules_to_save) & set(VISION_MODULE_NAMES)
     )
     note = f"{images} image(s) x {pixels:,} pixels = {patches:,} patches, {merged:,} tokens each"
     if trains_vision:
@@ -386,117 +384,3 @@ def _add_vision(estimate: MemoryEstimate, model: nn.Module, config: RunConfig, w
         # Frozen tower: nothing is kept, and one block's forward is the largest transient.
         per_patch = dtype_bytes * (4 * hidden + 3 * mlp_width)
         estimate.add("vision forward (transient)", images * patches * per_patch, note + "; frozen, not kept")
-
-
-def with_change(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
-    """Return a copy of the config with some keys of some sections changed."""
-    updates = {name: getattr(config, name).model_copy(update=values) for name, values in sections.items()}
-    return config.model_copy(update=updates)
-
-
-def suggest_lever(
-    config: RunConfig, model_config: PretrainedConfig, workload: Workload, estimate: MemoryEstimate
-) -> tuple[str, MemoryEstimate] | None:
-    """Find the single setting change that lowers the estimate most; None when nothing helps."""
-    candidates: list[tuple[str, RunConfig, Workload]] = []
-    if not config.train.gradient_checkpointing:
-        candidates.append(("train.gradient_checkpointing=true", with_change(config, train={"gradient_checkpointing": True}), workload))
-    if config.quantization.bits is None and not config.lora.train_merger:
-        candidates.append(("quantization.bits=4 (QLoRA)", with_change(config, quantization={"bits": 4}), workload))
-    elif config.quantization.bits == 8:
-        candidates.append(("quantization.bits=4", with_change(config, quantization={"bits": 4}), workload))
-    if workload.batch_size > 1:
-        half = workload.batch_size // 2
-        accumulation = config.train.gradient_accumulation_steps * 2
-        changed = with_change(config, train={"per_device_train_batch_size": half, "gradient_accumulation_steps": accumulation})
-        candidates.append((f"train.per_device_train_batch_size={half} train.gradient_accumulation_steps={accumulation} "
-                           "(same global batch)", changed, replace(workload, batch_size=half)))
-    if "8bit" not in config.train.optim:
-        candidates.append(("train.optim=paged_adamw_8bit", with_change(config, train={"optim": "paged_adamw_8bit"}), workload))
-    if workload.sequence_length > 256:
-        shorter = workload.sequence_length // 2
-        candidates.append((f"data.max_length={shorter}", with_change(config, data={"max_length": shorter}),
-                           replace(workload, sequence_length=shorter)))
-    best: tuple[str, MemoryEstimate] | None = None
-    for label, changed_config, changed_workload in candidates:
-        gib = estimate.gpu_bytes / GIB if estimate.gpu_bytes else None
-        result = estimate_memory(changed_config, model_config, changed_workload, device=estimate.device, gpu_gib=gib)
-        if result.total < estimate.total and (best is None or result.total < best[1].total):
-            best = (label, result)
-    return best
-
-
-def estimate_as_dict(estimate: MemoryEstimate) -> dict[str, Any]:
-    return {
-        "items": [{"name": name, "bytes": size, "note": note} for name, size, note in estimate.items],
-        "total_bytes": estimate.total,
-        "gpu_bytes": estimate.gpu_bytes,
-        "fits": estimate.fits,
-    }
-
-
-def write_estimate_json(estimate: MemoryEstimate, path: Path) -> None:
-    path.write_text(json.dumps(estimate_as_dict(estimate), indent=2), encoding="utf-8")
-
-
-@dataclass
-class EstimateReport:
-    """An estimate with the workload it assumed and the lever to pull when it does not fit."""
-
-    estimate: MemoryEstimate
-    workload: Workload
-    model_name: str
-    assumptions: list[str]
-    lever: tuple[str, MemoryEstimate] | None = None
-
-
-def run_estimate(config: RunConfig, *, images_per_sample: int = 1, device: str = "cuda", gpu_gib: float | None = 24.0) -> EstimateReport:
-    """Estimate a run's memory from its config: the batch and max_length it sets, and its images."""
-    model_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code)
-    assumptions = [f"every sample is data.max_length={config.data.max_length} tokens long (image tokens included)"]
-    vision_config = getattr(model_config, "vision_config", None)
-    pixels = config.data.max_pixels
-    if vision_config is None:
-        images_per_sample = 0
-    elif images_per_sample and pixels is None:
-        pixels = vision_config.image_size**2
-        assumptions.append(f"data.max_pixels is unset: {pixels:,} pixels per image (vision image_size squared)")
-    workload = Workload(
-        batch_size=config.train.per_device_train_batch_size,
-        sequence_length=config.data.max_length,
-        images_per_sample=images_per_sample,
-        image_pixels=pixels,
-    )
-    estimate = estimate_memory(config, model_config, workload, device=device, gpu_gib=gpu_gib)
-    report = EstimateReport(estimate, workload, config.model.name_or_path, assumptions)
-    if estimate.fits is False:
-        report.lever = suggest_lever(config, model_config, workload, estimate)
-    return report
-
-
-def estimate_table(report: EstimateReport):
-    """Render the estimate as a rich table with the total and the fit verdict."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    estimate = report.estimate
-    table = Table(title=f"Estimated training memory per device: {report.model_name}", title_justify="left")
-    table.add_column("item")
-    table.add_column("GiB", justify="right")
-    table.add_column("how it is counted")
-    for name, size, note in estimate.items:
-        table.add_row(name, f"{size / GIB:.2f}", note)
-    table.add_section()
-    table.add_row("total", f"{estimate.total / GIB:.2f}", "")
-    lines = [Text(f"assumes {item}") for item in report.assumptions]
-    if estimate.gpu_bytes is not None:
-        verdict = "yes" if estimate.fits else "no"
-        lines.append(Text(f"fits on a {estimate.gpu_bytes / GIB:g} GiB GPU: {verdict}", style="green" if estimate.fits else "red"))
-    if report.lever is not None:
-        label, changed = report.lever
-        fits = "fits" if changed.fits else "still does not fit"
-        lines.append(Text(f"biggest lever: {label} -> {changed.total / GIB:.2f} GiB ({fits})"))
-    elif estimate.fits is False:
-        lines.append(Text("no single setting change lowers the estimate; use a GPU with more memory"))
-    return Group(table, *lines)

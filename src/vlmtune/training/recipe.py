@@ -339,9 +339,9 @@ class LoraRecipe:
     def save(self) -> Path:
         """Write the adapter, processor files, config and run manifest; return the folder.
 
-        Every process calls Trainer.save_model, which gathers sharded weights (DeepSpeed
-        ZeRO-3, FSDP) and writes from the main process only; the rest is written by the main
-        process alone.
+        Every process calls Trainer.save_model, because it gathers sharded weights (DeepSpeed
+        ZeRO-3, FSDP) before the main process writes them. Everything else is written by the
+        main process alone.
         """
         self.trainer.save_model(str(self.output_dir))
         if not self.is_main_process:
