@@ -82,6 +82,7 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     assert len(list((output / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert ddp.stderr.count("training on 16 samples") == 1
     assert ddp.stderr.count("saved the adapter and run manifest") == 1
+    assert ddp.stdout.count("adapter saved to") == 1
 
 
 @pytest.mark.slow

@@ -114,6 +114,8 @@ def train(
     if resume and overwrite:
         raise VlmtuneError("--resume and --overwrite contradict each other; pass one of them")
     recipe = run_training(run_config, resume=resume, overwrite=overwrite)
+    if not recipe.is_main_process:
+        return  # rank 0 prints the summary once
     runs = recipe.evaluation_runs()
     if runs:
         from vlmtune.inference.evaluation import comparison_table
