@@ -25,6 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vlmtune.errors import ConfigError
 
 
+# Names of the vision tower and its merger in GLM-4.1V and Qwen2-VL, as modules_to_save entries.
+VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "merger")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -207,6 +211,26 @@ class TrainSettings(_Section):
     )
     seed: int = 42
     dataloader_num_workers: int = Field(0, ge=0)
+    optim: str = Field(
+        "adamw_torch",
+        description="Optimizer name as in TrainingArguments.optim, e.g. adamw_torch, adamw_8bit, paged_adamw_8bit, "
+        "paged_adamw_32bit (the 8-bit and paged ones need bitsandbytes).",
+    )
+    deepspeed: str | None = Field(
+        None,
+        description="DeepSpeed JSON config file (e.g. examples/deepspeed/zero2.json), passed to TrainingArguments; "
+        "needs `pip install deepspeed` and a launcher such as `deepspeed` or `accelerate launch`. None: off.",
+    )
+
+    @field_validator("optim")
+    @classmethod
+    def _check_optim(cls, value: str) -> str:
+        from transformers.training_args import OptimizerNames
+
+        names = [member.value for member in OptimizerNames]
+        if value not in names:
+            raise ValueError(f"invalid optimizer {value!r}; valid names: {', '.join(names)}")
+        return value
 
 
 class TrackingSettings(_Section):
@@ -293,6 +317,13 @@ class RunConfig(_Section):
             raise ValueError(
                 f"quantization.bits={bits} with lora.train_merger: true is not supported; full fine-tuning of the "
                 "merger needs an unquantized model, so remove one of them"
+            )
+        vision_modules = [name for name in self.lora.modules_to_save if name in VISION_MODULE_NAMES]
+        if vision_modules:
+            raise ValueError(
+                f"quantization.bits={bits} with lora.modules_to_save: {vision_modules} is not supported; full "
+                "fine-tuning of the vision tower or merger needs an unquantized model, so remove one of them "
+                "(lora.vision: true adds LoRA to the vision tower instead)"
             )
         if self.lora.init in ("pissa", "olora"):
             raise ValueError(
@@ -409,7 +440,24 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
                 f"{field}[{index}].path: dataset not found: {spec.path} (looked in the working folder "
                 f"{Path.cwd()} and next to the config file, in {config_path.parent.resolve()})"
             )
+    _resolve_deepspeed_path(config, config_path)
     return config
+
+
+def _resolve_deepspeed_path(config: RunConfig, config_path: Path) -> None:
+    """Find train.deepspeed in the working folder or next to the config file, like dataset paths."""
+    path = config.train.deepspeed
+    if path is None or Path(path).is_file():
+        return
+    candidate = config_path.parent / path
+    if not Path(path).is_absolute() and candidate.is_file():
+        config.train.deepspeed = str(candidate)
+        return
+    raise ConfigError(
+        f"train.deepspeed: file not found: {path} (looked in the working folder {Path.cwd()} and next to the "
+        f"config file, in {config_path.parent.resolve()}); pass a DeepSpeed JSON file such as "
+        "examples/deepspeed/zero2.json"
+    )
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -39,7 +40,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.INFO
     if verbose:
         level = logging.DEBUG
-    elif quiet:
+    elif quiet or int(os.environ.get("RANK", "0")) != 0:
+        # Under torchrun, accelerate or deepspeed, processes other than rank 0 log only
+        # warnings and errors, so each decision is logged once.
         level = logging.WARNING
     if error_console.is_terminal:
         handler: logging.Handler = RichHandler(console=error_console, show_path=False, markup=False)
@@ -111,6 +114,8 @@ def train(
     if resume and overwrite:
         raise VlmtuneError("--resume and --overwrite contradict each other; pass one of them")
     recipe = run_training(run_config, resume=resume, overwrite=overwrite)
+    if not recipe.is_main_process:
+        return  # rank 0 prints the summary once
     runs = recipe.evaluation_runs()
     if runs:
         from vlmtune.inference.evaluation import comparison_table
@@ -266,6 +271,33 @@ def serve(
     )
     console.print(f"serving {name} at http://{host}:{port}/v1", soft_wrap=True)
     uvicorn.run(create_app(generator, settings), host=host, port=port, log_level="info")
+
+
+@app.command()
+def estimate(
+    config: Annotated[Path, typer.Argument(help="YAML config file of the run.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
+    gpu_gib: Annotated[float, typer.Option("--gpu-gib", help="GPU memory to compare with, in GiB.")] = 24.0,
+    images: Annotated[int, typer.Option(help="Images per sample, each of data.max_pixels pixels. 0: text only.")] = 1,
+    device: Annotated[str, typer.Option(help="cuda (adds the CUDA context overhead) or cpu.")] = "cuda",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the estimate to this JSON file.")] = None,
+) -> None:
+    """Estimate the per-device memory of a training run from the model config, without loading weights."""
+    from vlmtune.config import load_config
+    from vlmtune.model.estimate_report import estimate_table, run_estimate, write_estimate_json
+
+    if device not in ("cuda", "cpu"):
+        raise VlmtuneError(f"--device: expected cuda or cpu, got {device!r}")
+    if images < 0:
+        raise VlmtuneError(f"--images: expected 0 or more images per sample, got {images}")
+    if gpu_gib <= 0:
+        raise VlmtuneError(f"--gpu-gib: expected a positive size in GiB, got {gpu_gib}")
+    run_config = load_config(config, overrides)
+    report = run_estimate(run_config, images_per_sample=images, device=device, gpu_gib=gpu_gib)
+    console.print(estimate_table(report))
+    if json_path is not None:
+        write_estimate_json(report.estimate, json_path)
+        console.print(f"estimate written to {json_path}", soft_wrap=True)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Look at the training data before training.")

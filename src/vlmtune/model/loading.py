@@ -179,3 +179,14 @@ def adapter_base_model(adapter_dir: str) -> str | None:
     if not config_path.is_file():
         return None
     return json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+
+
+AUTO_CHECKPOINTING_PARAMETERS = 1_000_000_000
+"""train.gradient_checkpointing=auto turns checkpointing on from this many parameters."""
+
+
+def checkpointing_enabled(setting: bool | str, model: torch.nn.Module) -> bool:
+    """Resolve train.gradient_checkpointing: true, false, or auto (on for models of 1B parameters or more)."""
+    if setting != "auto":
+        return bool(setting)
+    return sum(parameter.numel() for parameter in model.parameters()) >= AUTO_CHECKPOINTING_PARAMETERS

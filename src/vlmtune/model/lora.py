@@ -183,12 +183,17 @@ def count_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {part: (values[0], values[1]) for part, values in counts.items()}
 
 
-def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
-    """Wrap the model with a LoRA adapter on the resolved targets; everything else is frozen."""
+def apply_lora(model: PreTrainedModel, settings: LoraSettings, log: bool = True) -> PeftModel:
+    """Wrap the model with a LoRA adapter on the resolved targets; everything else is frozen.
+
+    log=False skips the target and parameter-count messages (the memory estimate builds
+    several adapters on meta models).
+    """
     targets = resolve_target_modules(model, settings.target_modules, vision=settings.vision)
     short_names = sorted({name.rsplit(".", 1)[-1] for name in targets})
     where = "language model and vision tower" if settings.vision else "language model"
-    logger.info("LoRA on %d Linear layers of the %s: %s", len(targets), where, ", ".join(short_names))
+    if log:
+        logger.info("LoRA on %d Linear layers of the %s: %s", len(targets), where, ", ".join(short_names))
     modules_to_save = [*settings.modules_to_save, *([MERGER_NAME] if settings.train_merger else [])]
     _check_modules_exist(model, settings.modules_to_save)
     lora_config = LoraConfig(
@@ -205,6 +210,12 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora_config)
+    if log:
+        _log_trainable(peft_model, settings)
+    return peft_model
+
+
+def _log_trainable(peft_model: PeftModel, settings: LoraSettings) -> None:
     for name in settings.modules_to_save:
         count = sum(
             parameter.numel()
@@ -216,4 +227,3 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
                     name, f"{count:,}", count * 16 / 2**20)
     for part, (trainable, total) in sorted(count_parameters(peft_model).items()):
         logger.info("trainable parameters in the %s: %s of %s", part, f"{trainable:,}", f"{total:,}")
-    return peft_model

@@ -3,8 +3,12 @@
 Supported: a local, ModelScope or Hugging Face model with a chat template, Alpaca data,
 LoRA on the language model, gradient checkpointing and resuming from the last checkpoint.
 Tracking goes to SwanLab (offline by default), TensorBoard or nowhere.
-NOTE: several processes through `torchrun` or `accelerate launch` are left to the
-transformers Trainer and have not been run yet.
+
+Several processes (`torchrun`, `accelerate launch`, DeepSpeed through train.deepspeed) go
+through the transformers Trainer: every process loads the model and trains on its share
+of each batch, and only the main process (rank 0) tracks, generates samples and writes
+the adapter, processor files, config, manifest and loss plot. tests/test_distributed.py
+runs two CPU processes with the gloo backend; DeepSpeed and FSDP have not been run here.
 
 The output folder contains the adapter, the processor files (tokenizer, chat template,
 image processor), `config.yaml` and `run_manifest.json` (settings, package versions,
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -38,17 +43,16 @@ from vlmtune.encoding.cache import encode_dataset
 from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
-from vlmtune.model.loading import LoadedModel, load_model, resolve_device
+from vlmtune.model.loading import LoadedModel, checkpointing_enabled, load_model, resolve_device
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora
 from vlmtune.model.packing import PackedPositions
+from vlmtune.training.loss import token_mean_loss
 from vlmtune.training.progress import ProgressFileCallback, StopOnSignalCallback
 from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
 logger = logging.getLogger(__name__)
 
-AUTO_CHECKPOINTING_PARAMETERS = 1_000_000_000
-"""train.gradient_checkpointing=auto turns checkpointing on from this many parameters."""
 PADDING_FREE_TOLERANCE = 1e-2
 """Largest relative difference of logits, packed vs separate, that counts as numerical noise."""
 
@@ -82,13 +86,19 @@ def _package_versions() -> dict[str, str]:
 
 
 class _Trainer(Trainer):
-    """transformers' Trainer with vlmtune's length-grouped sampler (see encoding/collator.py)."""
+    """transformers' Trainer with vlmtune's length-grouped sampler (see encoding/collator.py).
+
+    The sampler's order depends only on the seed and the epoch. transformers' own sampler
+    draws from the global torch RNG, which dropout consumes differently on each process,
+    so under torchrun the processes' orders would drift apart after the first epoch.
+    """
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, SampleDataset):
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler(dataset.lengths, self.args.per_device_train_batch_size, seed=self.args.seed)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(dataset.lengths, self.args.per_device_train_batch_size, seed=seed)
 
 
 class LoraRecipe:
@@ -110,6 +120,15 @@ class LoraRecipe:
         self.padding_share: float | None = None
         self.collator: ChatCollator | None = None
         self.gradient_checkpointing = False
+
+    @property
+    def is_main_process(self) -> bool:
+        """True in single-process runs and in the rank-0 process of torchrun, accelerate or deepspeed.
+
+        Read from the RANK variable those launchers set, so it is known before the Trainer
+        starts the process group.
+        """
+        return int(os.environ.get("RANK", "0")) == 0
 
     def setup(self) -> None:
         self._check_output_dir()
@@ -162,7 +181,7 @@ class LoraRecipe:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
             model.enable_input_require_grads()
         self.loaded.model = apply_lora(model, config.lora)
-        if config.lora.init in CONVERTED_INITS:
+        if config.lora.init in CONVERTED_INITS and self.is_main_process:
             self._save_initial_adapter()
         self.collator = self._make_collator()
 
@@ -171,7 +190,7 @@ class LoraRecipe:
         if setting != "auto":
             return setting
         parameters = sum(parameter.numel() for parameter in model.parameters())
-        enabled = parameters >= AUTO_CHECKPOINTING_PARAMETERS
+        enabled = checkpointing_enabled(setting, model)
         logger.info(
             "gradient checkpointing %s (train.gradient_checkpointing=auto, %.2fB parameters)",
             "on" if enabled else "off", parameters / 1e9,
@@ -263,6 +282,8 @@ class LoraRecipe:
             save_total_limit=train.save_total_limit,
             seed=train.seed,
             dataloader_num_workers=train.dataloader_num_workers,
+            optim=train.optim,
+            deepspeed=train.deepspeed,
             bf16=str(dtype) == "torch.bfloat16",
             fp16=str(dtype) == "torch.float16",
             use_cpu=self.loaded.model.device.type == "cpu",
@@ -272,14 +293,19 @@ class LoraRecipe:
         )
 
     def _setup_trainer(self) -> None:
-        self.tracking = make_tracking(self.config.tracking, str(self.output_dir), config_to_dict(self.config))
+        if self.is_main_process:
+            self.tracking = make_tracking(self.config.tracking, str(self.output_dir), config_to_dict(self.config))
+        else:
+            self.tracking = Tracking("none", None)
         stats = length_stats(self.report.lengths, self.config.data.max_length)
         self.tracking.record_config({"data_lengths": [row.as_dict() for row in stats]})
         # First, so a stop signal is handled even during the baseline sample generations.
         progress = ProgressFileCallback(self.output_dir)
         callbacks = [progress, StopOnSignalCallback(progress), *self.tracking.callbacks]
         evaluation = self.config.evaluation
-        if evaluation.generate:
+        # Sample generations run on the main process only: the other processes wait for it at
+        # the next gradient synchronisation.
+        if evaluation.generate and self.is_main_process:
             source = self.data.validation or self.data.train
             prompts, references = build_prompts(
                 source, evaluation.num_data_prompts, evaluation.prompts, self.config.data.system_prompt
@@ -304,6 +330,7 @@ class LoraRecipe:
             eval_dataset=SampleDataset(self.validation_samples) if self.validation_samples else None,
             data_collator=self.collator,
             callbacks=callbacks,
+            compute_loss_func=token_mean_loss,
         )
 
     def _log_padding_share(self) -> None:
@@ -354,9 +381,10 @@ class LoraRecipe:
                     f"train.output_dir {self.output_dir} contains checkpoints of an earlier run ({Path(checkpoint).name}). "
                     "Pass --resume to continue it, --overwrite to replace it, or choose another train.output_dir"
                 )
-            for old in self.output_dir.glob("checkpoint-*"):
-                shutil.rmtree(old)
-            logger.info("removed the earlier run's checkpoints from %s (--overwrite)", self.output_dir)
+            if self.is_main_process:
+                for old in self.output_dir.glob("checkpoint-*"):
+                    shutil.rmtree(old)
+                logger.info("removed the earlier run's checkpoints from %s (--overwrite)", self.output_dir)
 
     def train(self) -> None:
         checkpoint = self._last_checkpoint() if self.resume else None
@@ -375,9 +403,16 @@ class LoraRecipe:
         return [runs[0], runs[-1]] if len(runs) > 1 else runs
 
     def save(self) -> Path:
-        """Write the adapter, processor files, config and run manifest; return the folder."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        """Write the adapter, processor files, config and run manifest; return the folder.
+
+        Every process calls Trainer.save_model, because it gathers sharded weights (DeepSpeed
+        ZeRO-3, FSDP) before the main process writes them. Everything else is written by the
+        main process alone.
+        """
         self.trainer.save_model(str(self.output_dir))
+        if not self.is_main_process:
+            return self.output_dir
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.config.lora.init in CONVERTED_INITS:
             self.loaded.model.save_pretrained(
                 str(self.output_dir), path_initial_model_for_weight_conversion=str(self._initial_adapter_dir)

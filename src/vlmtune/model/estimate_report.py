@@ -1,0 +1,132 @@
+"""The `vlmtune estimate` report: the workload a config implies, the fit verdict and the biggest lever."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from vlmtune.config import RunConfig
+from vlmtune.model.estimate import GIB, MemoryEstimate, Workload, estimate_memory, load_model_config
+
+
+def with_change(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """Return a copy of the config with some keys of some sections changed."""
+    updates = {name: getattr(config, name).model_copy(update=values) for name, values in sections.items()}
+    return config.model_copy(update=updates)
+
+
+def suggest_lever(
+    config: RunConfig, model_config: PretrainedConfig, workload: Workload, estimate: MemoryEstimate
+) -> tuple[str, MemoryEstimate] | None:
+    """Find the single setting change that lowers the estimate most; None when nothing helps."""
+    candidates: list[tuple[str, RunConfig, Workload]] = []
+    if config.train.gradient_checkpointing is not True:
+        candidates.append(("train.gradient_checkpointing=true", with_change(config, train={"gradient_checkpointing": True}), workload))
+    if config.quantization.bits is None and not config.lora.train_merger:
+        candidates.append(("quantization.bits=4 (QLoRA)", with_change(config, quantization={"bits": 4}), workload))
+    elif config.quantization.bits == 8:
+        candidates.append(("quantization.bits=4", with_change(config, quantization={"bits": 4}), workload))
+    if workload.batch_size > 1:
+        half = workload.batch_size // 2
+        accumulation = config.train.gradient_accumulation_steps * 2
+        changed = with_change(config, train={"per_device_train_batch_size": half, "gradient_accumulation_steps": accumulation})
+        candidates.append((f"train.per_device_train_batch_size={half} train.gradient_accumulation_steps={accumulation} "
+                           "(same global batch)", changed, replace(workload, batch_size=half)))
+    if "8bit" not in config.train.optim:
+        candidates.append(("train.optim=paged_adamw_8bit", with_change(config, train={"optim": "paged_adamw_8bit"}), workload))
+    if workload.sequence_length > 256:
+        shorter = workload.sequence_length // 2
+        candidates.append((f"data.max_length={shorter}", with_change(config, data={"max_length": shorter}),
+                           replace(workload, sequence_length=shorter)))
+    best: tuple[str, MemoryEstimate] | None = None
+    for label, changed_config, changed_workload in candidates:
+        gib = estimate.gpu_bytes / GIB if estimate.gpu_bytes else None
+        result = estimate_memory(changed_config, model_config, changed_workload, device=estimate.device, gpu_gib=gib)
+        if result.total < estimate.total and (best is None or result.total < best[1].total):
+            best = (label, result)
+    return best
+
+
+def estimate_as_dict(estimate: MemoryEstimate) -> dict[str, Any]:
+    return {
+        "items": [{"name": name, "bytes": size, "note": note} for name, size, note in estimate.items],
+        "total_bytes": estimate.total,
+        "gpu_bytes": estimate.gpu_bytes,
+        "fits": estimate.fits,
+    }
+
+
+def write_estimate_json(estimate: MemoryEstimate, path: Path) -> None:
+    path.write_text(json.dumps(estimate_as_dict(estimate), indent=2), encoding="utf-8")
+
+
+@dataclass
+class EstimateReport:
+    """An estimate with the workload it assumed and the lever to pull when it does not fit."""
+
+    estimate: MemoryEstimate
+    workload: Workload
+    model_name: str
+    assumptions: list[str]
+    lever: tuple[str, MemoryEstimate] | None = None
+
+
+def run_estimate(config: RunConfig, *, images_per_sample: int = 1, device: str = "cuda", gpu_gib: float | None = 24.0) -> EstimateReport:
+    """Estimate a run's memory from its config: the batch and max_length it sets, and its images."""
+    model_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code)
+    assumptions = [f"every sample is data.max_length={config.data.max_length} tokens long (image tokens included)"]
+    if config.train.deepspeed:
+        assumptions.append(
+            f"every process holds all weights, as in DDP; train.deepspeed={config.train.deepspeed} with ZeRO-3 "
+            "shards the weights, so it needs less"
+        )
+    vision_config = getattr(model_config, "vision_config", None)
+    pixels = config.data.max_pixels
+    if vision_config is None:
+        images_per_sample = 0
+    elif images_per_sample and pixels is None:
+        pixels = vision_config.image_size**2
+        assumptions.append(f"data.max_pixels is unset: {pixels:,} pixels per image (vision image_size squared)")
+    workload = Workload(
+        batch_size=config.train.per_device_train_batch_size,
+        sequence_length=config.data.max_length,
+        images_per_sample=images_per_sample,
+        image_pixels=pixels,
+    )
+    estimate = estimate_memory(config, model_config, workload, device=device, gpu_gib=gpu_gib)
+    report = EstimateReport(estimate, workload, config.model.name_or_path, assumptions)
+    if estimate.fits is False:
+        report.lever = suggest_lever(config, model_config, workload, estimate)
+    return report
+
+
+def estimate_table(report: EstimateReport):
+    """Render the estimate as a rich table with the total and the fit verdict."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    estimate = report.estimate
+    table = Table(title=f"Estimated training memory per device: {report.model_name}", title_justify="left")
+    table.add_column("item")
+    table.add_column("GiB", justify="right")
+    table.add_column("how it is counted")
+    for name, size, note in estimate.items:
+        table.add_row(name, f"{size / GIB:.2f}", note)
+    table.add_section()
+    table.add_row("total", f"{estimate.total / GIB:.2f}", "")
+    lines = [Text(f"assumes {item}") for item in report.assumptions]
+    if estimate.gpu_bytes is not None:
+        verdict = "yes" if estimate.fits else "no"
+        lines.append(Text(f"fits on a {estimate.gpu_bytes / GIB:g} GiB GPU: {verdict}", style="green" if estimate.fits else "red"))
+    if report.lever is not None:
+        label, changed = report.lever
+        fits = "fits" if changed.fits else "still does not fit"
+        lines.append(Text(f"biggest lever: {label} -> {changed.total / GIB:.2f} GiB ({fits})"))
+    elif estimate.fits is False:
+        lines.append(Text("no single setting change lowers the estimate; use a GPU with more memory"))
+    return Group(table, *lines)

@@ -1,0 +1,101 @@
+"""Two training processes on CPU (torchrun, gloo backend) against one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_json
+
+BIN = Path(sys.executable).parent
+# Per-step training loss of 2 processes x batch 2 against 1 process x batch 4, float32 on CPU.
+LOSS_TOLERANCE = 1e-4
+
+
+def write_config(folder: Path, tiny_model_dir: Path, **train) -> Path:
+    rows = [
+        {"instruction": f"第{i}个问题：" + "喵" * (i % 5), "input": "", "output": "好的喵~" + "呀" * (i % 3)}
+        for i in range(16)
+    ]
+    data = write_json(folder / "train.json", rows)
+    settings = {
+        "output_dir": str(folder / "out"), "max_steps": 4, "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "warmup_steps": 0, "logging_steps": 1,
+        "save_steps": 4, "group_by_length": False, "seed": 3, **train,
+    }
+    path = folder / "run.yaml"
+    path.write_text(json.dumps({
+        "model": {"name_or_path": str(tiny_model_dir), "device": "cpu"},
+        "data": {"train": [str(data)], "max_length": 128},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "train": settings,
+        "tracking": {"backend": "tensorboard"},
+        "evaluation": {"generate": False},
+    }), encoding="utf-8")
+    return path
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={processes}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+
+
+def step_losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_model_dir, tmp_path):
+    double = tmp_path / "ddp"
+    single = tmp_path / "single"
+    double.mkdir()
+    single.mkdir()
+    ddp_config = write_config(double, tiny_model_dir)
+    single_config = write_config(single, tiny_model_dir, per_device_train_batch_size=4)
+
+    ddp = torchrun("-m", "vlmtune.cli.main", "train", str(ddp_config))
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    single_run = subprocess.run([str(BIN / "vlmtune"), "train", str(single_config)], capture_output=True, text=True,
+                                timeout=600, check=False)
+    assert single_run.returncode == 0, single_run.stderr[-4000:]
+
+    ddp_losses = step_losses(double / "out")
+    single_losses = step_losses(single / "out")
+    print("2 processes:", ddp_losses, "1 process:", single_losses)
+    assert len(ddp_losses) == 4
+    assert len(single_losses) == 4
+    for step, (ddp_loss, single_loss) in enumerate(zip(ddp_losses, single_losses), start=1):
+        allowed = LOSS_TOLERANCE * max(1.0, abs(single_loss))
+        assert abs(ddp_loss - single_loss) <= allowed, f"step {step}: {ddp_loss} vs {single_loss}"
+
+    # Only rank 0 writes the run's files and logs its decisions.
+    output = double / "out"
+    for name in ("adapter_model.safetensors", "run_manifest.json", "loss.png", "config.yaml"):
+        assert (output / name).is_file(), name
+    assert len(list((output / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert ddp.stderr.count("training on 16 samples") == 1
+    assert ddp.stderr.count("saved the adapter and run manifest") == 1
+    assert ddp.stdout.count("adapter saved to") == 1
+
+
+@pytest.mark.slow
+def test_ranks_share_length_grouped_order(tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, group_by_length=True)
+    script = Path(__file__).parent / "scripts" / "sampler_ranks.py"
+    result = torchrun(str(script), str(config), str(tmp_path / "seen"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"seen.{rank}.json").read_text()) for rank in range(2)]
+    for epoch in range(2):
+        first, second = ranks[0][epoch], ranks[1][epoch]
+        assert len(first) == 8
+        assert len(second) == 8
+        every = sorted(map(tuple, first + second))
+        assert len(set(every)) == 16, f"epoch {epoch}: the ranks saw overlapping samples"
+    assert ranks[0][0] != ranks[0][1], "both epochs used the same order"
