@@ -128,7 +128,7 @@ def test_activations_scale_with_batch_and_length(glm_config):
 
 def test_checkpointing_cuts_activations(glm_config):
     workload = Workload(4, 1024)
-    without = estimate_memory(run_config(GLM_9B), glm_config, workload)
+    without = estimate_memory(run_config(GLM_9B, train={"gradient_checkpointing": False}), glm_config, workload)
     with_checkpointing = estimate_memory(run_config(GLM_9B, train={"gradient_checkpointing": True}), glm_config, workload)
     assert with_checkpointing.bytes_of("activations") * 20 < without.bytes_of("activations")
     assert with_checkpointing.total < without.total
@@ -233,6 +233,7 @@ MEASURED_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("sections, images", MEASURED_CASES)
 def test_estimate_close_to_measured_peak(tiny_model_dir, tmp_path, sections, images):
+    from vlmtune.encoding.collator import supervised_positions
     from vlmtune.model.estimate import estimate_memory
     from vlmtune.training.memory import cpu_peak_bytes, tensor_bytes
     from vlmtune.training.recipe import LoraRecipe
@@ -262,7 +263,9 @@ def test_estimate_close_to_measured_peak(tiny_model_dir, tmp_path, sections, ima
     static = tensor_bytes(recipe.loaded.model)
     measured = static + cpu_peak_bytes(recipe.train)
 
-    workload = Workload(4, max(lengths), images_per_sample=images, image_pixels=pixels)
+    labels = recipe.collator(recipe.report.samples[:4])["labels"]
+    logit_share = len(supervised_positions(labels)) / labels.shape[1]
+    workload = Workload(4, max(lengths), images_per_sample=images, image_pixels=pixels, logit_share=logit_share)
     estimate = estimate_memory(config, load_model_config(str(tiny_model_dir)), workload, device="cpu")
     ratio = estimate.total / measured
     print(f"estimate {estimate.total / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB, ratio {ratio:.3f}")

@@ -133,3 +133,23 @@ def test_auto_keeps_padded_batches_with_sdpa(tiny_model_dir, tmp_path, caplog):
     assert "padding-free batches off: sdpa attention" in caplog.text
     assert "gradient checkpointing off (train.gradient_checkpointing=auto" in caplog.text
     assert json.loads(json.dumps(recipe.padding_share)) < 0.2
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_supervised_logits_only_same_loss(loaded, samples, padding_free):
+    from vlmtune.training.loss import token_mean_loss
+
+    pad = loaded.tokenizer.pad_token_id
+    positions = PackedPositions(loaded.model) if padding_free else None
+    full = ChatCollator(pad_token_id=pad, positions=positions)(samples)
+    kept = ChatCollator(pad_token_id=pad, positions=positions, supervised_logits_only=True)(samples)
+    with torch.no_grad():
+        full_outputs = loaded.model(**{k: v for k, v in full.items() if k != "labels"})
+        kept_outputs = loaded.model(**{k: v for k, v in kept.items() if k != "labels"})
+    supervised = int((kept["labels"][:, 1:] != -100).sum())
+    assert kept_outputs.logits.shape[1] < full_outputs.logits.shape[1]
+    assert kept_outputs.logits.shape[1] >= supervised // kept["labels"].shape[0]
+    full_loss = token_mean_loss(full_outputs, full["labels"])
+    kept_loss = token_mean_loss(kept_outputs, kept["labels"])
+    assert torch.allclose(full_loss, kept_loss, rtol=1e-5)
+    assert torch.allclose(full_loss, loaded.model(**full).loss, rtol=1e-5)

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +85,7 @@ def encoding_key(encoder: ConversationEncoder, conversations: list[Conversation]
     add({name: getattr(settings, name) for name in ENCODING_SETTINGS})
     for conversation in conversations:
         add(conversation.source)
-        add([asdict(message) for message in conversation.messages])
+        add([(message.role, message.reasoning, [repr(part) for part in message.content]) for message in conversation.messages])
         add([_image_stamp(image.source) for image in conversation.images])
     return digest.hexdigest()[:32]
 
@@ -192,8 +191,10 @@ def encode_dataset(
         if settings.cache:
             _save(encoded, folder)
     report = EncodingReport([], {})
-    for row in encoded:
-        add_outcome(report, _row_outcome(row), row["source"])
+    columns = encoded.to_dict()  # one conversion per column: much faster than reading row by row
+    for index, source in enumerate(columns["source"]):
+        row = {name: values[index] for name, values in columns.items()}
+        add_outcome(report, _row_outcome(row), source)
         report.resized_images += row["resized_images"]
     report.seconds = time.perf_counter() - started
     report.log()

@@ -91,6 +91,9 @@ class Workload:
     sequence_length: int
     images_per_sample: int = 0
     image_pixels: int | None = None
+    logit_share: float = 1.0
+    """Share of positions that get logits. Training computes them only where the next token
+    is supervised, so 1.0 is an upper bound; the reply share of the data is the real value."""
 
     @property
     def tokens(self) -> int:
@@ -334,8 +337,9 @@ def estimate_memory(
     tokens = workload.tokens
     per_layer = layer_activation_bytes(shape, dtype_bytes, config.lora, config.lora.r)
     vocab = text_config.vocab_size
-    loss_bytes = tokens * vocab * LOSS_BYTES_PER_LOGIT
-    loss_note = f"{vocab:,} vocabulary entries x {LOSS_BYTES_PER_LOGIT} bytes per token"
+    loss_bytes = int(tokens * workload.logit_share * vocab * LOSS_BYTES_PER_LOGIT)
+    # An upper bound: training computes logits only at positions whose next token is supervised.
+    loss_note = f"{vocab:,} vocabulary entries x {LOSS_BYTES_PER_LOGIT} bytes per token (at most)"
     edges = 4 * shape.hidden + dtype_bytes * shape.hidden  # final norm, embeddings output
     shape_note = f"{workload.batch_size} x {workload.sequence_length} tokens"
     if checkpointing_enabled(config.train.gradient_checkpointing, model):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
+from vlmtune.encoding.collator import supervised_positions
 from vlmtune.encoding.encode import IGNORE_INDEX
 
 
@@ -17,11 +18,17 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
     Glm4vForConditionalGeneration sets accepts_loss_kwargs=False (transformers 5.25), so its
     own loss is a per-micro-batch mean, and that equality does not hold.
     Without num_items_in_batch (evaluation) this is the mean over the batch's tokens.
+    Logits kept only at supervised positions (ChatCollator.supervised_logits_only) are
+    matched to their targets with the same supervised_positions.
     """
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     vocab_size = logits.shape[-1]
-    shifted_logits = logits[..., :-1, :].reshape(-1, vocab_size).float()
-    shifted_labels = labels[..., 1:].reshape(-1).to(shifted_logits.device)
+    if logits.shape[1] == labels.shape[1]:
+        shifted_logits = logits[..., :-1, :].reshape(-1, vocab_size).float()
+        shifted_labels = labels[..., 1:].reshape(-1).to(shifted_logits.device)
+    else:  # the collator kept only the logits at supervised positions
+        shifted_logits = logits.reshape(-1, vocab_size).float()
+        shifted_labels = labels[:, 1:][:, supervised_positions(labels)].reshape(-1).to(shifted_logits.device)
     total = functional.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     if num_items_in_batch is None:
         num_items_in_batch = (shifted_labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -200,7 +200,7 @@ class LoraRecipe:
     def _make_collator(self) -> ChatCollator:
         """Use padding-free batches when asked for or when flash attention makes them cheap, and when
         the model computes them exactly as padded ones."""
-        padded = ChatCollator(pad_token_id=self._pad_token_id())
+        padded = ChatCollator(pad_token_id=self._pad_token_id(), supervised_logits_only=True)
         setting = self.config.train.padding_free
         attention = getattr(self.loaded.model.config, "_attn_implementation", None) or "eager"
         if setting is False:
@@ -211,7 +211,9 @@ class LoraRecipe:
                 "(train.padding_free=auto turns them on with flash attention)", attention,
             )
             return padded
-        packed = ChatCollator(pad_token_id=padded.pad_token_id, positions=PackedPositions(self.loaded.model))
+        packed = ChatCollator(
+            pad_token_id=padded.pad_token_id, positions=PackedPositions(self.loaded.model), supervised_logits_only=True
+        )
         difference = padding_free_difference(self.loaded.model, padded, packed, self.report.samples)
         if difference <= PADDING_FREE_TOLERANCE:
             logger.info("padding-free batches: packed and separate forward passes agree (difference %.1e)", difference)
@@ -467,6 +469,7 @@ def padding_free_difference(
 
         def logits(batch: dict[str, Any]) -> torch.Tensor:
             batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            batch.pop("logits_to_keep", None)  # compare all positions
             return model(**{**batch, "use_cache": False}).logits.float()
 
         separate = torch.cat([logits(padded([sample]))[0] for sample in pair])
