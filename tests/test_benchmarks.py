@@ -1,4 +1,4 @@
-"""benchmarks/gpu_memory.py end to end on the tiny model on CPU."""
+"""The benchmark scripts end to end on the tiny model on CPU."""
 
 from __future__ import annotations
 
@@ -25,3 +25,25 @@ def test_gpu_memory_script_on_cpu(tiny_model_dir, tmp_path):
         assert row["measured_bytes"] > 0
         assert 0.8 < row["ratio"] < 1.2, row
     assert "| bf16-checkpointing | image |" in (tmp_path / "gpu_memory.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_speed_script_small_run(tiny_model_dir, tmp_path):
+    rows = json.loads((REPO_ROOT / "data" / "persona_zh" / "train.json").read_text(encoding="utf-8"))[:24]
+    data = tmp_path / "small.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "train_speed.py"), "--model", str(tiny_model_dir),
+               "--data", str(data), "--batch-size", "4", "--grad-accum", "1", "--max-length", "256",
+               "--variants", "baseline,vlmtune,vlmtune_cached", "--out", str(tmp_path / "results")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / f"train_speed_{tiny_model_dir.name}_cpu.json").read_text())
+    rows = report["rows"]
+    assert set(rows) == {"baseline", "vlmtune", "vlmtune_cached"}
+    assert rows["baseline"]["examples"] == rows["vlmtune"]["examples"] == 24
+    assert rows["baseline"]["padding_share"] > rows["vlmtune"]["padding_share"]
+    assert rows["vlmtune"]["real_tokens"] > rows["vlmtune"]["examples"] * 10
+    assert rows["vlmtune_cached"]["preprocess_seconds"] > 0
+    assert [target["target"] for target in report["targets"]][0] == "epoch wall time <= 0.5x"
+    table = (tmp_path / "results" / f"train_speed_{tiny_model_dir.name}_cpu.md").read_text()
+    assert "| vlmtune, cache hit |" in table
