@@ -7,10 +7,10 @@ few AdamW steps on a synthetic batch: text only, and with one image. It records
 torch.cuda.max_memory_allocated and the step time. On CPU (`--model PATH --device cpu`,
 e.g. the tiny model) the peak is the CPU tensor memory that torch.profiler records.
 
-    python benchmarks/gpu_memory.py                                  # GPU, 9B shape
-    python benchmarks/gpu_memory.py --model outputs/tiny-glm4v --device cpu --modes bf16
+    .venv/bin/python benchmarks/gpu_memory.py                                  # GPU, 9B shape
+    .venv/bin/python benchmarks/gpu_memory.py --model outputs/tiny-glm4v --device cpu --modes bf16
 
-Results go to benchmarks/results/gpu_memory.json and .md (or --output).
+Results go to outputs/benchmarks/gpu_memory.json and .md; pass --output benchmarks/results to record them.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="Samples per step.")
     parser.add_argument("--steps", type=int, default=3, help="Training steps per mode; the first is not timed.")
     parser.add_argument("--image-pixels", type=int, default=28 * 28 * 256, help="Pixels of the image in the image batch.")
-    parser.add_argument("--output", default="benchmarks/results", help="Folder for gpu_memory.json and .md.")
+    parser.add_argument("--output", default="outputs/benchmarks", help="Folder for gpu_memory.json and .md (benchmarks/results to record them).")
     return parser.parse_args()
 
 

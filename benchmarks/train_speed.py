@@ -1,7 +1,7 @@
 """Training speed and memory: the tutorial's approach against vlmtune, in one run, same model and data.
 
-    python benchmarks/train_speed.py                       # tiny GLM-4.1V built offline, bundled data
-    python benchmarks/train_speed.py --model PATH --device cuda
+    .venv/bin/python benchmarks/train_speed.py             # tiny GLM-4.1V built offline, bundled data
+    .venv/bin/python benchmarks/train_speed.py --model PATH --device cuda
 
 Each variant runs in its own process, so peak memory (RSS) is measured per variant:
 
@@ -14,7 +14,8 @@ Each variant runs in its own process, so peak memory (RSS) is measured per varia
 - vlmtune + checkpointing, vlmtune padding-free: the cost of those switches.
 
 All variants train one epoch with the same batch size, learning rate, LoRA rank and
-dtype. Results go to benchmarks/results/ as JSON and Markdown, with the machine.
+dtype. Results go to outputs/benchmarks/ (or --out; benchmarks/results/ contains the
+recorded ones) as JSON and Markdown, with the machine.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+OUTPUT_DIR = REPO_ROOT / "outputs" / "benchmarks"
 DATA = REPO_ROOT / "data" / "persona_zh" / "train.json"
 SYSTEM_PROMPT = "你是小橘，一只活泼可爱的猫娘助手，说话时常带“喵”。"
 # The tutorial's LoRA target list (a Llama list; on GLM-4.1V it misses gate_up_proj, see the README).
@@ -324,7 +325,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated; baseline, vlmtune and vlmtune_cached are needed for the targets.")
-    parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--out", default=str(OUTPUT_DIR), help="Results folder (benchmarks/results to record them).")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -37,7 +37,7 @@ def assert_same_samples(left, right):
             assert torch.equal(a.image_grid_thw, b.image_grid_thw)
 
 
-def test_cached_encoding_matches_direct_encoding_and_hits_the_second_time(
+def test_cache_matches_direct_then_hits(
     encoder, mixed_conversations, tmp_path, caplog
 ):
     settings = data_settings(cache_dir=str(tmp_path), max_length=256)
@@ -46,7 +46,8 @@ def test_cached_encoding_matches_direct_encoding_and_hits_the_second_time(
         first = encode_dataset(encoder, mixed_conversations, settings)
     assert "cache hit" not in caplog.text
     assert_same_samples(direct.samples, first.samples)
-    assert first.dropped == direct.dropped and first.lengths == direct.lengths
+    assert first.dropped == direct.dropped
+    assert first.lengths == direct.lengths
     assert any(sample.pixel_values is not None for sample in first.samples)
     assert len(list(tmp_path.iterdir())) == 1
 
@@ -55,7 +56,8 @@ def test_cached_encoding_matches_direct_encoding_and_hits_the_second_time(
         second = encode_dataset(encoder, mixed_conversations, settings)
     assert "cache hit" in caplog.text
     assert_same_samples(direct.samples, second.samples)
-    assert second.dropped == direct.dropped and second.lengths == direct.lengths
+    assert second.dropped == direct.dropped
+    assert second.lengths == direct.lengths
 
 
 def test_two_processes_encode_the_same_samples(encoder, mixed_conversations, tmp_path):

@@ -270,13 +270,13 @@ def _without_oldest_turn(conversation: Conversation) -> Conversation | None:
 
 @dataclass
 class EncodingOutcome:
-    """What data.on_invalid and data.on_overlength made of one conversation."""
+    """The result of data.on_invalid and data.on_overlength for one conversation."""
 
     sample: EncodedSample | None
     length: int | None = None
     """Encoded length before any trimming; None when the conversation could not be encoded."""
     dropped: str | None = None
-    """Why the conversation was dropped; None when it was kept."""
+    """Reason the conversation was dropped, or None when it was kept."""
     error: DataError | None = None
     """The error to raise (on_invalid or on_overlength is `error`)."""
     trimmed: bool = False

@@ -93,7 +93,7 @@ class Workload:
     image_pixels: int | None = None
     logit_share: float = 1.0
     """Share of positions that get logits. Training computes them only where the next token
-    is supervised, so 1.0 is an upper bound; the reply share of the data is the real value."""
+    is supervised, so 1.0 is an upper bound. The real value is the share of reply tokens."""
 
     @property
     def tokens(self) -> int:

@@ -5,9 +5,9 @@ LoRA on the language model, gradient checkpointing and resuming from the last ch
 Tracking goes to SwanLab (offline by default), TensorBoard or nowhere.
 
 Several processes (`torchrun`, `accelerate launch`, DeepSpeed through train.deepspeed) go
-through the transformers Trainer: every process loads the model and trains on its share
-of each batch, and only the main process (rank 0) tracks, generates samples and writes
-the adapter, processor files, config, manifest and loss plot. tests/test_distributed.py
+through the transformers Trainer. Every process loads the model and trains on its share
+of each batch. Only the main process (rank 0) tracks, generates samples and writes the
+adapter, processor files, config, manifest and loss plot. tests/test_distributed.py
 runs two CPU processes with the gloo backend; DeepSpeed and FSDP have not been run here.
 
 The output folder contains the adapter, the processor files (tokenizer, chat template,

@@ -67,6 +67,9 @@ def launch(settings: WebUISettings, host: str, port: int, auth: str | None, shar
     app, i18n, jobs = build_app(settings)
     if host not in ("127.0.0.1", "localhost", "::1") and credentials is None:
         logger.warning("serving on %s without --auth: anyone who reaches this address can chat and train", host)
+    # Gradio's own start-up lines would point to its launch() arguments instead of our flags.
+    address = f"[{host}]" if ":" in host else host
+    logger.info("web UI on http://%s:%d (stop with Ctrl+C; --share publishes a public link)", address, port)
     try:
         app.queue().launch(
             server_name=host,
@@ -76,6 +79,7 @@ def launch(settings: WebUISettings, host: str, port: int, auth: str | None, shar
             i18n=i18n,
             ssr_mode=False,
             footer_links=["settings"],
+            quiet=not share,
         )
     finally:
         jobs.shutdown()
