@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,16 @@ def test_invalid_examples_are_reported_from_cache_too(encoder, tmp_path):
     for _ in range(2):
         with pytest.raises(DataError, match=r"a.json, record 1: image not found: .*gone.png"):
             encode_dataset(encoder, [good, missing], strict)
+
+
+def test_source_digest_changes_with_code(tmp_path):
+    from vlmtune.encoding import cache
+
+    package = Path(cache.__file__).parent
+    before, after = tmp_path / "before", tmp_path / "after"
+    shutil.copytree(package, before)
+    shutil.copytree(package, after)
+    encode_file = after / "encode.py"
+    encode_file.write_text(encode_file.read_text() + "\n# a changed encoder\n")
+    assert cache.source_digest(before) == cache.source_digest(package)
+    assert cache.source_digest(after) != cache.source_digest(package)

@@ -12,6 +12,7 @@ processes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -66,6 +67,20 @@ def _image_stamp(source: str) -> str:
     return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+@functools.cache
+def source_digest(folder: Path) -> str:
+    """Hash the Python source files of a folder, once per process.
+
+    The key includes the encoding modules' digest, so a changed encoder never reads an old
+    cache: the package version alone does not change between commits of a checkout.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode("utf-8"))
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def encoding_key(encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings) -> str:
     """Hash every input of encoding into one hex key."""
     digest = hashlib.sha256()
@@ -77,6 +92,7 @@ def encoding_key(encoder: ConversationEncoder, conversations: list[Conversation]
     tokenizer = encoder.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     add(__version__)
+    add(source_digest(Path(__file__).parent))
     add(backend.to_str() if backend is not None else tokenizer.get_vocab())
     add(getattr(encoder.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
     image_processor = getattr(encoder.processor, "image_processor", None)
