@@ -230,3 +230,25 @@ def test_group_by_length_cuts_padding(tiny_model_dir, tmp_path):
     assert measured[True] < 0.5 * measured[False]
     assert logged[True] < 0.5 * logged[False]
     assert abs(logged[False] - measured[False]) < 0.05
+
+
+@pytest.mark.slow
+def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path):
+    rows = [{"instruction": f"第{i}个问题", "input": "", "output": ANSWER} for i in range(8)]
+    data_path = write_json(tmp_path / "train.json", rows)
+    tree = training_tree(tiny_model_dir, data_path, tmp_path / "out", max_steps=4, save_steps=2, eval_steps=2)
+    tree["tracking"] = {"backend": "none"}
+    tree["evaluation"] = {"generate": True, "num_data_prompts": 2, "max_new_tokens": 8}
+    first = LoraRecipe(build_config(tree))
+    first.setup()
+    first.train()
+    base_replies = [sample["answer"] for sample in first.evaluation_runs()[0].samples]
+
+    tree["train"]["max_steps"] = 6
+    resumed = LoraRecipe(build_config(tree), resume=True)
+    resumed.setup()
+    resumed.train()
+    resumed.save()
+    report = json.loads((tmp_path / "out" / "eval_report.json").read_text(encoding="utf-8"))
+    assert [run["label"] for run in report] == ["base", "step 6"]
+    assert [sample["answer"] for sample in report[0]["samples"]] == base_replies

@@ -322,6 +322,7 @@ class LoraRecipe:
                     every_steps=self.config.train.eval_steps,
                     thinking=self.config.data.thinking,
                     pixel_limits=(self.config.data.min_pixels, self.config.data.max_pixels),
+                    base_without_adapter=self.config.lora.init not in CONVERTED_INITS,
                 )
                 callbacks.append(self.sampling)
         self._log_padding_share()

@@ -33,6 +33,7 @@ class SampleGenerationCallback(TrainerCallback):
         every_steps: int,
         thinking: str,
         pixel_limits: tuple[int | None, int | None],
+        base_without_adapter: bool = True,
     ):
         self.loaded = loaded
         self.prompts = prompts
@@ -42,6 +43,8 @@ class SampleGenerationCallback(TrainerCallback):
         self.every_steps = every_steps
         self.thinking = thinking
         self.pixel_limits = pixel_limits
+        self.base_without_adapter = base_without_adapter
+        """Whether switching the adapter off gives the base model (not after PiSSA/OLoRA initialisation)."""
         self.runs: list[EvalRun] = []
 
     def _generate(self, model, step: int, label: str) -> None:
@@ -70,6 +73,12 @@ class SampleGenerationCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
             self._generate(model, 0, "base")
+        elif self.base_without_adapter and hasattr(model, "disable_adapter"):
+            # A resumed run: the base model is the same model with the adapter switched off.
+            with model.disable_adapter():
+                self._generate(model, 0, "base")
+        else:
+            logger.info("resumed run: no base-model column (the adapter's initialisation changed the base weights)")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every_steps == 0:
