@@ -408,6 +408,17 @@ def build_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
         raise ConfigError(_format_validation_error(error, source)) from None
 
 
+def read_settings_tree(path: Path, label: str, fix: str = "") -> dict[str, Any]:
+    """Read a YAML file of settings sections; errors start with `label` and end with `fix`, if given."""
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{label}: invalid YAML: {error}{fix}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping of sections (model, data, ...)")
+    return tree
+
+
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config and apply `section.key=value` overrides.
 
@@ -417,12 +428,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     config_path = Path(path)
     if not config_path.is_file():
         raise ConfigError(f"config file not found: {config_path}. Pass the path to a YAML file, e.g. configs/demo.yaml")
-    try:
-        tree = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{config_path}: invalid YAML: {error}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{config_path}: the top level must be a mapping of sections (model, data, ...)")
+    tree = read_settings_tree(config_path, str(config_path))
     for override in overrides or []:
         parts, value = parse_override(override)
         _apply_override(tree, parts, value)

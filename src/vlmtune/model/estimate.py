@@ -32,7 +32,7 @@ peft 0.21's LoRA layer. Per token and layer:
 - DoRA also keeps each adapted layer's base output: b·out.
 
 Gradient checkpointing keeps only each layer's input (b·h) and recomputes one layer at a
-time during backward. The loss keeps float32 log-probabilities, and its backward holds their
+time during backward. The loss keeps float32 log-probabilities, and its backward stores their
 gradient and the logits' gradient: 12·V bytes per token. Korthikanti et al. 2022 ("Reducing
 Activation Recomputation in Large Transformer Models") derive the same kind of count
 (34·h + 5·a·s bytes for GPT layers in fp16). NOTE: these are estimates. The comparison
@@ -229,7 +229,7 @@ def _optimizer_state_bytes_per_value(optim: str) -> tuple[float, str]:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What one transformer layer stores, read from its modules."""
+    """Activation sizes that one transformer layer stores, read from its modules."""
 
     hidden: int
     attention_width: int
@@ -342,7 +342,8 @@ def estimate_memory(
     loss_note = f"{vocab:,} vocabulary entries x {LOSS_BYTES_PER_LOGIT} bytes per token (at most)"
     edges = 4 * shape.hidden + dtype_bytes * shape.hidden  # final norm, embeddings output
     shape_note = f"{workload.batch_size} x {workload.sequence_length} tokens"
-    if checkpointing_enabled(config.train.gradient_checkpointing, model):
+    parameter_count = sum(parameter.numel() for parameter in model.parameters())
+    if checkpointing_enabled(config.train.gradient_checkpointing, parameter_count):
         kept_bytes = layer_count * dtype_bytes * shape.hidden + edges
         estimate.add("activations", tokens * kept_bytes, f"{shape_note}; checkpointing keeps {layer_count} layer inputs")
         # The loss's backward ends before the first layer is recomputed, so only the larger counts.

@@ -185,8 +185,8 @@ AUTO_CHECKPOINTING_PARAMETERS = 1_000_000_000
 """train.gradient_checkpointing=auto turns checkpointing on from this many parameters."""
 
 
-def checkpointing_enabled(setting: bool | str, model: torch.nn.Module) -> bool:
+def checkpointing_enabled(setting: bool | str, parameter_count: int) -> bool:
     """Resolve train.gradient_checkpointing: true, false, or auto (on for models of 1B parameters or more)."""
     if setting != "auto":
         return bool(setting)
-    return sum(parameter.numel() for parameter in model.parameters()) >= AUTO_CHECKPOINTING_PARAMETERS
+    return parameter_count >= AUTO_CHECKPOINTING_PARAMETERS

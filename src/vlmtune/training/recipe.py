@@ -190,7 +190,7 @@ class LoraRecipe:
         if setting != "auto":
             return setting
         parameters = sum(parameter.numel() for parameter in model.parameters())
-        enabled = checkpointing_enabled(setting, model)
+        enabled = checkpointing_enabled(setting, parameters)
         logger.info(
             "gradient checkpointing %s (train.gradient_checkpointing=auto, %.2fB parameters)",
             "on" if enabled else "off", parameters / 1e9,

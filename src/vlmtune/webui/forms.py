@@ -10,9 +10,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from vlmtune.config import RunConfig, build_config, save_config
+from vlmtune.config import RunConfig, build_config, read_settings_tree, save_config
 from vlmtune.data.loading import load_conversations
 from vlmtune.encoding import ConversationEncoder
 from vlmtune.encoding.inspect import SegmentKind, SelfCheck, check_sample, sample_segments
@@ -54,13 +53,7 @@ def read_preset(preset: str) -> dict[str, Any]:
     path = Path(preset)
     if not preset or not path.is_file():
         raise ConfigError(f"preset not found: {preset!r}. Choose one of the YAML files in the presets folder")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"preset {path}: invalid YAML: {error}. Fix the file or choose another preset") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"preset {path}: the top level must be a mapping of sections (model, data, ...)")
-    return tree
+    return read_settings_tree(path, f"preset {path}", ". Fix the file or choose another preset")
 
 
 def _absolute_if_exists(value: str, *folders: Path) -> str:
