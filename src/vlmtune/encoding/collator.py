@@ -33,8 +33,8 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     """Sample indices so that each run of `batch_size` contains samples of about the same length.
 
     Each epoch the samples are sorted by length with ties broken at random, cut into
-    batches, and the batches shuffled, with the batch of the longest samples first so
-    that running out of memory happens at the first step, and the incomplete batch last. Unlike transformers' sampler,
+    batches, and the batches shuffled. The batch of the longest samples goes first, so
+    running out of memory happens at the first step, and the incomplete batch goes last. Unlike transformers' sampler,
     which sorts within random mega-batches (four of them for small datasets), this sorts
     across the whole dataset, so padding stays at a few percent on small datasets too.
     """
