@@ -303,6 +303,8 @@ def test_training_run_stops_with_checkpoint(page, workspace):
     fill("#train-max-steps input", "400")
     _find(page, "#train-preview").click()
     _wait(lambda: "self-check ok" in _find(page, "#train-status").text, 60, "the preview shows no self-check")
+    # The status text can render a moment before the highlighted samples.
+    _wait(lambda: _find_all(page, "#train-sample-0"), 10, "the preview shows no encoded sample")
     assert _find(page, "#train-sample-0").is_displayed()
     _screenshot(page, "train-preview")
 
