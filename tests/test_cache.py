@@ -61,6 +61,47 @@ def test_cache_matches_direct_then_hits(
     assert second.lengths == direct.lengths
 
 
+def test_batched_encoding_matches_one_at_a_time(encoder, mixed_conversations, tmp_path):
+    """Two template calls and one tokenizer call for many conversations give each one's own encoding."""
+    text = lambda value: [TextPart(value)]  # noqa: E731
+    multi_turn = Conversation(
+        [
+            Message("system", text("你是小橘。")),
+            Message("user", text("你好")),
+            Message("assistant", text("你好喵~")),
+            Message("user", text("你是谁？")),
+            Message("assistant", text("我是小橘喵！")),
+        ],
+        source="multi-turn",
+    )
+    no_reply = Conversation([Message("user", text("还在吗？"))], source="no-reply")
+    missing_image = Conversation(
+        [Message("user", [ImagePart(str(tmp_path / "gone.png")), TextPart("这是什么？")]), Message("assistant", text("猫"))],
+        source="missing-image",
+    )
+    conversations = [*mixed_conversations[:3], no_reply, multi_turn, missing_image, *mixed_conversations[-3:]]
+
+    together = encoder.encode_many(conversations)
+
+    assert len(together) == len(conversations)
+    for conversation, result in zip(conversations, together):
+        if conversation.source in ("no-reply", "missing-image"):
+            assert isinstance(result, DataError)
+            assert conversation.source in str(result)
+            continue
+        assert_same_samples([result], [encoder.encode(conversation)])
+    assert len(together[4].reply_starts) == 2
+
+
+def test_cache_hit_renders_nothing(loaded, encoder, mixed_conversations, tmp_path):
+    settings = data_settings(cache_dir=str(tmp_path))
+    encode_dataset(encoder, mixed_conversations, settings)
+    fresh = ConversationEncoder.from_settings(loaded.processor, loaded.stop_token_ids, settings)
+    hit = encode_dataset(fresh, mixed_conversations, settings)
+    assert len(hit.samples) == len(mixed_conversations)
+    assert "end_of_turn_id" not in vars(fresh)  # the template was never rendered
+
+
 def test_two_processes_encode_the_same_samples(encoder, mixed_conversations, tmp_path):
     one = encode_dataset(encoder, mixed_conversations, data_settings(cache=False, cache_dir=str(tmp_path)))
     two = encode_dataset(encoder, mixed_conversations, data_settings(cache=False, cache_dir=str(tmp_path), num_proc=2))

@@ -4,9 +4,8 @@ The key hashes everything the encoded samples depend on. These are the conversat
 themselves (after reading, system prompt, de-duplication and splitting) and the image
 files they name (path, size and modification time). They are also the tokenizer, the
 chat template, the image processor's settings, the stop ids and the data settings that
-shape encoding. A second
-run with the same inputs loads the saved Arrow files instead of encoding again; any
-change to one of them gives a new key. Set `data.num_proc` to encode in several
+shape encoding. A second run with the same inputs reads the saved Arrow file instead of
+encoding again; any change to one of them gives a new key. Set `data.num_proc` to encode in several
 processes.
 """
 
@@ -17,12 +16,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow
+import pyarrow.ipc
 import torch
 
 from vlmtune import __version__
@@ -97,12 +97,22 @@ def encoding_key(encoder: ConversationEncoder, conversations: list[Conversation]
     add(getattr(encoder.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None))
     image_processor = getattr(encoder.processor, "image_processor", None)
     add(image_processor.to_json_string() if image_processor is not None else None)
-    add([encoder.stop_ids, encoder.end_of_turn_id, encoder.layout, encoder.pixel_limits])
+    # The end-of-turn id is left out: it follows from the template, the tokenizer and the stop ids.
+    add([encoder.stop_ids, encoder.layout, encoder.pixel_limits])
     add({name: getattr(settings, name) for name in ENCODING_SETTINGS})
-    for conversation in conversations:
-        add(conversation.source)
-        add([(message.role, message.reasoning, [repr(part) for part in message.content]) for message in conversation.messages])
-        add([_image_stamp(image.source) for image in conversation.images])
+    add(
+        [
+            (
+                conversation.source,
+                [
+                    (message.role, message.reasoning, [(type(part).__name__, vars(part)) for part in message.content])
+                    for message in conversation.messages
+                ],
+                [_image_stamp(image.source) for image in conversation.images],
+            )
+            for conversation in conversations
+        ]
+    )
     return digest.hexdigest()[:32]
 
 
@@ -118,19 +128,17 @@ FEATURES = datasets.Features(
         "pixel_shape": datasets.Sequence(datasets.Value("int32")),
         "image_grid_thw": datasets.Sequence(datasets.Value("int32")),
         "source": datasets.Value("string"),
-        "outcome": datasets.Value("string"),
+        "length": datasets.Value("int32"),
+        "dropped": datasets.Value("string"),
+        "trimmed": datasets.Value("bool"),
+        "error": datasets.Value("string"),
+        "error_reason": datasets.Value("string"),
     }
 )
 
 
 def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
     sample = outcome.sample
-    fields = {
-        "length": outcome.length,
-        "dropped": outcome.dropped,
-        "trimmed": outcome.trimmed,
-        "error": None if outcome.error is None else [str(outcome.error), outcome.error.reason],
-    }
     row: dict[str, Any] = {
         "input_ids": [],
         "labels": [],
@@ -140,7 +148,11 @@ def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
         "pixel_shape": [],
         "image_grid_thw": [],
         "source": source,
-        "outcome": json.dumps(fields),
+        "length": outcome.length,
+        "dropped": outcome.dropped,
+        "trimmed": outcome.trimmed,
+        "error": None if outcome.error is None else str(outcome.error),
+        "error_reason": None if outcome.error is None else outcome.error.reason,
     }
     if sample is not None:
         row.update(input_ids=sample.input_ids, labels=sample.labels, reply_starts=sample.reply_starts)
@@ -153,17 +165,16 @@ def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
 
 
 def _row_outcome(row: dict[str, Any]) -> EncodingOutcome:
-    fields = json.loads(row["outcome"])
-    error = DataError(*fields["error"]) if fields["error"] else None
-    if fields["dropped"] is not None or error is not None:
-        return EncodingOutcome(None, fields["length"], dropped=fields["dropped"], error=error)
+    error = DataError(row["error"], row["error_reason"]) if row["error"] is not None else None
+    if row["dropped"] is not None or error is not None:
+        return EncodingOutcome(None, row["length"], dropped=row["dropped"], error=error)
     sample = EncodedSample(row["input_ids"], row["labels"], row["reply_starts"], source=row["source"])
     if row["mm_token_type_ids"]:
         sample.mm_token_type_ids = row["mm_token_type_ids"]
     if row["pixel_shape"]:
         sample.pixel_values = torch.tensor(row["pixel_values"], dtype=torch.float32).view(*row["pixel_shape"])
         sample.image_grid_thw = torch.tensor(row["image_grid_thw"], dtype=torch.long).view(-1, 3)
-    return EncodingOutcome(sample, fields["length"], trimmed=fields["trimmed"])
+    return EncodingOutcome(sample, row["length"], trimmed=row["trimmed"])
 
 
 class _EncodeRows:
@@ -179,13 +190,13 @@ class _EncodeRows:
         if os.getpid() != self.parent_pid:
             # A forked worker must not enter the parent's OpenMP thread pool: it would wait forever.
             torch.set_num_threads(1)
-        rows = []
-        for index in batch["index"]:
-            conversation = self.conversations[index]
-            resized_before = self.encoder.resized_images
-            row = _outcome_row(encode_with_policy(self.encoder, conversation, self.settings), conversation.source)
-            row["resized_images"] = self.encoder.resized_images - resized_before
-            rows.append(row)
+        conversations = [self.conversations[index] for index in batch["index"]]
+        resized_before = self.encoder.resized_images
+        outcomes = encode_with_policy(self.encoder, conversations, self.settings)
+        rows = [_outcome_row(outcome, conversation.source) for conversation, outcome in zip(conversations, outcomes)]
+        # The batch's count of resized images goes on its first row, so the total survives the cache.
+        for position, row in enumerate(rows):
+            row["resized_images"] = self.encoder.resized_images - resized_before if position == 0 else 0
         return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
 
 
@@ -197,20 +208,21 @@ def encode_dataset(
 ) -> EncodingReport:
     """Encode conversations through `datasets.map`, or load the result of an earlier run with the same inputs."""
     started = time.perf_counter()
-    key = encoding_key(encoder, conversations, settings)
-    folder = cache_root(settings) / key
-    if settings.cache and (folder / "dataset_info.json").is_file():
-        encoded = datasets.load_from_disk(str(folder))
-        logger.info("%s data: cache hit, loaded %d encoded examples from %s", name, len(encoded), folder)
+    path = cache_root(settings) / f"{encoding_key(encoder, conversations, settings)}.arrow"
+    if settings.cache and path.is_file():
+        with pyarrow.OSFile(str(path)) as source:
+            table = pyarrow.ipc.open_file(source).read_all()
+        logger.info("%s data: cache hit, loaded %d encoded examples from %s", name, table.num_rows, path)
     else:
-        encoded = _encode(encoder, conversations, settings)
+        table = _encode(encoder, conversations, settings).data.table
         if settings.cache:
-            _save(encoded, folder)
+            _save(table, path)
     report = EncodingReport([], {})
-    columns = encoded.to_dict()  # one conversion per column: much faster than reading row by row
-    for index, source in enumerate(columns["source"]):
-        row = {name: values[index] for name, values in columns.items()}
-        add_outcome(report, _row_outcome(row), source)
+    columns = table.to_pydict()  # one conversion per column: much faster than reading row by row
+    names = list(columns)
+    for values in zip(*columns.values()):
+        row = dict(zip(names, values))
+        add_outcome(report, _row_outcome(row), row["source"])
         report.resized_images += row["resized_images"]
     report.seconds = time.perf_counter() - started
     report.log()
@@ -222,6 +234,7 @@ def _encode(encoder: ConversationEncoder, conversations: list[Conversation], set
     features["resized_images"] = datasets.Value("int32")
     indices = datasets.Dataset.from_dict({"index": list(range(len(conversations)))})
     num_proc = settings.num_proc if settings.num_proc and settings.num_proc > 1 and len(conversations) > 1 else None
+    encoder.end_of_turn_id  # found (and logged) once here, not in every worker
     return indices.map(
         _EncodeRows(encoder, conversations, settings),
         batched=True,
@@ -236,17 +249,14 @@ def _encode(encoder: ConversationEncoder, conversations: list[Conversation], set
     )
 
 
-def _save(encoded: datasets.Dataset, folder: Path) -> None:
-    """Write the encoded dataset next to its final folder, then move it in place, so readers never see half a cache."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    encoded.save_to_disk(str(partial))
-    try:
-        partial.rename(folder)
-    except OSError:  # another process saved the same key first
-        shutil.rmtree(partial, ignore_errors=True)
-    logger.info("saved the encoded data to %s", folder)
+def _save(table: pyarrow.Table, path: Path) -> None:
+    """Write the encoded table beside its final path, then move it in place, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    with pyarrow.OSFile(str(partial), "wb") as sink, pyarrow.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(partial, path)  # another process writing the same key wrote the same table
+    logger.info("saved the encoded data to %s", path)
 
 
 __all__ = ["cache_root", "encode_dataset", "encoding_key"]

@@ -14,9 +14,10 @@ the reply, which is always one of the model's stop ids:
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -75,12 +76,6 @@ class ConversationEncoder:
         self.pixel_limits = apply_image_limits(processor, min_pixels, max_pixels)
         self.resized_images = 0
         """Images scaled to fit the pixel limits so far, counted once per encode call."""
-        self.end_of_turn_id = self._find_end_of_turn_id()
-        logger.info(
-            "reply layout: %s; end-of-turn token: %s",
-            self.layout,
-            self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id),
-        )
 
     @classmethod
     def from_settings(cls, processor: Any, stop_ids: list[int], settings: DataSettings) -> ConversationEncoder:
@@ -131,8 +126,31 @@ class ConversationEncoder:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def render_many(self, conversations: list[list[dict[str, Any]]], *, add_generation_prompt: bool) -> list[str]:
+        """Render several message lists in one `apply_chat_template` call (the same text as one call each)."""
+        if not conversations:
+            return []
+        return self.processor.apply_chat_template(
+            conversations, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _tokenize_many(self, texts: list[str]) -> list[list[int]]:
+        """Tokenize texts in one call, which the fast tokenizer spreads over threads."""
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    @functools.cached_property
+    def end_of_turn_id(self) -> int:
+        """The stop id that ends a reply; found on first use, so loading a cached encoding renders nothing."""
+        end_of_turn_id = self._find_end_of_turn_id()
+        logger.info(
+            "reply layout: %s; end-of-turn token: %s", self.layout, self.tokenizer.convert_ids_to_tokens(end_of_turn_id)
+        )
+        return end_of_turn_id
 
     def _find_end_of_turn_id(self) -> int:
         """Find the stop id the template places right after an assistant reply, else use the first stop id."""
@@ -165,47 +183,79 @@ class ConversationEncoder:
         counts = [int(grid.prod()) // merge for grid in inputs["image_grid_thw"]]
         return dict(inputs), counts
 
-    def _tokenize_prompt(self, text: str, image_counts: list[int], cursor: int) -> tuple[list[int], int]:
-        """Tokenize prompt text, expanding each image marker to that image's token count."""
+    def _expand_images(self, text: str, image_counts: list[int], cursor: int) -> tuple[str, int]:
+        """Repeat each image marker in prompt text as many times as that image has tokens."""
         if self.image_token is None or self.image_token not in text:
-            return self._tokenize(text), cursor
+            return text, cursor
         pieces = text.split(self.image_token)
         expanded = pieces[0]
         for piece in pieces[1:]:
             expanded += self.image_token * image_counts[cursor] + piece
             cursor += 1
-        return self._tokenize(expanded), cursor
+        return expanded, cursor
 
     def encode(self, conversation: Conversation) -> EncodedSample:
         """Encode one conversation; raises DataError for an example that cannot be trained on."""
+        [result] = self.encode_many([conversation])
+        if isinstance(result, DataError):
+            raise result
+        return result
+
+    def encode_many(self, conversations: list[Conversation]) -> list[EncodedSample | DataError]:
+        """Encode conversations with two template calls and one tokenizer call for all of them.
+
+        Each result is the sample, or the DataError that makes that example untrainable.
+        """
+        turns: list[_Turns | DataError] = []
+        for conversation in conversations:
+            try:
+                turns.append(self._turns(conversation))
+            except DataError as error:
+                turns.append(error)
+        planned = [item for item in turns if isinstance(item, _Turns)]
+        prompts = iter(self.render_many([item.messages[:turn] for item in planned for turn in item.turns], add_generation_prompt=True))
+        fulls = iter(
+            self.render_many([item.messages[: turn + 1] for item in planned for turn in item.turns], add_generation_prompt=False)
+        )
+        texts: list[str] = []
+        for item in planned:
+            rendered = ""
+            image_cursor = 0
+            for _ in item.turns:
+                prompt_text, full_text = next(prompts), next(fulls)
+                if not prompt_text.startswith(rendered) or not full_text.startswith(prompt_text):
+                    raise TemplateError(
+                        f"{item.conversation.source}: the chat template does not render this conversation as a "
+                        "growing prefix, so prompts and replies cannot be separated"
+                    )
+                prompt_piece, image_cursor = self._expand_images(prompt_text[len(rendered) :], item.image_counts, image_cursor)
+                texts += [prompt_piece, full_text[len(prompt_text) :]]
+                rendered = full_text
+        token_ids = iter(self._tokenize_many(texts))
+        return [item if isinstance(item, DataError) else self._assemble(item, token_ids) for item in turns]
+
+    def _turns(self, conversation: Conversation) -> _Turns:
         messages = self.template_messages(conversation)
         assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
         if not assistant_turns:
             raise DataError(f"{conversation.source}: the conversation has no assistant reply to train on")
         image_inputs, image_counts = self._image_inputs(conversation)
+        return _Turns(conversation, messages, assistant_turns, image_inputs, image_counts)
 
+    def _assemble(self, item: _Turns, token_ids: Iterator[list[int]]) -> EncodedSample:
+        """Join each turn's prompt and reply ids, and label the replies and the tokens that end them."""
         input_ids: list[int] = []
         labels: list[int] = []
         reply_starts: list[int] = []
-        rendered = ""
-        image_cursor = 0
         appended_end_of_turn = False
-        for turn_index in assistant_turns:
-            prompt_text = self.render(messages[:turn_index], add_generation_prompt=True)
-            full_text = self.render(messages[: turn_index + 1], add_generation_prompt=False)
-            if not prompt_text.startswith(rendered) or not full_text.startswith(prompt_text):
-                raise TemplateError(
-                    f"{conversation.source}: the chat template does not render this conversation as a growing "
-                    "prefix, so prompts and replies cannot be separated"
-                )
-            prompt_ids, image_cursor = self._tokenize_prompt(prompt_text[len(rendered) :], image_counts, image_cursor)
+        for turn_index in item.turns:
+            prompt_ids, reply_ids = next(token_ids), next(token_ids)
             if appended_end_of_turn and prompt_ids[:1] == [self.end_of_turn_id]:
                 prompt_ids = prompt_ids[1:]  # already in place, supervised, as the previous reply's end
             input_ids += prompt_ids
             labels += [IGNORE_INDEX] * len(prompt_ids)
             reply_starts.append(len(input_ids))
 
-            reply_ids = self._tokenize(full_text[len(prompt_text) :])
             stops = [position for position, token in enumerate(reply_ids) if token in self.stop_ids]
             if stops:
                 supervised_ids = reply_ids[: stops[-1] + 1]
@@ -215,20 +265,30 @@ class ConversationEncoder:
                 supervised_ids = [*reply_ids, self.end_of_turn_id]
                 unsupervised_tail = []
                 appended_end_of_turn = True
-            trained = self.train_on == "all_turns" or turn_index == assistant_turns[-1]
+            trained = self.train_on == "all_turns" or turn_index == item.turns[-1]
             input_ids += supervised_ids + unsupervised_tail
             labels += (supervised_ids if trained else [IGNORE_INDEX] * len(supervised_ids)) + [IGNORE_INDEX] * len(
                 unsupervised_tail
             )
-            rendered = full_text
 
-        sample = EncodedSample(input_ids, labels, reply_starts, source=conversation.source)
-        if image_inputs:
-            sample.pixel_values = image_inputs["pixel_values"]
-            sample.image_grid_thw = image_inputs["image_grid_thw"]
+        sample = EncodedSample(input_ids, labels, reply_starts, source=item.conversation.source)
+        if item.image_inputs:
+            sample.pixel_values = item.image_inputs["pixel_values"]
+            sample.image_grid_thw = item.image_inputs["image_grid_thw"]
         if hasattr(self.processor, "create_mm_token_type_ids"):
             sample.mm_token_type_ids = self.processor.create_mm_token_type_ids([input_ids])[0]
         return sample
+
+
+@dataclass
+class _Turns:
+    """A conversation laid out for the template, with the indices of its assistant messages and its images."""
+
+    conversation: Conversation
+    messages: list[dict[str, Any]]
+    turns: list[int]
+    image_inputs: dict[str, torch.Tensor]
+    image_counts: list[int]
 
 
 @dataclass
@@ -282,15 +342,23 @@ class EncodingOutcome:
     trimmed: bool = False
 
 
-def encode_with_policy(encoder: ConversationEncoder, conversation: Conversation, settings: DataSettings) -> EncodingOutcome:
-    """Encode one conversation and apply data.on_invalid and data.on_overlength to it."""
-    max_length = settings.max_length
-    try:
-        sample = encoder.encode(conversation)
-    except DataError as error:
+def encode_with_policy(
+    encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings
+) -> list[EncodingOutcome]:
+    """Encode conversations together and apply data.on_invalid and data.on_overlength to each."""
+    results = encoder.encode_many(conversations)
+    return [_apply_policy(encoder, conversation, result, settings) for conversation, result in zip(conversations, results)]
+
+
+def _apply_policy(
+    encoder: ConversationEncoder, conversation: Conversation, result: EncodedSample | DataError, settings: DataSettings
+) -> EncodingOutcome:
+    if isinstance(result, DataError):
         if settings.on_invalid == "error":
-            return EncodingOutcome(None, error=error)
-        return EncodingOutcome(None, dropped=error.reason)
+            return EncodingOutcome(None, error=result)
+        return EncodingOutcome(None, dropped=result.reason)
+    sample = result
+    max_length = settings.max_length
     length = len(sample)
     if length <= max_length:
         return EncodingOutcome(sample, length)
@@ -330,8 +398,8 @@ def encode_conversations(
     """Encode all conversations in this process, applying data.on_invalid and data.on_overlength."""
     report = EncodingReport([], {})
     resized_before = encoder.resized_images
-    for conversation in conversations:
-        add_outcome(report, encode_with_policy(encoder, conversation, settings), conversation.source)
+    for conversation, outcome in zip(conversations, encode_with_policy(encoder, conversations, settings)):
+        add_outcome(report, outcome, conversation.source)
     report.resized_images = encoder.resized_images - resized_before
     report.log()
     return report
