@@ -83,6 +83,7 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
     assert ddp.stderr.count("training on 16 samples") == 1
     assert ddp.stderr.count("saved the adapter and run manifest") == 1
     assert ddp.stdout.count("adapter saved to") == 1
+    assert "find_unused_parameters=True" not in ddp.stderr  # no per-step search when every parameter gets a gradient
 
 
 @pytest.mark.slow

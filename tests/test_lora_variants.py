@@ -70,6 +70,13 @@ def test_rank_pattern_applied(tiny_model_dir, tmp_path):
     assert all(shape[0] == 4 for name, shape in shapes.items() if ".self_attn." in name)
 
 
+@pytest.mark.parametrize("lora, searches", [({}, False), ({"vision": True}, True), ({"train_merger": True}, True)])
+def test_ddp_looks_for_unused_parameters_only_when_vision_trains(tiny_model_dir, tmp_path, lora, searches):
+    recipe = LoraRecipe(build_config(tree(tiny_model_dir, tmp_path, lora)))
+    recipe.setup()
+    assert recipe.trainer.args.ddp_find_unused_parameters is searches
+
+
 @pytest.mark.parametrize(
     "lora, quantization, message",
     [

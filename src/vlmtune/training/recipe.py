@@ -44,7 +44,7 @@ from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, Encoding
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
 from vlmtune.model.loading import LoadedModel, checkpointing_enabled, load_model, resolve_device
-from vlmtune.model.lora import INIT_WEIGHTS, apply_lora
+from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
 from vlmtune.model.packing import PackedPositions
 from vlmtune.training.loss import token_mean_loss
 from vlmtune.training.progress import ProgressFileCallback, StopOnSignalCallback
@@ -286,6 +286,9 @@ class LoraRecipe:
             dataloader_num_workers=train.dataloader_num_workers,
             optim=train.optim,
             deepspeed=train.deepspeed,
+            # DDP's search for parameters without gradients walks the autograd graph every step. Only
+            # trainable vision parameters can lack them (a text-only batch skips the vision tower).
+            ddp_find_unused_parameters=self._trains_vision_parameters(),
             bf16=str(dtype) == "torch.bfloat16",
             fp16=str(dtype) == "torch.float16",
             use_cpu=self.loaded.model.device.type == "cpu",
@@ -293,6 +296,10 @@ class LoraRecipe:
             report_to=[],  # tracking callbacks are passed explicitly, see training/tracking.py
             disable_tqdm=False,
         )
+
+    def _trains_vision_parameters(self) -> bool:
+        counts = count_parameters(self.loaded.model)
+        return any(counts.get(part, (0, 0))[0] for part in ("vision tower", "merger"))
 
     def _setup_trainer(self) -> None:
         if self.is_main_process:
