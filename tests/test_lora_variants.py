@@ -71,7 +71,7 @@ def test_rank_pattern_applied(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("lora, searches", [({}, False), ({"vision": True}, True), ({"train_merger": True}, True)])
-def test_ddp_looks_for_unused_parameters_only_when_vision_trains(tiny_model_dir, tmp_path, lora, searches):
+def test_ddp_unused_parameter_search(tiny_model_dir, tmp_path, lora, searches):
     recipe = LoraRecipe(build_config(tree(tiny_model_dir, tmp_path, lora)))
     recipe.setup()
     assert recipe.trainer.args.ddp_find_unused_parameters is searches
