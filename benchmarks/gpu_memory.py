@@ -2,8 +2,8 @@
 
 On a CUDA GPU (the default) it builds GLM-4.1V-9B-Thinking's shape from the bundled config
 with random weights, writes it once to a scratch folder (about 21 GB in bfloat16) and loads
-it the way vlmtune does for each mode. Each mode applies LoRA as the recipe does and runs a
-few AdamW steps on a synthetic batch: text only, and with one image. It records
+it the way vlmtune does, once per mode. Each mode applies LoRA as the recipe does and runs a
+few AdamW steps on a synthetic batch of text only, then on one with an image. It records
 torch.cuda.max_memory_allocated and the step time. On CPU (`--model PATH --device cpu`,
 e.g. the tiny model) the peak is the CPU tensor memory that torch.profiler records.
 
@@ -110,7 +110,9 @@ def load_for_training(config, device: torch.device):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     extra = {}
     if config.quantization.bits is not None:
-        extra = {"quantization_config": quantization_config(config.quantization), "device_map": {"": device}}
+        # bitsandbytes places the quantized weights on one device, named with its index.
+        target = device if device.type == "cpu" or device.index is not None else torch.device(device.type, torch.cuda.current_device())
+        extra = {"quantization_config": quantization_config(config.quantization), "device_map": {"": target}}
     model = AutoModelForImageTextToText.from_pretrained(config.model.name_or_path, dtype=dtype, **extra)
     if config.quantization.bits is None:
         model.to(device)
@@ -127,32 +129,41 @@ def load_for_training(config, device: torch.device):
     return model, dtype
 
 
-def measure(config, model_config, batch: dict, device: torch.device, steps: int) -> dict:
+def measure(config, batches: list[dict], device: torch.device, steps: int) -> list[dict]:
+    """Load the model once for a mode and train `steps` steps on each batch in turn; one result per batch.
+
+    The optimizer state made by the first batch's steps stays for the next ones, as in a run.
+    """
     model, dtype = load_for_training(config, device)
     optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-4)
-    times: list[float] = []
+    results = []
+    for batch in batches:
+        times: list[float] = []
 
-    def train_steps() -> None:
-        for _ in range(steps):
-            started = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - started)
+        def train_steps() -> None:
+            for _ in range(steps):
+                started = time.perf_counter()
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - started)
 
-    if device.type == "cuda":
-        peak = cuda_peak_bytes(train_steps, device)
-    else:
-        peak = tensor_bytes(model) + cpu_peak_bytes(train_steps)
-    timed = times[1:] or times
+        if device.type == "cuda":
+            peak = cuda_peak_bytes(train_steps, device)
+        else:  # the profiler sees only new allocations: add the weights and the optimizer state already there
+            state = [value for values in optimizer.state.values() for value in values.values() if torch.is_tensor(value)]
+            existing = tensor_bytes(model) + sum(value.nbytes for value in state)
+            peak = existing + cpu_peak_bytes(train_steps)
+        timed = times[1:] or times
+        results.append({"peak_bytes": peak, "step_seconds": statistics.median(timed)})
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"peak_bytes": peak, "step_seconds": statistics.median(timed)}
+    return results
 
 
 def write_results(rows: list[dict], args: argparse.Namespace, model_name: str) -> tuple[Path, Path]:
@@ -195,11 +206,11 @@ def main() -> None:
         model_name = "GLM-4.1V-9B-Thinking shape, random weights"
     model_config = load_model_config(model_path)
     rows = []
+    kinds = (("text", None), ("image", args.image_pixels))
     for mode in args.modes.split(","):
         config = run_config(model_path, mode, args)
-        for label, pixels in (("text", None), ("image", args.image_pixels)):
-            batch = synthetic_batch(model_config, args.batch_size, args.max_length, pixels, device)
-            result = measure(config, model_config, batch, device, args.steps)
+        batches = [synthetic_batch(model_config, args.batch_size, args.max_length, pixels, device) for _, pixels in kinds]
+        for (label, pixels), result in zip(kinds, measure(config, batches, device, args.steps)):
             workload = Workload(args.batch_size, args.max_length, 1 if pixels else 0, pixels)
             estimate = estimate_memory(config, model_config, workload, device="cpu" if device.type == "cpu" else "cuda")
             rows.append({"mode": mode, "batch": label, "measured_bytes": result["peak_bytes"],
