@@ -1,4 +1,4 @@
-"""Two training processes on CPU (torchrun, gloo backend) against one process with the same global batch."""
+"""Two training processes on CPU (torchrun or accelerate launch, gloo backend) against one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import write_json
 
 BIN = Path(sys.executable).parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # Per-step training loss of 2 processes x batch 2 against 1 process x batch 4, float32 on CPU.
 LOSS_TOLERANCE = 1e-4
 
@@ -100,3 +102,35 @@ def test_ranks_share_length_grouped_order(tiny_model_dir, tmp_path):
         every = sorted(map(tuple, first + second))
         assert len(set(every)) == 16, f"epoch {epoch}: the ranks saw overlapping samples"
     assert ranks[0][0] != ranks[0][1], "both epochs used the same order"
+
+
+@pytest.mark.slow
+def test_accelerate_launch_matches_one_process(tiny_model_dir, tmp_path):
+    """examples/accelerate/ddp.yaml, switched to CPU, runs 2 processes with the same losses as one."""
+    launch = yaml.safe_load((REPO_ROOT / "examples" / "accelerate" / "ddp.yaml").read_text())
+    launch.update(use_cpu=True, mixed_precision="no")  # accelerate then starts the processes with torchrun and gloo
+    launch.pop("gpu_ids")
+    launch_file = tmp_path / "accelerate.yaml"
+    launch_file.write_text(yaml.safe_dump(launch))
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "single").mkdir()
+    ddp_config = write_config(tmp_path / "ddp", tiny_model_dir)
+    single_config = write_config(tmp_path / "single", tiny_model_dir, per_device_train_batch_size=4)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [str(BIN / "accelerate"), "launch", "--config_file", str(launch_file), "-m", "vlmtune.cli.main", "train",
+               str(ddp_config)]
+    ddp = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    assert ddp.stderr.count("training on 16 samples") == 1  # two processes, one of them logging
+    single = subprocess.run([str(BIN / "vlmtune"), "train", str(single_config)], capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert single.returncode == 0, single.stderr[-4000:]
+
+    state = json.loads((tmp_path / "ddp" / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["epoch"] == 1.0  # 4 steps of 2 processes x 2 samples cover the 16 samples once
+    ddp_losses = step_losses(tmp_path / "ddp" / "out")
+    single_losses = step_losses(tmp_path / "single" / "out")
+    assert len(ddp_losses) == 4
+    for step, (ddp_loss, single_loss) in enumerate(zip(ddp_losses, single_losses), start=1):
+        assert abs(ddp_loss - single_loss) <= LOSS_TOLERANCE * max(1.0, abs(single_loss)), f"step {step}"
