@@ -308,30 +308,14 @@ class LoraRecipe:
             self.tracking = Tracking("none", None)
         stats = length_stats(self.report.lengths, self.config.data.max_length)
         self.tracking.record_config({"data_lengths": [row.as_dict() for row in stats]})
+
         # First, so a stop signal is handled even during the baseline sample generations.
         progress = ProgressFileCallback(self.output_dir)
         callbacks = [progress, StopOnSignalCallback(progress), *self.tracking.callbacks]
-        evaluation = self.config.evaluation
-        # Sample generations run on the main process only: the other processes wait for it at
-        # the next gradient synchronisation.
-        if evaluation.generate and self.is_main_process:
-            source = self.data.validation or self.data.train
-            prompts, references = build_prompts(
-                source, evaluation.num_data_prompts, evaluation.prompts, self.config.data.system_prompt
-            )
-            if prompts:
-                self.sampling = SampleGenerationCallback(
-                    self.loaded,
-                    prompts,
-                    references,
-                    evaluation,
-                    self.tracking,
-                    every_steps=self.config.train.eval_steps,
-                    thinking=self.config.data.thinking,
-                    pixel_limits=(self.config.data.min_pixels, self.config.data.max_pixels),
-                    base_without_adapter=self.config.lora.init not in CONVERTED_INITS,
-                )
-                callbacks.append(self.sampling)
+        self.sampling = self._sample_generation_callback()
+        if self.sampling is not None:
+            callbacks.append(self.sampling)
+
         self._log_padding_share()
         self.trainer = _Trainer(
             model=self.loaded.model,
@@ -341,6 +325,33 @@ class LoraRecipe:
             data_collator=self.collator,
             callbacks=callbacks,
             compute_loss_func=token_mean_loss,
+        )
+
+    def _sample_generation_callback(self) -> SampleGenerationCallback | None:
+        """Build the callback that generates replies to fixed prompts, or None when there is none to ask.
+
+        Generations run on the main process only: the other processes wait for it at the next
+        gradient synchronisation.
+        """
+        evaluation = self.config.evaluation
+        if not evaluation.generate or not self.is_main_process:
+            return None
+        source = self.data.validation or self.data.train
+        prompts, references = build_prompts(
+            source, evaluation.num_data_prompts, evaluation.prompts, self.config.data.system_prompt
+        )
+        if not prompts:
+            return None
+        return SampleGenerationCallback(
+            self.loaded,
+            prompts,
+            references,
+            evaluation,
+            self.tracking,
+            every_steps=self.config.train.eval_steps,
+            thinking=self.config.data.thinking,
+            pixel_limits=(self.config.data.min_pixels, self.config.data.max_pixels),
+            base_without_adapter=self.config.lora.init not in CONVERTED_INITS,
         )
 
     def _log_padding_share(self) -> None:
