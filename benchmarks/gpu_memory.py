@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForImageTextToText
 
 from vlmtune.config import build_config
 from vlmtune.model.estimate import GIB, Workload, bundled_config_path, estimate_memory, image_tokens, load_model_config
-from vlmtune.model.loading import quantization_config
+from vlmtune.model.loading import prepare_for_training, quantization_config
 from vlmtune.model.lora import apply_lora
 from vlmtune.training.memory import cpu_peak_bytes, cuda_peak_bytes, tensor_bytes
 
@@ -116,14 +115,7 @@ def load_for_training(config, device: torch.device):
     model = AutoModelForImageTextToText.from_pretrained(config.model.name_or_path, dtype=dtype, **extra)
     if config.quantization.bits is None:
         model.to(device)
-    checkpointing = {"use_reentrant": False}
-    if config.quantization.bits is not None:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.train.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
-        )
-    elif config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-        model.enable_input_require_grads()
+    prepare_for_training(model, config.train.gradient_checkpointing)
     model = apply_lora(model, config.lora, log=False)
     model.train()
     return model, dtype

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -128,6 +129,23 @@ def test_qlora_trains_on_cpu_and_loads_unquantized(tiny_model_dir, tmp_path, bit
             base_loss = reloaded(**batch).loss.item()
         adapted_loss = reloaded(**batch).loss.item()
     assert adapted_loss < base_loss
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_keeps_unquantized_weights_bf16(tiny_model_dir, tmp_path, bits):
+    """Embeddings and the vision tower stay in the loaded dtype; only the adapter is float32."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install -e .[test]")
+    config = tree(tiny_model_dir, tmp_path, quantization={"bits": bits}, steps=2)
+    config["model"]["dtype"] = "bfloat16"
+    recipe = LoraRecipe(build_config(config))
+    recipe.setup()
+    dtypes = {name: parameter.dtype for name, parameter in recipe.loaded.model.named_parameters()}
+    assert {dtype for name, dtype in dtypes.items() if "embed_tokens" in name} == {torch.bfloat16}
+    assert {dtype for name, dtype in dtypes.items() if ".visual." in name} == {torch.bfloat16}
+    assert {dtype for name, dtype in dtypes.items() if ".lora_" in name} == {torch.float32}
+    recipe.train()
+    assert recipe.trainer.state.global_step == 2
+    assert math.isfinite(recipe.metrics["train_loss"])
 
 
 def test_cpu_four_bit_with_evaluation_rejected(tiny_model_dir, tmp_path):

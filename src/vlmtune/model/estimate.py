@@ -9,9 +9,8 @@ Bytes per parameter follow what `load_model` and the recipe do:
   row. 4-bit: half a byte plus a float32 absmax per 64 weights. With double quantization the
   absmax is 8-bit, plus a float32 constant per 256 absmax values.
   Only the Linear layers outside `UNQUANTIZED_MODULES` are quantized (transformers'
-  `should_convert_module` decides, as in loading). peft's `prepare_model_for_kbit_training`
-  then casts every other float16/bfloat16 weight (embeddings, vision tower, merger, output
-  head, norms) to float32, so they cost 4 bytes each;
+  `should_convert_module` decides, as in loading). Every other weight (embeddings, vision
+  tower, merger, output head, norms) stays in the compute dtype (see `prepare_for_training`);
 - LoRA weights (and DoRA magnitudes) are float32, because peft upcasts adapter weights by default.
   Their gradients are float32 too, and AdamW keeps two states of the parameter's dtype;
   8-bit optimizers keep two 1-byte states.
@@ -189,16 +188,14 @@ def _weight_bytes(model: nn.Module, config: RunConfig, dtype_bytes: int) -> tupl
                 blocks = weight.numel() / FOUR_BIT_BLOCK
                 constants = blocks + 4 * blocks / DOUBLE_QUANT_BLOCK if config.quantization.double_quant else 4 * blocks
                 quantized_bytes += weight.numel() / 2 + constants
-            other += 4 * sum(parameter.numel() for parameter in module.parameters(recurse=False) if parameter is not weight)
+            other += dtype_bytes * sum(
+                parameter.numel() for parameter in module.parameters(recurse=False) if parameter is not weight
+            )
         else:
-            # prepare_model_for_kbit_training casts every unquantized weight to float32.
-            other += 4 * sum(parameter.numel() for parameter in module.parameters(recurse=False))
+            other += dtype_bytes * sum(parameter.numel() for parameter in module.parameters(recurse=False))
     kind = f"{config.quantization.type}" + (" + double quant" if config.quantization.double_quant else "")
     kind = "int8" if bits == 8 else kind
-    note = (
-        f"{quantized / 1e9:.2f}B quantized ({kind}), the other weights in float32 after "
-        "prepare_model_for_kbit_training"
-    )
+    note = f"{quantized / 1e9:.2f}B quantized ({kind}), the other weights {dtype_bytes} bytes each"
     return int(quantized_bytes + other), quantized, note
 
 

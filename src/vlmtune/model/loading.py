@@ -190,3 +190,17 @@ def checkpointing_enabled(setting: bool | str, parameter_count: int) -> bool:
     if setting != "auto":
         return bool(setting)
     return parameter_count >= AUTO_CHECKPOINTING_PARAMETERS
+
+
+def prepare_for_training(model: PreTrainedModel, gradient_checkpointing: bool) -> None:
+    """Turn on gradient checkpointing (non-reentrant) when asked. Every weight keeps its loaded dtype.
+
+    Quantized models do not go through peft's `prepare_model_for_kbit_training`, which casts
+    every weight that is not quantized (embeddings, output head, vision tower, norms) to
+    float32. For GLM-4.1V-9B under QLoRA those are 2.13B parameters: 3.98 GiB more than in
+    bfloat16, the dtype they keep here, as in unquantized LoRA training. The adapter weights
+    are float32 either way.
+    """
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import prepare_model_for_kbit_training
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -43,7 +42,7 @@ from vlmtune.encoding.cache import encode_dataset
 from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
-from vlmtune.model.loading import LoadedModel, checkpointing_enabled, load_model, resolve_device
+from vlmtune.model.loading import LoadedModel, checkpointing_enabled, load_model, prepare_for_training, resolve_device
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
 from vlmtune.model.packing import PackedPositions
 from vlmtune.training.loss import token_mean_loss
@@ -169,17 +168,8 @@ class LoraRecipe:
         )
 
         model = self.loaded.model
-        checkpointing = {"use_reentrant": False}
         self.gradient_checkpointing = self._resolve_gradient_checkpointing(model)
-        if config.quantization.bits is not None:
-            model = prepare_model_for_kbit_training(
-                model,
-                use_gradient_checkpointing=self.gradient_checkpointing,
-                gradient_checkpointing_kwargs=checkpointing,
-            )
-        elif self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
-            model.enable_input_require_grads()
+        prepare_for_training(model, self.gradient_checkpointing)
         self.loaded.model = apply_lora(model, config.lora)
         if config.lora.init in CONVERTED_INITS and self.is_main_process:
             self._save_initial_adapter()
