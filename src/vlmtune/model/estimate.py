@@ -31,8 +31,8 @@ peft 0.21's LoRA layer. Per token and layer:
 - DoRA also keeps each adapted layer's base output: b·out.
 
 Gradient checkpointing keeps only each layer's input (b·h) and recomputes one layer at a
-time during backward. The loss keeps float32 log-probabilities, and its backward stores their
-gradient and the logits' gradient: 12·V bytes per token. Korthikanti et al. 2022 ("Reducing
+time during backward. The loss keeps the logits and their gradient: 2·b·V bytes per token,
+plus a fixed float32 working chunk (model/cross_entropy.py). Korthikanti et al. 2022 ("Reducing
 Activation Recomputation in Large Transformer Models") derive the same kind of count
 (34·h + 5·a·s bytes for GPT layers in fp16). NOTE: these are estimates. The comparison
 with measured peaks covers only the tiny model on CPU (tests/test_estimate.py); on a GPU,
@@ -56,6 +56,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from vlmtune.config import VISION_MODULE_NAMES, LoraSettings, RunConfig
 from vlmtune.errors import ModelError
+from vlmtune.model.cross_entropy import CHUNK_BYTES
 from vlmtune.model.loading import UNQUANTIZED_MODULES, checkpointing_enabled
 from vlmtune.model.lora import apply_lora
 
@@ -69,9 +70,6 @@ CUDA_OVERHEAD_BYTES = int(1.0 * GIB)
 # in 8 bits with one float32 constant per 256 of them.
 FOUR_BIT_BLOCK = 64
 DOUBLE_QUANT_BLOCK = 256
-# Bytes kept per vocabulary entry and token by the loss: float32 log-probs, their gradient
-# and the logits' gradient.
-LOSS_BYTES_PER_LOGIT = 12
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 # Hub ids of GLM-4.1V-9B-Thinking, whose config.json is bundled so an estimate needs no download.
@@ -334,9 +332,13 @@ def estimate_memory(
     tokens = workload.tokens
     per_layer = layer_activation_bytes(shape, dtype_bytes, config.lora, config.lora.r)
     vocab = text_config.vocab_size
-    loss_bytes = int(tokens * workload.logit_share * vocab * LOSS_BYTES_PER_LOGIT)
-    # An upper bound: training computes logits only at positions whose next token is supervised.
-    loss_note = f"{vocab:,} vocabulary entries x {LOSS_BYTES_PER_LOGIT} bytes per token (at most)"
+    # The logits and their gradient buffer in the compute dtype, and one chunk's float32 work
+    # (model/cross_entropy.py). An upper bound: logits exist only where the next token is supervised.
+    logit_count = int(tokens * workload.logit_share * vocab)
+    # Float32 log-probabilities, plus a float32 copy of the logits when they are in a smaller dtype.
+    chunk_work = min(CHUNK_BYTES, (4 if dtype_bytes == 4 else 8) * logit_count)
+    loss_bytes = 2 * dtype_bytes * logit_count + chunk_work
+    loss_note = f"{vocab:,} vocabulary entries x {2 * dtype_bytes} bytes per token (at most)"
     edges = 4 * shape.hidden + dtype_bytes * shape.hidden  # final norm, embeddings output
     shape_note = f"{workload.batch_size} x {workload.sequence_length} tokens"
     parameter_count = sum(parameter.numel() for parameter in model.parameters())

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch.nn import functional
-
 from vlmtune.encoding.collator import supervised_positions
 from vlmtune.encoding.encode import IGNORE_INDEX
+from vlmtune.model.cross_entropy import ChunkedCrossEntropy
 
 
 def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -24,14 +23,15 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     vocab_size = logits.shape[-1]
     if logits.shape[1] == labels.shape[1]:
-        shifted_logits = logits[..., :-1, :].reshape(-1, vocab_size).float()
+        shifted_logits = logits[..., :-1, :].reshape(-1, vocab_size)
         shifted_labels = labels[..., 1:].reshape(-1).to(shifted_logits.device)
     else:  # the collator kept only the logits at supervised positions
-        shifted_logits = logits.reshape(-1, vocab_size).float()
+        shifted_logits = logits.reshape(-1, vocab_size)
         shifted_labels = labels[:, 1:][:, supervised_positions(labels)].reshape(-1).to(shifted_logits.device)
-    total = functional.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    total = ChunkedCrossEntropy.apply(shifted_logits, shifted_labels, IGNORE_INDEX)
     if num_items_in_batch is None:
         num_items_in_batch = (shifted_labels != IGNORE_INDEX).sum().clamp(min=1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
