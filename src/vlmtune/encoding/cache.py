@@ -29,6 +29,7 @@ from vlmtune import __version__
 from vlmtune.config import DataSettings
 from vlmtune.data.conversation import Conversation
 from vlmtune.encoding.encode import (
+    ENCODE_BATCH_SIZE,
     ConversationEncoder,
     EncodedSample,
     EncodingOutcome,
@@ -238,7 +239,7 @@ def _encode(encoder: ConversationEncoder, conversations: list[Conversation], set
     return indices.map(
         _EncodeRows(encoder, conversations, settings),
         batched=True,
-        batch_size=64,
+        batch_size=ENCODE_BATCH_SIZE,
         num_proc=num_proc,
         remove_columns=["index"],
         features=features,

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 """Label value that the loss ignores (torch.nn.CrossEntropyLoss's default ignore_index)."""
 
+ENCODE_BATCH_SIZE = 64
+"""Conversations rendered and tokenized together by one encode_many call."""
+
 
 @dataclass
 class EncodedSample:
@@ -398,8 +401,10 @@ def encode_conversations(
     """Encode all conversations in this process, applying data.on_invalid and data.on_overlength."""
     report = EncodingReport([], {})
     resized_before = encoder.resized_images
-    for conversation, outcome in zip(conversations, encode_with_policy(encoder, conversations, settings)):
-        add_outcome(report, outcome, conversation.source)
+    for start in range(0, len(conversations), ENCODE_BATCH_SIZE):
+        batch = conversations[start : start + ENCODE_BATCH_SIZE]
+        for conversation, outcome in zip(batch, encode_with_policy(encoder, batch, settings)):
+            add_outcome(report, outcome, conversation.source)
     report.resized_images = encoder.resized_images - resized_before
     report.log()
     return report
