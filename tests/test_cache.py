@@ -46,6 +46,7 @@ def test_cache_matches_direct_then_hits(
     with caplog.at_level(logging.INFO, logger="vlmtune"):
         first = encode_dataset(encoder, mixed_conversations, settings)
     assert "cache hit" not in caplog.text
+    assert "no cached encoding of these inputs" in caplog.text
     assert_same_samples(direct.samples, first.samples)
     assert first.dropped == direct.dropped
     assert first.lengths == direct.lengths
@@ -56,6 +57,8 @@ def test_cache_matches_direct_then_hits(
     with caplog.at_level(logging.INFO, logger="vlmtune"):
         second = encode_dataset(encoder, mixed_conversations, settings)
     assert "cache hit" in caplog.text
+    assert f"loaded {len(second.samples)} sample(s)" in caplog.text
+    assert f"encoded {len(second.samples)} sample(s)" not in caplog.text  # nothing was encoded again
     assert_same_samples(direct.samples, second.samples)
     assert second.dropped == direct.dropped
     assert second.lengths == direct.lengths

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_json
+from vlmtune.inference.cli_chat import system_prompt_for
 
 VLMTUNE = str(Path(sys.executable).parent / "vlmtune")
 
@@ -66,6 +67,10 @@ def test_train_then_chat_with_adapter(config_file):
     assert chat.returncode == 0, chat.stderr
     assert "system prompt the adapter was trained with" in chat.stderr
     assert "reply cut off: it reached max_new_tokens=4" in chat.stdout
+    # chat, predict and serve share this choice of system prompt.
+    assert system_prompt_for(None, str(output_dir)) == "你是小橘。"
+    assert system_prompt_for("你是沐雪。", str(output_dir)) == "你是沐雪。"
+    assert system_prompt_for("", str(output_dir)) is None
 
 
 def test_interactive_chat_with_image(tiny_model_dir):

@@ -19,6 +19,7 @@ from vlmtune.config import GenerationSettings, ModelSettings
 from vlmtune.inference import Generator
 from vlmtune.model.loading import load_adapter, load_model
 from vlmtune.serving import ServerSettings, create_app
+from vlmtune.serving.app import ChatRequest, to_conversation
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e .[test]")
 API_KEY = "test-key"
@@ -202,3 +203,22 @@ def test_concurrent_requests_are_queued(client):
     for thread in threads:
         thread.join(timeout=120)
     assert results == ["好的喵~"] * 3
+
+
+def test_unknown_model_is_not_found(server):
+    code, payload = post(server, json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert code == 404
+    assert payload["error"]["type"] == "not_found_error"
+    assert payload["error"]["param"] == "model"
+    assert "'persona'" in payload["error"]["message"]
+
+
+def test_default_system_prompt_only_without_one():
+    settings = ServerSettings(model_name="persona", system_prompt="你是小橘。")
+    plain = to_conversation(ChatRequest(messages=[{"role": "user", "content": "你好"}]), settings)
+    assert [message.role for message in plain.messages] == ["system", "user"]
+    assert plain.messages[0].text == "你是小橘。"
+    own = to_conversation(
+        ChatRequest(messages=[{"role": "system", "content": "你是沐雪。"}, {"role": "user", "content": "你好"}]), settings
+    )
+    assert [message.text for message in own.messages] == ["你是沐雪。", "你好"]

@@ -197,12 +197,10 @@ def predict(
     """Generate a reply for every example of a dataset and write JSONL (resumable)."""
     from vlmtune.config import DatasetSpec
     from vlmtune.data.loading import load_dataset_file
-    from vlmtune.inference.cli_chat import adapter_data_settings, load_generator
+    from vlmtune.inference.cli_chat import load_generator, system_prompt_for
     from vlmtune.inference.predict import predict as run_predict
 
-    trained = adapter_data_settings(adapter)
-    system_prompt = system if system is not None else trained.get("system_prompt")
-    conversations = load_dataset_file(DatasetSpec(path=data), system_prompt)
+    conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter))
     generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
     written = run_predict(generator, conversations, output, batch_size=batch_size)
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
@@ -252,12 +250,16 @@ def serve(
     ] = None,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
     max_request_mb: Annotated[float, typer.Option(help="Largest request body in MB (images included).")] = 20.0,
+    system: Annotated[
+        Optional[str],
+        typer.Option(help="System prompt for requests that send none. Default: the adapter's training prompt; '' for none."),
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat completions, streaming, images)."""
     import uvicorn
 
-    from vlmtune.inference.cli_chat import load_generator
+    from vlmtune.inference.cli_chat import load_generator, system_prompt_for
     from vlmtune.serving.app import ServerSettings, create_app
 
     generator = load_generator(model, adapter, hub, {"max_new_tokens": 1024}, "auto", device)
@@ -268,6 +270,7 @@ def serve(
         allowed_image_prefixes=allow_image_url or [],
         max_request_bytes=int(max_request_mb * 1024 * 1024),
         max_tokens_limit=max_tokens_limit,
+        system_prompt=system_prompt_for(system, adapter),
     )
     console.print(f"serving {name} at http://{host}:{port}/v1", soft_wrap=True)
     uvicorn.run(create_app(generator, settings), host=host, port=port, log_level="info")

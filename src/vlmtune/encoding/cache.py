@@ -5,8 +5,8 @@ themselves (after reading, system prompt, de-duplication and splitting) and the 
 files they name (path, size and modification time). They are also the tokenizer, the
 chat template, the image processor's settings, the stop ids and the data settings that
 shape encoding. A second run with the same inputs reads the saved Arrow file instead of
-encoding again; any change to one of them gives a new key. Set `data.num_proc` to encode in several
-processes.
+encoding again. Any change to one of them gives a new key. Set `data.num_proc` to encode in
+several processes.
 """
 
 from __future__ import annotations
@@ -210,15 +210,18 @@ def encode_dataset(
     """Encode conversations through `datasets.map`, or load the result of an earlier run with the same inputs."""
     started = time.perf_counter()
     path = cache_root(settings) / f"{encoding_key(encoder, conversations, settings)}.arrow"
-    if settings.cache and path.is_file():
+    cached = settings.cache and path.is_file()
+    if cached:
         with pyarrow.OSFile(str(path)) as source:
             table = pyarrow.ipc.open_file(source).read_all()
         logger.info("%s data: cache hit, loaded %d encoded examples from %s", name, table.num_rows, path)
     else:
+        if settings.cache:
+            logger.info("%s data: no cached encoding of these inputs, encoding %d examples", name, len(conversations))
         table = _encode(encoder, conversations, settings).data.table
         if settings.cache:
             _save(table, path)
-    report = EncodingReport([], {})
+    report = EncodingReport([], {}, from_cache=cached)
     columns = table.to_pydict()  # one conversion per column: much faster than reading row by row
     names = list(columns)
     for values in zip(*columns.values()):

@@ -306,15 +306,20 @@ class EncodingReport:
     resized_images: int = 0
     seconds: float = 0.0
     """Wall time of encoding, or of loading the cached result."""
+    from_cache: bool = False
+    """True when the samples were read from the encoding cache; the counts are those of the run that encoded them."""
 
     def log(self) -> None:
         for reason, sources in self.dropped.items():
             logger.warning("dropped %d example(s): %s (first: %s)", len(sources), reason, sources[0])
+        when = " when they were encoded" if self.from_cache else ""
         if self.resized_images:
-            logger.info("scaled %d image(s) into the pixel limits (data.min_pixels / data.max_pixels)", self.resized_images)
+            logger.info(
+                "%d image(s) were scaled into the pixel limits%s (data.min_pixels / data.max_pixels)", self.resized_images, when
+            )
         if self.trimmed:
-            logger.info("removed the oldest turns of %d example(s) to fit data.max_length", self.trimmed)
-        logger.info("encoded %d sample(s)", len(self.samples))
+            logger.info("the oldest turns of %d example(s) were removed%s to fit data.max_length", self.trimmed, when)
+        logger.info("%s %d sample(s)", "loaded" if self.from_cache else "encoded", len(self.samples))
 
 
 def dataset_of(source: str) -> str:

@@ -47,6 +47,16 @@ def adapter_data_settings(adapter: str | None) -> dict[str, Any]:
     return tree.get("data") or {}
 
 
+def system_prompt_for(system: str | None, adapter: str | None) -> str | None:
+    """Return the --system value, else the system prompt the adapter was trained with; "" means none."""
+    if system is not None:
+        return system or None
+    trained = adapter_data_settings(adapter).get("system_prompt")
+    if trained:
+        logger.info("using the system prompt the adapter was trained with (pass --system to change it)")
+    return trained or None
+
+
 def load_generator(
     model: str | None, adapter: str | None, hub: str, generation: dict[str, Any], thinking: str, device: str
 ) -> Generator:
@@ -105,11 +115,7 @@ def run_chat(
     images = [check_image_argument(image) for image in images]
     generator = load_generator(model, adapter, hub, generation, thinking, device)
     show_thinking = generator.settings.show_thinking
-    if system is None and adapter:
-        system = adapter_data_settings(adapter).get("system_prompt")
-        if system:
-            logger.info("using the system prompt the adapter was trained with (pass --system to change it)")
-    session = ChatSession(generator, system_prompt=system)
+    session = ChatSession(generator, system_prompt=system_prompt_for(system, adapter))
     max_new_tokens = generator.settings.max_new_tokens
 
     def show(text: str) -> None:

@@ -45,6 +45,8 @@ class ServerSettings:
     max_request_bytes: int = 20 * 1024 * 1024
     max_tokens_limit: int = 4096
     default_max_tokens: int = 1024
+    system_prompt: str | None = None
+    """System message put first in requests that send none (`vlmtune serve` uses the adapter's training prompt)."""
 
 
 class ImageURL(BaseModel):
@@ -126,6 +128,8 @@ def to_conversation(request: ChatRequest, settings: ServerSettings) -> Conversat
         messages.append(Message(message.role, parts))
     if messages[-1].role != "user":
         raise APIError(400, "the last message must come from the user", f"messages[{len(messages) - 1}]")
+    if settings.system_prompt and messages[0].role != "system":
+        messages.insert(0, Message("system", [TextPart(settings.system_prompt)]))
     return Conversation(messages, source="request")
 
 
@@ -202,6 +206,11 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
+        if body.model is not None and body.model != settings.model_name:
+            raise APIError(
+                404, f"model {body.model!r} not found: this server serves {settings.model_name!r} (see GET /v1/models)",
+                "model", kind="not_found_error",
+            )
         conversation = to_conversation(body, settings)
         for image in conversation.images:
             try:
