@@ -146,7 +146,7 @@ def measure(config, batches: list[dict], device: torch.device, steps: int) -> li
 
         if device.type == "cuda":
             peak = cuda_peak_bytes(train_steps, device)
-        else:  # the profiler sees only new allocations: add the weights and the optimizer state already there
+        else:  # the profiler records only new allocations, so add the weights and the optimizer state already there
             state = [value for values in optimizer.state.values() for value in values.values() if torch.is_tensor(value)]
             existing = tensor_bytes(model) + sum(value.nbytes for value in state)
             peak = existing + cpu_peak_bytes(train_steps)

@@ -148,7 +148,7 @@ class ConversationEncoder:
 
     @functools.cached_property
     def end_of_turn_id(self) -> int:
-        """The stop id that ends a reply; found on first use, so loading a cached encoding renders nothing."""
+        """The stop id that ends a reply, found on first use so that loading a cached encoding renders nothing."""
         end_of_turn_id = self._find_end_of_turn_id()
         logger.info(
             "reply layout: %s; end-of-turn token: %s", self.layout, self.tokenizer.convert_ids_to_tokens(end_of_turn_id)
@@ -216,7 +216,9 @@ class ConversationEncoder:
             except DataError as error:
                 turns.append(error)
         planned = [item for item in turns if isinstance(item, _Turns)]
-        prompts = iter(self.render_many([item.messages[:turn] for item in planned for turn in item.turns], add_generation_prompt=True))
+        prompts = iter(
+            self.render_many([item.messages[:turn] for item in planned for turn in item.turns], add_generation_prompt=True)
+        )
         fulls = iter(
             self.render_many([item.messages[: turn + 1] for item in planned for turn in item.turns], add_generation_prompt=False)
         )
@@ -307,7 +309,7 @@ class EncodingReport:
     seconds: float = 0.0
     """Wall time of encoding, or of loading the cached result."""
     from_cache: bool = False
-    """True when the samples were read from the encoding cache; the counts are those of the run that encoded them."""
+    """True when the samples were read from the encoding cache. The counts are then those of the run that encoded them."""
 
     def log(self) -> None:
         for reason, sources in self.dropped.items():
