@@ -54,6 +54,12 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "'wandb'" in message
 
 
+def test_misspelt_key_gets_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL), ["train.learning_rat=1e-4"])
+    assert "train.learning_rat: unknown key (did you mean learning_rate?); valid keys here:" in str(caught.value)
+
+
 def test_missing_required_sections(tmp_path):
     with pytest.raises(ConfigError, match=r"model: Field required"):
         load_config(write(tmp_path, "data:\n  train: [a.json]\n"))

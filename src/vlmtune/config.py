@@ -14,6 +14,7 @@ naming the key as the user wrote it.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -387,8 +388,10 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            valid = ", ".join(_valid_keys(item["loc"]))
-            lines.append(f"  - {key}: unknown key; valid keys here: {valid} (see docs/config.md)")
+            valid_keys = _valid_keys(item["loc"])
+            close = difflib.get_close_matches(str(item["loc"][-1]), valid_keys, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            lines.append(f"  - {key}: unknown key{hint}; valid keys here: {', '.join(valid_keys)} (see docs/config.md)")
             continue
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
