@@ -48,7 +48,7 @@ def adapter_data_settings(adapter: str | None) -> dict[str, Any]:
 
 
 def system_prompt_for(system: str | None, adapter: str | None) -> str | None:
-    """Return the --system value, else the system prompt the adapter was trained with; "" means none."""
+    """Return the --system value ("" for none), else the system prompt the adapter was trained with."""
     if system is not None:
         return system or None
     trained = adapter_data_settings(adapter).get("system_prompt")
