@@ -122,7 +122,7 @@ def load_for_training(config, device: torch.device):
 
 
 def measure(config, batches: list[dict], device: torch.device, steps: int) -> list[dict]:
-    """Load the model once for a mode and train `steps` steps on each batch in turn; one result per batch.
+    """Load the model once for a mode, train `steps` steps on each batch in turn, and return one result per batch.
 
     The optimizer state made by the first batch's steps stays for the next ones, as in a run.
     """

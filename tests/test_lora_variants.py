@@ -133,7 +133,7 @@ def test_qlora_trains_on_cpu_and_loads_unquantized(tiny_model_dir, tmp_path, bit
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_keeps_unquantized_weights_bf16(tiny_model_dir, tmp_path, bits):
-    """Embeddings and the vision tower stay in the loaded dtype; only the adapter is float32."""
+    """Embeddings and the vision tower stay in the loaded dtype, and only the adapter is float32."""
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install -e .[test]")
     config = tree(tiny_model_dir, tmp_path, quantization={"bits": bits}, steps=2)
     config["model"]["dtype"] = "bfloat16"

@@ -252,7 +252,7 @@ def serve(
     max_request_mb: Annotated[float, typer.Option(help="Largest request body in MB (images included).")] = 20.0,
     system: Annotated[
         Optional[str],
-        typer.Option(help="System prompt for requests that send none. Default: the adapter's training prompt; '' for none."),
+        typer.Option(help="System prompt for requests that send none. Default: the adapter's training prompt. '' for none."),
     ] = None,
     device: DeviceOption = "auto",
 ) -> None:

@@ -209,17 +209,17 @@ def encode_dataset(
 ) -> EncodingReport:
     """Encode conversations through `datasets.map`, or load the result of an earlier run with the same inputs."""
     started = time.perf_counter()
-    path = cache_root(settings) / f"{encoding_key(encoder, conversations, settings)}.arrow"
-    cached = settings.cache and path.is_file()
+    path = cache_root(settings) / f"{encoding_key(encoder, conversations, settings)}.arrow" if settings.cache else None
+    cached = path is not None and path.is_file()
     if cached:
         with pyarrow.OSFile(str(path)) as source:
             table = pyarrow.ipc.open_file(source).read_all()
         logger.info("%s data: cache hit, loaded %d encoded examples from %s", name, table.num_rows, path)
     else:
-        if settings.cache:
+        if path is not None:
             logger.info("%s data: no cached encoding of these inputs, encoding %d examples", name, len(conversations))
         table = _encode(encoder, conversations, settings).data.table
-        if settings.cache:
+        if path is not None:
             _save(table, path)
     report = EncodingReport([], {}, from_cache=cached)
     columns = table.to_pydict()  # one conversion per column: much faster than reading row by row
