@@ -103,11 +103,11 @@ class _Trainer(Trainer):
     # batch: on the tiny GLM-4.1V they took 15% of an epoch (benchmarks/train_speed.py).
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step, without its `model.train()` call when the model is already training.
+        """Run the Trainer's step, leaving out its `model.train()` call when the model already trains.
 
         That call walks every module (346 on the tiny model) at each micro-batch. Evaluation and
-        sample generation switch the whole model to eval, which the top-level flag shows, and
-        then the walk runs as before.
+        sample generation switch the whole model to eval. The top-level flag then reads False,
+        and the step runs with the walk.
         """
         if not model.training:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -118,8 +118,10 @@ class _Trainer(Trainer):
             del model.train
 
     def floating_point_ops(self, inputs) -> int:
-        """transformers' estimate, 6 x tokens x non-embedding parameters, with the parameter count
-        taken once: `num_parameters(exclude_embeddings=True)` walks every module."""
+        """Return transformers' estimate, 6 x tokens x non-embedding parameters.
+
+        The parameter count is taken once, because `num_parameters(exclude_embeddings=True)`
+        walks every module."""
         main_input = getattr(self.model, "main_input_name", "input_ids")
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return super().floating_point_ops(inputs)
@@ -129,7 +131,7 @@ class _Trainer(Trainer):
 
 
 def _keep_mode(mode: bool = True) -> None:
-    """Stands in for `model.train` during a training step of a model that is already training."""
+    """Leave the model's mode as it is: replaces `model.train` during a step of a model that already trains."""
 
 
 class LoraRecipe:
