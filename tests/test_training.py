@@ -252,26 +252,3 @@ def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text(encoding="utf-8"))
     assert [run["label"] for run in report] == ["base", "step 6"]
     assert [sample["answer"] for sample in report[0]["samples"]] == base_replies
-
-
-def test_training_step_restores_train_mode_and_counts_flops(run):
-    """The Trainer step skips its per-step `model.train()` walk only while the model trains."""
-    trainer = run["recipe"].trainer
-    model = trainer.model
-    batch = {name: value for name, value in run["batch"].items()}
-    leaf = list(model.modules())[-1]
-
-    model.eval()  # as sample generation leaves it
-    trainer.training_step(model, dict(batch))
-    assert all(module.training for module in model.modules())
-    assert "train" not in vars(model)
-
-    leaf.eval()  # a module switched alone is left alone while the model trains
-    trainer.training_step(model, dict(batch))
-    assert not leaf.training
-    assert "train" not in vars(model)
-    model.train()
-    model.zero_grad(set_to_none=True)
-
-    expected = 6 * batch["input_ids"].numel() * model.num_parameters(exclude_embeddings=True)
-    assert trainer.floating_point_ops(batch) == expected

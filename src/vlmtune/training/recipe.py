@@ -99,40 +99,6 @@ class _Trainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return LengthGroupedSampler(dataset.lengths, self.args.per_device_train_batch_size, seed=seed)
 
-    # Two per-step costs of the Trainer that grow with the number of modules, not with the
-    # batch: on the tiny GLM-4.1V they took 15% of an epoch (benchmarks/train_speed.py).
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """Run the Trainer's step, leaving out its `model.train()` call when the model already trains.
-
-        That call walks every module (346 on the tiny model) at each micro-batch. Evaluation and
-        sample generation switch the whole model to eval. The top-level flag then reads False,
-        and the step runs with the walk.
-        """
-        if not model.training:
-            return super().training_step(model, inputs, num_items_in_batch)
-        model.train = _keep_mode
-        try:
-            return super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            del model.train
-
-    def floating_point_ops(self, inputs) -> int:
-        """Return transformers' estimate, 6 x tokens x non-embedding parameters.
-
-        The parameter count is taken once, because `num_parameters(exclude_embeddings=True)`
-        walks every module."""
-        main_input = getattr(self.model, "main_input_name", "input_ids")
-        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
-            return super().floating_point_ops(inputs)
-        if not hasattr(self, "_non_embedding_parameters"):
-            self._non_embedding_parameters = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[main_input].numel() * self._non_embedding_parameters
-
-
-def _keep_mode(mode: bool = True) -> None:
-    """Leave the model's mode as it is: replaces `model.train` during a step of a model that already trains."""
-
 
 class LoraRecipe:
     """One training run, read top to bottom: setup(), train(), save()."""
