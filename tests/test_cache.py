@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from conftest import PERSONA_DATA, data_settings
 from vlmtune.config import DatasetSpec
@@ -51,7 +54,8 @@ def test_cache_matches_direct_then_hits(
     assert first.dropped == direct.dropped
     assert first.lengths == direct.lengths
     assert any(sample.pixel_values is not None for sample in first.samples)
-    assert len(list(tmp_path.iterdir())) == 1
+    assert len(list(tmp_path.glob("*.arrow"))) == 1
+    assert not list(tmp_path.glob("*.partial-*"))
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="vlmtune"):
@@ -110,6 +114,33 @@ def test_two_processes_encode_the_same_samples(encoder, mixed_conversations, tmp
     two = encode_dataset(encoder, mixed_conversations, data_settings(cache=False, cache_dir=str(tmp_path), num_proc=2))
     assert_same_samples(one.samples, two.samples)
     assert list(tmp_path.iterdir()) == []  # cache=False writes nothing
+
+
+def test_concurrent_encodes_wait_for_first(encoder, mixed_conversations, tmp_path, caplog):
+    """Two encodes of the same inputs at once: one encodes, the other waits and reads its table."""
+    settings = data_settings(cache_dir=str(tmp_path))
+    path = tmp_path / f"{encoding_key(encoder, mixed_conversations, settings)}.arrow"
+    reports = []
+    other_process = FileLock(f"{path}.lock")
+    other_process.acquire()  # both threads start while another process holds the lock
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        threads = [
+            threading.Thread(target=lambda: reports.append(encode_dataset(encoder, mixed_conversations, settings)))
+            for _ in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while caplog.text.count("another process is encoding the same inputs") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not reports
+        other_process.release()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert caplog.text.count("another process is encoding the same inputs") == 2
+    assert sorted(report.from_cache for report in reports) == [False, True]
+    assert caplog.text.count("no cached encoding of these inputs") == 1
+    assert_same_samples(reports[0].samples, reports[1].samples)
 
 
 def test_key_changes_with_every_input(loaded, encoder, tmp_path):

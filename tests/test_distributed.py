@@ -89,12 +89,18 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_ranks_share_length_grouped_order(tiny_model_dir, tmp_path):
+def test_ranks_share_order_and_encoding(tiny_model_dir, tmp_path):
     config = write_config(tmp_path, tiny_model_dir, group_by_length=True)
+    settings = json.loads(config.read_text(encoding="utf-8"))
+    settings["data"]["cache_dir"] = str(tmp_path / "encoded")  # empty: one of the ranks has to encode
+    config.write_text(json.dumps(settings), encoding="utf-8")
     script = Path(__file__).parent / "scripts" / "sampler_ranks.py"
     result = torchrun(str(script), str(config), str(tmp_path / "seen"))
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"seen.{rank}.json").read_text()) for rank in range(2)]
+    records = [json.loads((tmp_path / f"seen.{rank}.json").read_text()) for rank in range(2)]
+    assert sorted(record["from_cache"] for record in records) == [False, True]  # one rank encoded, the other waited
+    assert len(list((tmp_path / "encoded").glob("*.arrow"))) == 1
+    ranks = [record["epochs"] for record in records]
     for epoch in range(2):
         first, second = ranks[0][epoch], ranks[1][epoch]
         assert len(first) == 8

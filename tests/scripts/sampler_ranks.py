@@ -1,4 +1,5 @@
-"""Run under torchrun: record which samples each rank's training dataloader yields in two epochs.
+"""Run under torchrun: record which samples each rank's training dataloader yields in two epochs,
+and whether the rank read its encoded samples from the cache.
 
 Between the epochs each rank draws a different amount from the global torch RNG, as dropout
 on batches of different lengths does, so the check fails if the ranks' orders depend on it.
@@ -29,4 +30,4 @@ for epoch in range(2):
     epochs.append(seen)
     torch.rand(1000 * (rank + 1))
 with open(f"{output_path}.{rank}.json", "w", encoding="utf-8") as handle:
-    json.dump(epochs, handle)
+    json.dump({"epochs": epochs, "from_cache": recipe.report.from_cache}, handle)

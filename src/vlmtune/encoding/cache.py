@@ -5,8 +5,9 @@ themselves (after reading, system prompt, de-duplication and splitting) and the 
 files they name (path, size and modification time). They are also the tokenizer, the
 chat template, the image processor's settings, the stop ids and the data settings that
 shape encoding. A second run with the same inputs reads the saved Arrow file instead of
-encoding again. Any change to one of them gives a new key. Set `data.num_proc` to encode in
-several processes.
+encoding again. Any change to one of them gives a new key. Processes that encode the same
+inputs at the same time, such as the ranks of a torchrun job, wait on a lock file beside the
+table, so only the first one encodes. Set `data.num_proc` to encode in several processes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import datasets
 import pyarrow
 import pyarrow.ipc
 import torch
+from filelock import FileLock, Timeout
 
 from vlmtune import __version__
 from vlmtune.config import DataSettings
@@ -209,18 +211,11 @@ def encode_dataset(
 ) -> EncodingReport:
     """Encode conversations through `datasets.map`, or load the result of an earlier run with the same inputs."""
     started = time.perf_counter()
-    path = cache_root(settings) / f"{encoding_key(encoder, conversations, settings)}.arrow" if settings.cache else None
-    cached = path is not None and path.is_file()
-    if cached:
-        with pyarrow.OSFile(str(path)) as source:
-            table = pyarrow.ipc.open_file(source).read_all()
-        logger.info("%s data: cache hit, loaded %d encoded examples from %s", name, table.num_rows, path)
+    if settings.cache:
+        path = cache_root(settings) / f"{encoding_key(encoder, conversations, settings)}.arrow"
+        table, cached = _cached_encode(encoder, conversations, settings, name, path)
     else:
-        if path is not None:
-            logger.info("%s data: no cached encoding of these inputs, encoding %d examples", name, len(conversations))
-        table = _encode(encoder, conversations, settings).data.table
-        if path is not None:
-            _save(table, path)
+        table, cached = _encode(encoder, conversations, settings).data.table, False
     report = EncodingReport([], {}, from_cache=cached)
     columns = table.to_pydict()  # one conversion per column: much faster than reading row by row
     names = list(columns)
@@ -231,6 +226,36 @@ def encode_dataset(
     report.seconds = time.perf_counter() - started
     report.log()
     return report
+
+
+def _cached_encode(
+    encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings, name: str, path: Path
+) -> tuple[pyarrow.Table, bool]:
+    """Read the encoded table at `path`, or encode and save it. Return the table and whether it was read.
+
+    A lock file beside the table makes processes that encode the same inputs at the same time
+    (the ranks of a torchrun job, or two runs started together) wait for the first one, then
+    read its table.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{path}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("%s data: another process is encoding the same inputs, waiting for %s", name, path)
+        lock.acquire()
+    try:
+        if path.is_file():
+            with pyarrow.OSFile(str(path)) as source:
+                table = pyarrow.ipc.open_file(source).read_all()
+            logger.info("%s data: cache hit, loaded %d encoded examples from %s", name, table.num_rows, path)
+            return table, True
+        logger.info("%s data: no cached encoding of these inputs, encoding %d examples", name, len(conversations))
+        table = _encode(encoder, conversations, settings).data.table
+        _save(table, path)
+        return table, False
+    finally:
+        lock.release()
 
 
 def _encode(encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings) -> datasets.Dataset:
@@ -255,11 +280,10 @@ def _encode(encoder: ConversationEncoder, conversations: list[Conversation], set
 
 def _save(table: pyarrow.Table, path: Path) -> None:
     """Write the encoded table beside its final path, then move it in place, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     with pyarrow.OSFile(str(partial), "wb") as sink, pyarrow.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    os.replace(partial, path)  # another process writing the same key wrote the same table
+    os.replace(partial, path)
     logger.info("saved the encoded data to %s", path)
 
 
