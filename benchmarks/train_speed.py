@@ -153,7 +153,7 @@ def run_vlmtune(args, workdir: Path, variant: str) -> dict:
     from vlmtune.data.loading import load_data
     from vlmtune.encoding import ConversationEncoder
     from vlmtune.encoding.cache import encode_dataset
-    from vlmtune.model.loading import load_model
+    from vlmtune.model.loading import load_processor_and_stop_ids
     from vlmtune.training.recipe import LoraRecipe
 
     train = {
@@ -184,16 +184,18 @@ def run_vlmtune(args, workdir: Path, variant: str) -> dict:
             "evaluation": {"generate": False},
         }
     )
-    loaded = load_model(config.model)
+    # The processor alone encodes. The recipe then finds the encoded samples in the cache, so the
+    # process encodes once and loads the weights once, as `vlmtune train` does.
+    processor, stop_ids = load_processor_and_stop_ids(config.model)
     started = time.perf_counter()
     data = load_data(config.data)
-    encoder = ConversationEncoder.from_settings(loaded.processor, loaded.stop_token_ids, config.data)
+    encoder = ConversationEncoder.from_settings(processor, stop_ids, config.data)
     report = encode_dataset(encoder, data.train, config.data)
     preprocess_seconds = time.perf_counter() - started
     result = {"examples": len(report.samples), "preprocess_seconds": preprocess_seconds}
     if variant == "vlmtune_cached":
         return result
-    del loaded, encoder
+    del processor, encoder, data, report
     recipe = LoraRecipe(config, overwrite=True)
     recipe.setup()
     counter = TokenCounter(recipe.trainer.data_collator)
