@@ -49,9 +49,25 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "4 problem(s)" in message
     assert "train.learning_rate" in message
     assert "train.per_device_train_batch_size" in message
-    assert "train.epochs: unknown key; valid keys here: output_dir, num_train_epochs" in message
-    assert "tracking.backend" in message
+    assert "train.epochs (line 9): unknown key; valid keys here: output_dir, num_train_epochs" in message
+    assert "tracking.backend: Input should be" in message  # an override has no line
     assert "'wandb'" in message
+
+
+def test_problems_name_their_line(tmp_path):
+    text = MINIMAL + "  max_length: 12x\n  validation:\n    - path: train.json\n      formatt: alpaca\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    message = str(caught.value)
+    assert "data.max_length (line 6): Input should be a valid integer" in message
+    assert "(line 9): unknown key" in message
+
+
+def test_overridden_key_has_no_line(tmp_path):
+    text = MINIMAL + "train:\n  learning_rate: 1e-4\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), ["train.learning_rate=-1"])
+    assert "train.learning_rate: Input should be greater than 0 (got -1)" in str(caught.value)
 
 
 def test_misspelt_key_gets_a_suggestion(tmp_path):

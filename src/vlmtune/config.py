@@ -383,32 +383,71 @@ def _valid_keys(location: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"invalid config in {source} ({error.error_count()} problem(s)):"]
+def yaml_key_lines(text: str) -> dict[tuple[str | int, ...], int]:
+    """Map each key path of a YAML document, such as ("train", "learning_rate"), to its 1-based line number."""
+    lines: dict[tuple[str | int, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = (*path, key.value)
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, value in enumerate(node.value):
+                lines[(*path, index)] = value.start_mark.line + 1
+                walk(value, (*path, index))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_of(loc: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int | None]) -> str:
+    """Return " (line N)" for the longest start of `loc` found in the file, or "" for a key it lacks.
+
+    A key path mapped to None (set by an override) has no line.
+    """
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            line = lines[loc[:end]]
+            return f" (line {line})" if line is not None else ""
+    return ""
+
+
+def _format_validation_error(error: ValidationError, source: str, lines: dict[tuple[str | int, ...], int | None]) -> str:
+    problems = [f"invalid config in {source} ({error.error_count()} problem(s)):"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        where = _line_of(tuple(item["loc"]), lines)
         if item["type"] == "extra_forbidden":
             valid_keys = _valid_keys(item["loc"])
             close = difflib.get_close_matches(str(item["loc"][-1]), valid_keys, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            lines.append(f"  - {key}: unknown key{hint}; valid keys here: {', '.join(valid_keys)} (see docs/config.md)")
+            problems.append(f"  - {key}{where}: unknown key{hint}; valid keys here: {', '.join(valid_keys)} (see docs/config.md)")
             continue
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "value_error" and not item["loc"]:
-            lines.append(f"  - {message}")  # a rule across sections; the message names the keys
+            problems.append(f"  - {message}")  # a rule across sections; the message names the keys
         else:
-            lines.append(f"  - {key}: {message}{shown}")
-    return "\n".join(lines)
+            problems.append(f"  - {key}{where}: {message}{shown}")
+    return "\n".join(problems)
 
 
-def build_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a settings tree, raising ConfigError that lists every problem at once."""
+def build_config(
+    tree: dict[str, Any], source: str = "config", lines: dict[tuple[str | int, ...], int | None] | None = None
+) -> RunConfig:
+    """Validate a settings tree, raising ConfigError that lists every problem at once.
+
+    `lines` (from `yaml_key_lines`) adds the line number of each key that has a problem.
+    """
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, source)) from None
+        raise ConfigError(_format_validation_error(error, source, lines or {})) from None
 
 
 def read_settings_tree(path: Path, label: str, fix: str = "") -> dict[str, Any]:
@@ -432,11 +471,15 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     if not config_path.is_file():
         raise ConfigError(f"config file not found: {config_path}. Pass the path to a YAML file, e.g. configs/demo.yaml")
     tree = read_settings_tree(config_path, str(config_path))
+    lines: dict[tuple[str | int, ...], int | None] = dict(yaml_key_lines(config_path.read_text(encoding="utf-8")))
     for override in overrides or []:
         parts, value = parse_override(override)
         _apply_override(tree, parts, value)
+        # The value now comes from the command line, so no line of the file is named for it.
+        lines = {key: line for key, line in lines.items() if key[: len(parts)] != tuple(parts)}
+        lines[tuple(parts)] = None
     source = f"{config_path} with overrides {' '.join(overrides)}" if overrides else str(config_path)
-    config = build_config(tree, source=source)
+    config = build_config(tree, source=source, lines=lines)
     for field, specs in (("data.train", config.data.train), ("data.validation", config.data.validation)):
         for index, spec in enumerate(specs):
             candidate = config_path.parent / spec.path
