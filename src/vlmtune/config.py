@@ -109,8 +109,9 @@ class DataSettings(_Section):
     max_samples: int | None = Field(None, gt=0, description="Use at most this many examples (for quick runs).")
     cache: bool = Field(
         True,
-        description="Save encoded samples under a key of data, tokenizer, template and settings; "
-        "a later run with the same inputs loads them instead of encoding again.",
+        description="Save encoded samples under a key of data, tokenizer, template and settings. "
+        "A later run with the same inputs loads them instead of encoding again, and processes "
+        "encoding the same inputs at once (torchrun ranks) wait for the first one.",
     )
     cache_dir: str | None = Field(
         None, description="Folder for encoded samples. None: $VLMTUNE_CACHE, else ~/.cache/vlmtune/encoded."
