@@ -19,7 +19,7 @@ from vlmtune.data import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.loading import load_dataset_file
 from vlmtune.encoding import ConversationEncoder, encode_conversations
 from vlmtune.encoding.cache import encode_dataset, encoding_key
-from vlmtune.errors import DataError
+from vlmtune.errors import ConfigError, DataError
 from test_images import FIXTURE_IMAGES, IMAGE_DATA, image_conversation
 
 
@@ -141,6 +141,14 @@ def test_concurrent_encodes_wait_for_first(encoder, mixed_conversations, tmp_pat
     assert sorted(report.from_cache for report in reports) == [False, True]
     assert caplog.text.count("no cached encoding of these inputs") == 1
     assert_same_samples(reports[0].samples, reports[1].samples)
+
+
+def test_unwritable_cache_folder_is_a_config_error(encoder, mixed_conversations, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("", encoding="utf-8")
+    settings = data_settings(cache_dir=str(blocker / "cache"))
+    with pytest.raises(ConfigError, match="encoding cache folder .*not-a-folder/cache is not writable.*data.cache=false"):
+        encode_dataset(encoder, mixed_conversations[:2], settings)
 
 
 def test_key_changes_with_every_input(loaded, encoder, tmp_path):

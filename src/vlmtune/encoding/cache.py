@@ -39,7 +39,7 @@ from vlmtune.encoding.encode import (
     add_outcome,
     encode_with_policy,
 )
-from vlmtune.errors import DataError
+from vlmtune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -235,27 +235,38 @@ def _cached_encode(
 
     A lock file beside the table makes processes that encode the same inputs at the same time
     (the ranks of a torchrun job, or two runs started together) wait for the first one, then
-    read its table.
+    read its table. Reading needs no lock, because a table appears in one `os.replace`.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        return _read(path, name), True
     lock = FileLock(f"{path}.lock")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
-    except Timeout:
+    except Timeout:  # a subclass of OSError, so caught first
         logger.info("%s data: another process is encoding the same inputs, waiting for %s", name, path)
         lock.acquire()
+    except OSError as error:
+        raise ConfigError(
+            f"encoding cache folder {path.parent} is not writable: {error}. "
+            "Set data.cache_dir (or $VLMTUNE_CACHE) to a writable folder, or data.cache=false"
+        ) from None
     try:
-        if path.is_file():
-            with pyarrow.OSFile(str(path)) as source:
-                table = pyarrow.ipc.open_file(source).read_all()
-            logger.info("%s data: cache hit, loaded %d encoded examples from %s", name, table.num_rows, path)
-            return table, True
+        if path.is_file():  # written while this process waited
+            return _read(path, name), True
         logger.info("%s data: no cached encoding of these inputs, encoding %d examples", name, len(conversations))
         table = _encode(encoder, conversations, settings).data.table
         _save(table, path)
         return table, False
     finally:
         lock.release()
+
+
+def _read(path: Path, name: str) -> pyarrow.Table:
+    with pyarrow.OSFile(str(path)) as source:
+        table = pyarrow.ipc.open_file(source).read_all()
+    logger.info("%s data: cache hit, loaded %d encoded examples from %s", name, table.num_rows, path)
+    return table
 
 
 def _encode(encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings) -> datasets.Dataset:
