@@ -115,3 +115,13 @@ def test_saved_config_round_trips_chinese(tmp_path):
     save_config(config, out)
     assert "你是小橘。" in out.read_text(encoding="utf-8")
     assert load_config(out).data.system_prompt == "你是小橘。"
+
+
+def test_model_folder_relative_to_config(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    text = MINIMAL.replace("some/model", "models/tiny")
+    config_file = write(tmp_path, text)
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_config(config_file).model.name_or_path == str(tmp_path / "models" / "tiny")
+    hub_id = load_config(write(tmp_path, MINIMAL)).model.name_or_path
+    assert hub_id == "some/model"  # nothing of that name next to the config: still a hub id

@@ -68,6 +68,26 @@ def test_missing_local_folder_message(tmp_path):
         resolve_model_path(ModelSettings(name_or_path=str(tmp_path / "missing"), hub="local"))
 
 
+@pytest.mark.parametrize("name", ["/no/such/model", "./tiny-glmv", "../outputs/tiny-glmv", "~/tiny-glmv", "a/b/c"])
+def test_auto_hub_treats_paths_as_local(name):
+    with pytest.raises(ModelError, match="local folder not found"):
+        resolve_model_path(ModelSettings(name_or_path=name))
+
+
+def test_auto_hub_failure_names_missing_folder(monkeypatch):
+    import huggingface_hub
+
+    def failing(*args, **kwargs):
+        raise ValueError("Repository Not Found.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    with pytest.raises(ModelError) as caught:
+        resolve_model_path(ModelSettings(name_or_path="outputs/tiny-glmv"))
+    message = str(caught.value)
+    assert "from huggingface failed: Repository Not Found. There is no local folder " in message
+    assert "outputs/tiny-glmv either. Check the id" in message
+
+
 def test_download_failure_message(monkeypatch):
     import modelscope
 

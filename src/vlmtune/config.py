@@ -37,11 +37,13 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Model source and loading options."""
 
-    name_or_path: str = Field(description="Local folder, ModelScope id or Hugging Face id.")
+    name_or_path: str = Field(
+        description="Local folder (relative to the working folder or the config file), ModelScope id or Hugging Face id."
+    )
     hub: Literal["auto", "local", "modelscope", "huggingface"] = Field(
         "auto",
-        description="Where name_or_path lives. auto: a local folder if one exists at that path, "
-        "otherwise the Hugging Face Hub.",
+        description="Where name_or_path lives. auto: a local folder if one exists at that path or the "
+        "name can only be a path (absolute, or starting with ./, ../ or ~), otherwise the Hugging Face Hub.",
     )
     revision: str | None = Field(None, description="Hub branch, tag or commit. None: the default branch.")
     cache_dir: str | None = Field(None, description="Download folder for hub models. None: the hub client's default.")
@@ -465,8 +467,8 @@ def read_settings_tree(path: Path, label: str, fix: str = "") -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config and apply `section.key=value` overrides.
 
-    Relative dataset paths are resolved against the config file's folder when they
-    exist there, so a config works from any working directory.
+    Relative dataset, model and DeepSpeed paths are resolved against the config file's
+    folder when the working folder lacks them, so a config works from any working folder.
     """
     config_path = Path(path)
     if not config_path.is_file():
@@ -494,7 +496,18 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
                 f"{Path.cwd()} and next to the config file, in {config_path.parent.resolve()})"
             )
     _resolve_deepspeed_path(config, config_path)
+    _resolve_local_model_path(config, config_path)
     return config
+
+
+def _resolve_local_model_path(config: RunConfig, config_path: Path) -> None:
+    """Find a relative model.name_or_path next to the config file when the working folder lacks it, like dataset paths."""
+    name = config.model.name_or_path
+    if config.model.hub not in ("auto", "local") or Path(name).is_absolute() or Path(name).expanduser().exists():
+        return
+    candidate = config_path.parent / name
+    if candidate.is_dir():
+        config.model.name_or_path = str(candidate)
 
 
 def _resolve_deepspeed_path(config: RunConfig, config_path: Path) -> None:

@@ -26,15 +26,25 @@ def _download_from_huggingface(model_id: str, revision: str | None, cache_dir: s
 DOWNLOADERS = {"modelscope": _download_from_modelscope, "huggingface": _download_from_huggingface}
 
 
+def looks_like_path(name: str) -> bool:
+    """Return True for a name that cannot be a hub id: absolute, starting with ~ or a dot, or with more than one slash.
+
+    Hub ids are `namespace/name` (or a bare name on the Hugging Face Hub), and huggingface_hub
+    rejects ids that start with a dot.
+    """
+    return name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1
+
+
 def resolve_model_path(settings: ModelSettings) -> Path:
     """Return a local folder holding the model, downloading it from the chosen hub if needed.
 
-    hub=auto uses a local folder when one exists at name_or_path, else the Hugging Face Hub.
+    hub=auto uses a local folder when one exists at name_or_path or the name can only be a
+    path, else the Hugging Face Hub.
     """
     name = settings.name_or_path
     hub = settings.hub
     if hub == "auto":
-        hub = "local" if Path(name).expanduser().exists() else "huggingface"
+        hub = "local" if Path(name).expanduser().exists() or looks_like_path(name) else "huggingface"
     if hub == "local":
         # Absolute, so adapters record a base model path that works from any folder.
         path = Path(name).expanduser().resolve()
@@ -49,8 +59,9 @@ def resolve_model_path(settings: ModelSettings) -> Path:
     try:
         local = DOWNLOADERS[hub](name, settings.revision, settings.cache_dir)
     except Exception as error:  # hub clients raise many types; report any of them the same way
+        no_folder = f" There is no local folder {Path(name).resolve()} either." if settings.hub == "auto" else ""
         raise ModelError(
-            f"model.name_or_path: downloading {name!r} from {hub} failed: {error}. "
+            f"model.name_or_path: downloading {name!r} from {hub} failed: {str(error).rstrip('. ')}.{no_folder} "
             "Check the id and your network, or download the model and pass its local folder"
         ) from error
     return Path(local)
