@@ -49,7 +49,7 @@ def test_all_problems_reported_at_once(tmp_path):
     assert "4 problem(s)" in message
     assert "train.learning_rate" in message
     assert "train.per_device_train_batch_size" in message
-    assert "train.epochs (line 9): unknown key; valid keys here: output_dir, num_train_epochs" in message
+    assert "train.epochs (line 9): unknown key (did you mean num_train_epochs?); valid keys here: output_dir, num_train" in message
     assert "tracking.backend: Input should be" in message  # an override has no line
     assert "'wandb'" in message
 
@@ -74,6 +74,13 @@ def test_misspelt_key_gets_a_suggestion(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, MINIMAL), ["train.learning_rat=1e-4"])
     assert "train.learning_rat: unknown key (did you mean learning_rate?); valid keys here:" in str(caught.value)
+
+
+def test_other_tools_key_names_get_ours(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL), ["lora.lora_rank=8", "data.cutoff_len=1024"])
+    assert "lora.lora_rank: unknown key (did you mean r?)" in str(caught.value)
+    assert "data.cutoff_len: unknown key (did you mean max_length?)" in str(caught.value)
 
 
 def test_missing_required_sections(tmp_path):

@@ -386,6 +386,21 @@ def _valid_keys(location: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# Names that LLaMA-Factory, ms-swift or PEFT use for vlmtune's keys, suggested when one appears.
+KEY_ALIASES = {
+    "rank": "r",
+    "lora_rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lora_target": "target_modules",
+    "cutoff_len": "max_length",
+    "model_name_or_path": "name_or_path",
+    "epochs": "num_train_epochs",
+    "lr": "learning_rate",
+    "batch_size": "per_device_train_batch_size",
+}
+
+
 def yaml_key_lines(text: str) -> dict[tuple[str | int, ...], int]:
     """Map each key path of a YAML document, such as ("train", "learning_rate"), to its 1-based line number."""
     lines: dict[tuple[str | int, ...], int] = {}
@@ -426,7 +441,9 @@ def _format_validation_error(error: ValidationError, source: str, lines: dict[tu
         where = _line_of(tuple(item["loc"]), lines)
         if item["type"] == "extra_forbidden":
             valid_keys = _valid_keys(item["loc"])
-            close = difflib.get_close_matches(str(item["loc"][-1]), valid_keys, n=1)
+            given = str(item["loc"][-1])
+            close = [KEY_ALIASES[given]] if KEY_ALIASES.get(given) in valid_keys else []
+            close = close or difflib.get_close_matches(given, valid_keys, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"  - {key}{where}: unknown key{hint}; valid keys here: {', '.join(valid_keys)} (see docs/config.md)")
             continue
