@@ -149,6 +149,8 @@ def test_split_reply_cases(text, reasoning, answer):
         ("<think>\nLet me think.</think>\n<answer>Hi!</answer>", False, "Hi!"),
         ("<think>\nstill going", True, "[thinking]\nstill going"),
         ("<think>\nstill going", False, ""),
+        ("<think>\n</think>\n<answer>Hi!</answer>", True, "[answer]\nHi!"),
+        ("<think>\n", True, ""),
     ],
 )
 def test_visible_text_labels_reasoning(text, show_thinking, expected):
@@ -161,12 +163,15 @@ def test_visible_text_grows_while_streaming():
     from vlmtune.inference.generate import visible_text
 
     # Layout tags are single special tokens, so streamed text never contains half a tag.
-    chunks = ["<think>", "\n", "a", "bc", "</think>", "\n", "<answer>", "x", "yz", "</answer>"]
-    texts = ["".join(chunks[:end]) for end in range(1, len(chunks) + 1)]
-    for show_thinking in (True, False):
-        shown = [visible_text(text, "think_answer", show_thinking) for text in texts]
-        for earlier, later in zip(shown, shown[1:]):
-            assert later.startswith(earlier), (earlier, later)
+    for chunks in (
+        ["<think>", "\n", "a", "bc", "</think>", "\n", "<answer>", "x", "yz", "</answer>"],
+        ["<think>", "\n", "</think>", "\n", "<answer>", "x", "yz", "</answer>"],  # no reasoning
+    ):
+        texts = ["".join(chunks[:end]) for end in range(1, len(chunks) + 1)]
+        for show_thinking in (True, False):
+            shown = [visible_text(text, "think_answer", show_thinking) for text in texts]
+            for earlier, later in zip(shown, shown[1:]):
+                assert later.startswith(earlier), (earlier, later)
 
 
 def test_plain_layout_without_thinking(loaded):

@@ -43,9 +43,10 @@ def visible_text(text: str, layout: str, show_thinking: bool) -> str:
     parsed = split_reply(text)
     if not show_thinking:
         return parsed.answer
-    shown = f"[thinking]\n{parsed.reasoning}"
+    # An empty think part gets no header, so a reply without reasoning shows only its answer.
+    shown = f"[thinking]\n{parsed.reasoning}" if parsed.reasoning.strip() else ""
     if "</think>" in text or "<answer>" in text:
-        shown += f"\n[answer]\n{parsed.answer}"
+        shown += ("\n" if shown else "") + f"[answer]\n{parsed.answer}"
     return shown
 
 
