@@ -37,6 +37,8 @@ def test_text_histogram_lines():
     lines = text_histogram([1, 1, 1, 50, 100]).splitlines()
     assert lines[0].split()[1] == "3"
     assert sum(int(line.split()[1]) for line in lines) == 5
+    assert lines[-1].split()[0].endswith("-100")  # the last bin ends at the longest sample
+    assert text_histogram([88, 20, 40]).splitlines()[-1].split()[0].endswith("-88")
 
 
 def test_trim_history_removes_oldest_turns(encoder):

@@ -64,12 +64,14 @@ def stats_table(rows: list[LengthStats], max_length: int) -> Table:
 
 
 def _bins(values: list[int]) -> tuple[list[int], list[int]]:
+    """Cut [min, max] into at most HISTOGRAM_BINS bins of equal width (the last may be narrower)."""
     low, high = min(values), max(values)
     width = max(1, -(-(high - low + 1) // HISTOGRAM_BINS))
-    edges = [low + width * index for index in range(HISTOGRAM_BINS + 1)]
-    counts = [0] * HISTOGRAM_BINS
+    bins = -(-(high - low + 1) // width)
+    edges = [low + width * index for index in range(bins)] + [high + 1]
+    counts = [0] * bins
     for value in values:
-        counts[min((value - low) // width, HISTOGRAM_BINS - 1)] += 1
+        counts[(value - low) // width] += 1
     return edges, counts
 
 
@@ -79,8 +81,6 @@ def text_histogram(values: list[int], width: int = 40) -> str:
     peak = max(counts)
     lines = []
     for index, count in enumerate(counts):
-        if count == 0 and (index == 0 or index == len(counts) - 1):
-            continue
         bar = "#" * round(width * count / peak) if peak else ""
         lines.append(f"{edges[index]:>6}-{edges[index + 1] - 1:<6} {count:>6} {bar}")
     return "\n".join(lines)
