@@ -441,9 +441,9 @@ def _format_validation_error(error: ValidationError, source: str, lines: dict[tu
         where = _line_of(tuple(item["loc"]), lines)
         if item["type"] == "extra_forbidden":
             valid_keys = _valid_keys(item["loc"])
-            given = str(item["loc"][-1])
-            close = [KEY_ALIASES[given]] if KEY_ALIASES.get(given) in valid_keys else []
-            close = close or difflib.get_close_matches(given, valid_keys, n=1)
+            unknown = str(item["loc"][-1])
+            close = [KEY_ALIASES[unknown]] if KEY_ALIASES.get(unknown) in valid_keys else []
+            close = close or difflib.get_close_matches(unknown, valid_keys, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             problems.append(f"  - {key}{where}: unknown key{hint}; valid keys here: {', '.join(valid_keys)} (see docs/config.md)")
             continue
