@@ -67,6 +67,22 @@ def test_max_pixels_scales_images_and_counts_them(loaded, tiny_model_dir):
     [sample] = report.samples
     assert int(sample.image_grid_thw.prod()) // 4 <= 4
     assert report.resized_images == 1
+    assert sample.resized_images == 1
+
+
+def test_resized_count_survives_cache(loaded, tiny_model_dir, tmp_path):
+    from vlmtune.encoding.cache import encode_dataset
+    from vlmtune.model.loading import load_processor
+
+    processor = load_processor(str(tiny_model_dir))
+    small = ConversationEncoder(processor, loaded.stop_token_ids, max_pixels=28 * 28 * 4, min_pixels=28 * 28)
+    conversations = [image_conversation(REPO_ROOT / "data" / "images" / "orange_cat.png"), image_conversation(FIXTURE_IMAGES / "orange.png")]
+    settings = data_settings(cache_dir=str(tmp_path))
+    first = encode_dataset(small, conversations, settings)
+    second = encode_dataset(small, conversations, settings)
+    assert second.from_cache
+    assert first.resized_images == second.resized_images == 1
+    assert [sample.resized_images for sample in second.samples] == [1, 0]
 
 
 def test_video_rejected_with_clear_message(tmp_path):

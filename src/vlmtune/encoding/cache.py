@@ -136,6 +136,7 @@ FEATURES = datasets.Features(
         "trimmed": datasets.Value("bool"),
         "error": datasets.Value("string"),
         "error_reason": datasets.Value("string"),
+        "resized_images": datasets.Value("int32"),
     }
 )
 
@@ -156,9 +157,11 @@ def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
         "trimmed": outcome.trimmed,
         "error": None if outcome.error is None else str(outcome.error),
         "error_reason": None if outcome.error is None else outcome.error.reason,
+        "resized_images": 0,
     }
     if sample is not None:
         row.update(input_ids=sample.input_ids, labels=sample.labels, reply_starts=sample.reply_starts)
+        row["resized_images"] = sample.resized_images
         row["mm_token_type_ids"] = sample.mm_token_type_ids or []
         if sample.pixel_values is not None:
             row["pixel_values"] = sample.pixel_values.float().flatten().tolist()
@@ -171,7 +174,9 @@ def _row_outcome(row: dict[str, Any]) -> EncodingOutcome:
     error = DataError(row["error"], row["error_reason"]) if row["error"] is not None else None
     if row["dropped"] is not None or error is not None:
         return EncodingOutcome(None, row["length"], dropped=row["dropped"], error=error)
-    sample = EncodedSample(row["input_ids"], row["labels"], row["reply_starts"], source=row["source"])
+    sample = EncodedSample(
+        row["input_ids"], row["labels"], row["reply_starts"], source=row["source"], resized_images=row["resized_images"]
+    )
     if row["mm_token_type_ids"]:
         sample.mm_token_type_ids = row["mm_token_type_ids"]
     if row["pixel_shape"]:
@@ -194,12 +199,8 @@ class _EncodeRows:
             # A forked worker must not enter the parent's OpenMP thread pool: it would wait forever.
             torch.set_num_threads(1)
         conversations = [self.conversations[index] for index in batch["index"]]
-        resized_before = self.encoder.resized_images
         outcomes = encode_with_policy(self.encoder, conversations, self.settings)
         rows = [_outcome_row(outcome, conversation.source) for conversation, outcome in zip(conversations, outcomes)]
-        # The batch's count of resized images goes on its first row, so the total survives the cache.
-        for position, row in enumerate(rows):
-            row["resized_images"] = self.encoder.resized_images - resized_before if position == 0 else 0
         return {name: [row[name] for row in rows] for name in rows[0]} if rows else {}
 
 
@@ -222,7 +223,6 @@ def encode_dataset(
     for values in zip(*columns.values()):
         row = dict(zip(names, values))
         add_outcome(report, _row_outcome(row), row["source"])
-        report.resized_images += row["resized_images"]
     report.seconds = time.perf_counter() - started
     report.log()
     return report
@@ -270,8 +270,6 @@ def _read(path: Path, name: str) -> pyarrow.Table:
 
 
 def _encode(encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings) -> datasets.Dataset:
-    features = FEATURES.copy()
-    features["resized_images"] = datasets.Value("int32")
     indices = datasets.Dataset.from_dict({"index": list(range(len(conversations)))})
     num_proc = settings.num_proc if settings.num_proc and settings.num_proc > 1 and len(conversations) > 1 else None
     encoder.end_of_turn_id  # found (and logged) once here, not in every worker
@@ -281,7 +279,7 @@ def _encode(encoder: ConversationEncoder, conversations: list[Conversation], set
         batch_size=ENCODE_BATCH_SIZE,
         num_proc=num_proc,
         remove_columns=["index"],
-        features=features,
+        features=FEATURES,
         new_fingerprint=f"vlmtune-encode-{len(conversations)}",
         load_from_cache_file=False,
         keep_in_memory=True,

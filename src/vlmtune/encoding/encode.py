@@ -48,6 +48,8 @@ class EncodedSample:
     mm_token_type_ids: list[int] | None = None
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
+    resized_images: int = 0
+    """Images of this conversation scaled to fit data.min_pixels / data.max_pixels."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -77,8 +79,6 @@ class ConversationEncoder:
         self.layout: LayoutName = detect_layout(self.tokenizer) if thinking == "auto" else thinking
         self.image_token: str | None = getattr(processor, "image_token", None)
         self.pixel_limits = apply_image_limits(processor, min_pixels, max_pixels)
-        self.resized_images = 0
-        """Images scaled to fit the pixel limits so far, counted once per encode call."""
 
     @classmethod
     def from_settings(cls, processor: Any, stop_ids: list[int], settings: DataSettings) -> ConversationEncoder:
@@ -171,20 +171,22 @@ class ConversationEncoder:
 
     # -- encoding ----------------------------------------------------------------------
 
-    def _image_inputs(self, conversation: Conversation) -> tuple[dict[str, torch.Tensor], list[int]]:
+    def _image_inputs(self, conversation: Conversation) -> tuple[dict[str, torch.Tensor], list[int], int]:
+        """Return the image processor's tensors, the token count of each image and how many were resized."""
         images = conversation.images
         if not images:
-            return {}, []
+            return {}, [], 0
         if self.image_token is None or not hasattr(self.processor, "image_processor"):
             raise DataError(f"{conversation.source}: the example has images but the model's processor takes none")
         loaded = [load_image(image.source, conversation.source) for image in images]
+        resized = 0
         if self.pixel_limits is not None:
             low, high = self.pixel_limits
-            self.resized_images += sum(not low <= image.width * image.height <= high for image in loaded)
+            resized = sum(not low <= image.width * image.height <= high for image in loaded)
         inputs = self.processor.image_processor(images=loaded, return_tensors="pt")
         merge = self.processor.image_processor.merge_size ** 2
         counts = [int(grid.prod()) // merge for grid in inputs["image_grid_thw"]]
-        return dict(inputs), counts
+        return dict(inputs), counts, resized
 
     def _expand_images(self, text: str, image_counts: list[int], cursor: int) -> tuple[str, int]:
         """Repeat each image marker in prompt text as many times as that image has tokens."""
@@ -244,8 +246,8 @@ class ConversationEncoder:
         assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
         if not assistant_turns:
             raise DataError(f"{conversation.source}: the conversation has no assistant reply to train on")
-        image_inputs, image_counts = self._image_inputs(conversation)
-        return _Turns(conversation, messages, assistant_turns, image_inputs, image_counts)
+        image_inputs, image_counts, resized_images = self._image_inputs(conversation)
+        return _Turns(conversation, messages, assistant_turns, image_inputs, image_counts, resized_images)
 
     def _assemble(self, item: _Turns, token_ids: Iterator[list[int]]) -> EncodedSample:
         """Join each turn's prompt and reply ids, and label the replies and the tokens that end them."""
@@ -276,7 +278,7 @@ class ConversationEncoder:
                 unsupervised_tail
             )
 
-        sample = EncodedSample(input_ids, labels, reply_starts, source=item.conversation.source)
+        sample = EncodedSample(input_ids, labels, reply_starts, source=item.conversation.source, resized_images=item.resized_images)
         if item.image_inputs:
             sample.pixel_values = item.image_inputs["pixel_values"]
             sample.image_grid_thw = item.image_inputs["image_grid_thw"]
@@ -294,6 +296,7 @@ class _Turns:
     turns: list[int]
     image_inputs: dict[str, torch.Tensor]
     image_counts: list[int]
+    resized_images: int
 
 
 @dataclass
@@ -399,6 +402,7 @@ def add_outcome(report: EncodingReport, outcome: EncodingOutcome, source: str) -
         report.dropped.setdefault(outcome.dropped, []).append(source)
         return
     report.trimmed += outcome.trimmed
+    report.resized_images += outcome.sample.resized_images
     report.samples.append(outcome.sample)
 
 
@@ -407,12 +411,10 @@ def encode_conversations(
 ) -> EncodingReport:
     """Encode all conversations in this process, applying data.on_invalid and data.on_overlength."""
     report = EncodingReport([], {})
-    resized_before = encoder.resized_images
     for start in range(0, len(conversations), ENCODE_BATCH_SIZE):
         batch = conversations[start : start + ENCODE_BATCH_SIZE]
         for conversation, outcome in zip(batch, encode_with_policy(encoder, batch, settings)):
             add_outcome(report, outcome, conversation.source)
-    report.resized_images = encoder.resized_images - resized_before
     report.log()
     return report
 
