@@ -11,6 +11,7 @@ from conftest import write_json
 from vlmtune.config import DatasetSpec, DataSettings
 from vlmtune.data.loading import detect_layout, load_data, load_dataset_file
 from vlmtune.data.records import Record
+from vlmtune.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LAYOUTS = FIXTURES / "layouts"
@@ -163,6 +164,12 @@ def test_validation_split_by_fraction_and_file(tmp_path):
     separate = load_data(DataSettings(train=[path], validation=[val_path]))
     assert len(separate.train) == 20
     assert len(separate.validation) == 3
+
+
+def test_validation_split_leaving_nothing_is_an_error(tmp_path):
+    path = str(write_json(tmp_path / "one.json", [{"instruction": "q", "output": "a"}]))
+    with pytest.raises(DataError, match=r"data.val_size=0.05 holds out 1 of the 1 training example\(s\).*data.val_size: 0"):
+        load_data(DataSettings(train=[path], val_size=0.05))
 
 
 def test_chinese_round_trip_through_loading(tmp_path):

@@ -182,10 +182,16 @@ def load_data(settings: DataSettings) -> LoadedData:
     report = SkipReport()
     train = _load_specs(settings.train, settings, report, rng)
     validation = _load_specs(settings.validation, settings, report, rng)
-    if settings.val_size > 0:
+    if settings.val_size > 0 and train:
         shuffled = train[:]
         rng.shuffle(shuffled)
         held_out = max(1, round(settings.val_size * len(shuffled)))
+        if held_out >= len(shuffled):
+            raise DataError(
+                f"data.val_size={settings.val_size:g} holds out {held_out} of the {len(shuffled)} training example(s), "
+                "leaving none to train on. Add examples or set data.val_size: 0",
+                "no examples",
+            )
         validation, train = shuffled[:held_out], shuffled[held_out:]
         logger.info("held out %d of %d examples for validation (data.val_size=%g)", held_out, len(shuffled), settings.val_size)
     if settings.max_samples is not None and len(train) > settings.max_samples:
