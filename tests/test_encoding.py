@@ -114,9 +114,13 @@ def test_reasoning_kept_only_in_final_reply(encoder):
             Message("assistant", [TextPart("a2")], reasoning="new thoughts"),
         ]
     )
-    text = decode(encoder, encoder.encode(conversation).input_ids)
+    sample = encoder.encode(conversation)
+    text = decode(encoder, sample.input_ids)
     assert "old thoughts" not in text
     assert "<think>\nnew thoughts</think>\n<answer>a2</answer>" in text
+    # The first reply lost its reasoning, so it is context only: only the last reply is supervised.
+    assert all(label == IGNORE_INDEX for label in sample.labels[: sample.reply_starts[1]])
+    assert decode(encoder, supervised_ids(sample)).startswith("<think>\nnew thoughts</think>")
 
 
 def test_existing_layout_not_wrapped_twice():

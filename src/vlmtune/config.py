@@ -100,12 +100,14 @@ class DataSettings(_Section):
         "turns until it fits, else drop it. error: stop.",
     )
     train_on: Literal["all_turns", "last_turn"] = Field(
-        "all_turns", description="Supervise every assistant turn, or only the last one."
+        "all_turns",
+        description="Supervise every assistant turn, or only the last one. A reply before the last that has "
+        "reasoning is never supervised, because the chat template drops reasoning from earlier turns.",
     )
     thinking: Literal["auto", "think_answer", "none"] = Field(
         "auto",
         description="Assistant reply layout. think_answer: <think>\\n{reasoning}</think>\\n<answer>{answer}</answer> "
-        "(GLM-4.1V-Thinking). none: the answer as is. auto: think_answer when the tokenizer has "
+        "(GLM-4.1V-Thinking). none: the answer alone, without reasoning or tags. auto: think_answer when the tokenizer has "
         "<think> and <answer> tokens.",
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many examples (for quick runs).")

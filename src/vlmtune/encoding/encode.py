@@ -79,6 +79,7 @@ class ConversationEncoder:
         self.layout: LayoutName = detect_layout(self.tokenizer) if thinking == "auto" else thinking
         self.image_token: str | None = getattr(processor, "image_token", None)
         self.pixel_limits = apply_image_limits(processor, min_pixels, max_pixels)
+        self._warned_dropped_reasoning = False
 
     @classmethod
     def from_settings(cls, processor: Any, stop_ids: list[int], settings: DataSettings) -> ConversationEncoder:
@@ -249,6 +250,23 @@ class ConversationEncoder:
         image_inputs, image_counts, resized_images = self._image_inputs(conversation)
         return _Turns(conversation, messages, assistant_turns, image_inputs, image_counts, resized_images)
 
+    def _reasoning_dropped(self, item: _Turns, turn_index: int) -> bool:
+        """Return True for a reply whose reasoning the template drops because more messages follow.
+
+        Such a reply stays in the sample as context but is not supervised: trained with an
+        empty think part, it would teach the model to stop reasoning.
+        """
+        if turn_index == len(item.messages) - 1 or not item.conversation.messages[turn_index].reasoning:
+            return False
+        if not self._warned_dropped_reasoning:
+            self._warned_dropped_reasoning = True
+            logger.warning(
+                "replies with reasoning before the last turn are context only, not trained: the chat template "
+                "drops their reasoning (first: %s)",
+                item.conversation.source,
+            )
+        return True
+
     def _assemble(self, item: _Turns, token_ids: Iterator[list[int]]) -> EncodedSample:
         """Join each turn's prompt and reply ids, and label the replies and the tokens that end them."""
         input_ids: list[int] = []
@@ -272,7 +290,9 @@ class ConversationEncoder:
                 supervised_ids = [*reply_ids, self.end_of_turn_id]
                 unsupervised_tail = []
                 appended_end_of_turn = True
-            trained = self.train_on == "all_turns" or turn_index == item.turns[-1]
+            trained = (self.train_on == "all_turns" or turn_index == item.turns[-1]) and not self._reasoning_dropped(
+                item, turn_index
+            )
             input_ids += supervised_ids + unsupervised_tail
             labels += (supervised_ids if trained else [IGNORE_INDEX] * len(supervised_ids)) + [IGNORE_INDEX] * len(
                 unsupervised_tail
