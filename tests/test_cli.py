@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,26 @@ def test_resume_without_checkpoint(tmp_path, config_file):
     result = run("train", str(config_file), f"train.output_dir={tmp_path / 'fresh'}", "--resume")
     assert result.returncode == 2
     assert "--resume: no checkpoint-N folder" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
+    output_dir = tmp_path / "stopped"
+    command = [VLMTUNE, "train", str(config_file), f"train.output_dir={output_dir}", "train.max_steps=500",
+               "train.save_steps=1000", "evaluation.generate=false"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    progress = output_dir / "progress.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress.is_file() and '"event": "log"' in progress.read_text(encoding="utf-8"):
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGINT received: stopping after the current step and saving a checkpoint" in stderr
+    assert "training stopped by SIGINT at step" in stdout
+    assert f"vlmtune train {config_file} --resume" in stdout
+    assert list(output_dir.glob("checkpoint-*"))
+    assert (output_dir / "adapter_model.safetensors").is_file()

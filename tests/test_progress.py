@@ -42,7 +42,7 @@ def test_sigterm_stops_with_checkpoint(trainer_objects, tmp_path):
     assert records[-1]["step"] == 4
 
 
-def test_second_signal_interrupts(trainer_objects):
+def test_second_signal_interrupts(trainer_objects, tmp_path, caplog):
     args, state, control = trainer_objects
     callback = StopOnSignalCallback()
     before = signal.getsignal(signal.SIGINT)
@@ -54,6 +54,7 @@ def test_second_signal_interrupts(trainer_objects):
     finally:
         callback.on_train_end(args, state, control)
     assert signal.getsignal(signal.SIGINT) is before
+    assert f"SIGINT received again: stopping now, without a checkpoint. --resume continues from the last checkpoint-N in {tmp_path}" in caplog.text
 
 
 def test_progress_file_records_events(trainer_objects, tmp_path):

@@ -123,6 +123,14 @@ def train(
         console.print(comparison_table(runs))
         console.print(f"replies and metrics: {recipe.output_dir / 'eval_report.md'}", soft_wrap=True)
     console.print(f"\nadapter saved to {recipe.output_dir}", soft_wrap=True)
+    if recipe.stop_on_signal is not None and recipe.stop_on_signal.requested:
+        state = recipe.trainer.state
+        console.print(
+            f"training stopped by {recipe.stop_on_signal.requested} at step {state.global_step} of {state.max_steps}; "
+            f"continue it with: vlmtune train {config} --resume",
+            soft_wrap=True,
+            markup=False,
+        )
     console.print(recipe.tracking.describe(), soft_wrap=True, markup=False)
     console.print(f"chat with it: vlmtune chat --adapter {recipe.output_dir}", soft_wrap=True)
 

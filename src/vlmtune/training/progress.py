@@ -69,11 +69,19 @@ class StopOnSignalCallback(TrainerCallback):
     def __init__(self, progress: ProgressFileCallback | None = None):
         self.progress = progress
         self.requested: str | None = None
+        """The name of the signal that stopped training, or None."""
+        self.output_dir = ""
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested is not None:
             # A second signal: the user does not want to wait for the checkpoint.
+            logger.warning(
+                "%s received again: stopping now, without a checkpoint. --resume continues from the last "
+                "checkpoint-N in %s, if there is one",
+                signal.Signals(signum).name,
+                self.output_dir,
+            )
             self._restore()
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
@@ -85,6 +93,7 @@ class StopOnSignalCallback(TrainerCallback):
         self._previous.clear()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.output_dir = args.output_dir
         if threading.current_thread() is not threading.main_thread():
             logger.debug("training outside the main thread: SIGINT and SIGTERM keep their usual handlers")
             return

@@ -119,6 +119,7 @@ class LoraRecipe:
         self.padding_share: float | None = None
         self.collator: ChatCollator | None = None
         self.gradient_checkpointing = False
+        self.stop_on_signal: StopOnSignalCallback | None = None
 
     @property
     def is_main_process(self) -> bool:
@@ -301,7 +302,8 @@ class LoraRecipe:
 
         # First, so a stop signal is handled even during the baseline sample generations.
         progress = ProgressFileCallback(self.output_dir)
-        callbacks = [progress, StopOnSignalCallback(progress), *self.tracking.callbacks]
+        self.stop_on_signal = StopOnSignalCallback(progress)
+        callbacks = [progress, self.stop_on_signal, *self.tracking.callbacks]
         self.sampling = self._sample_generation_callback()
         if self.sampling is not None:
             callbacks.append(self.sampling)
