@@ -83,6 +83,28 @@ def test_other_tools_key_names_get_ours(tmp_path):
     assert "data.cutoff_len: unknown key (did you mean max_length?)" in str(caught.value)
 
 
+def test_union_value_gets_one_message(tmp_path):
+    text = MINIMAL + "train:\n  padding_free: maybe\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), ["lora.target_modules=[q_proj, 3]"])
+    message = str(caught.value)
+    assert "2 problem(s)" in message
+    assert "train.padding_free (line 7): must be true or false, or auto (got 'maybe')" in message
+    assert "lora.target_modules: must be a string, or a list of strings (got ['q_proj', 3])" in message
+    assert "literal" not in message and ".bool" not in message
+
+
+def test_yaml_boolean_where_text_belongs(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + "  system_prompt: yes\n"))
+    assert "data.system_prompt (line 6): Input should be a valid string (got True); YAML reads unquoted yes" in str(caught.value)
+
+
+def test_dataset_entry_of_wrong_shape(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.train.1 \(line 5\): must be a dataset path or a mapping with a path key \(got 5\)"):
+        load_config(write(tmp_path, MINIMAL.replace("[train.json]", "[train.json, 5]")))
+
+
 def test_missing_required_sections(tmp_path):
     with pytest.raises(ConfigError, match=r"model: Field required"):
         load_config(write(tmp_path, "data:\n  train: [a.json]\n"))

@@ -436,9 +436,55 @@ def _line_of(loc: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int 
     return ""
 
 
+# What each member of a union field accepts, by the tag pydantic puts in the error location.
+UNION_MEMBERS = {"bool": "true or false", "str": "a string", "list[str]": "a list of strings", "int": "an integer"}
+
+
+def _union_member(part: str | int) -> str | None:
+    """Describe what a union member accepts, given its tag in an error location, or None for a plain key."""
+    if not isinstance(part, str):
+        return None
+    if part.startswith("literal["):
+        return part.removeprefix("literal[").removesuffix("]").replace("'", "")
+    return UNION_MEMBERS.get(part)
+
+
+def _merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Turn the one-error-per-member list pydantic gives for a union field into one error naming every member.
+
+    For `padding_free: maybe` pydantic reports `train.padding_free.bool` and
+    `train.padding_free.literal['auto']`; this gives `train.padding_free: must be true or false, or auto`.
+    """
+    merged: list[dict[str, Any]] = []
+    by_field: dict[tuple, dict[str, Any]] = {}
+    for item in errors:
+        loc = tuple(item["loc"])
+        tag = next((index for index, part in enumerate(loc) if _union_member(part)), None)
+        if tag is None or item["type"] == "extra_forbidden":
+            merged.append(item)
+            continue
+        field_loc = loc[:tag]
+        if field_loc not in by_field:
+            by_field[field_loc] = {"type": "union", "loc": field_loc, "input": item.get("input"), "members": []}
+            merged.append(by_field[field_loc])
+        entry = by_field[field_loc]
+        entry["members"].append(_union_member(loc[tag]))
+        if len(loc) == tag + 1:  # the member's own error holds the whole value; a nested one holds a part
+            entry["input"] = item.get("input")
+    for entry in by_field.values():
+        members = list(dict.fromkeys(entry.pop("members")))
+        entry["msg"] = "must be " + (", or ".join(members) if len(members) > 1 else members[0])
+    return merged
+
+
+SECTION_SHAPES = {"DatasetSpec": "must be a dataset path or a mapping with a path key"}
+YAML_BOOLEANS = "YAML reads unquoted yes, no, on, off, true and false as booleans; put the text in quotes"
+
+
 def _format_validation_error(error: ValidationError, source: str, lines: dict[tuple[str | int, ...], int | None]) -> str:
-    problems = [f"invalid config in {source} ({error.error_count()} problem(s)):"]
-    for item in error.errors():
+    errors = _merge_union_errors(error.errors())
+    problems = [f"invalid config in {source} ({len(errors)} problem(s)):"]
+    for item in errors:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         where = _line_of(tuple(item["loc"]), lines)
         if item["type"] == "extra_forbidden":
@@ -452,6 +498,10 @@ def _format_validation_error(error: ValidationError, source: str, lines: dict[tu
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "model_type":  # a section or list entry that is not a mapping
+            message = SECTION_SHAPES.get(item["ctx"]["class_name"], "must be a mapping of settings")
+        if item["type"] == "string_type" and isinstance(value, bool):
+            shown += f"; {YAML_BOOLEANS}"
         if item["type"] == "value_error" and not item["loc"]:
             problems.append(f"  - {message}")  # a rule across sections; the message names the keys
         else:
