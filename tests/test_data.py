@@ -38,7 +38,7 @@ def test_alpaca_with_system_history_and_input(tmp_path):
         ("user", "翻译成英文\n早上好"),
         ("assistant", "Good morning 喵~"),
     ]
-    assert conversation.source == f"{path}, record 0 (line 2)"
+    assert conversation.source == f"{path}, record 1 (line 2)"
 
 
 def test_default_system_prompt_only_when_missing(tmp_path):
@@ -57,20 +57,20 @@ def test_jsonl_and_bom_accepted(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + "\n\n".join(lines).encode("utf-8"))
     conversations = load_dataset_file(DatasetSpec(path=str(path)))
     assert [c.messages[0].text for c in conversations] == ["q0", "q1", "q2"]
-    assert conversations[2].source.endswith("record 2 (line 5)")
+    assert conversations[2].source.endswith("record 3 (line 5)")
 
 
 def test_json_array_line_numbers(tmp_path):
     path = tmp_path / "a.json"
     path.write_text('[\n {"instruction": "a", "output": "b"},\n\n {"instruction": "c", "output": ""}\n]', encoding="utf-8")
-    with pytest.raises(DataError, match=r"a.json, record 1 \(line 4\): field 'output' is empty"):
+    with pytest.raises(DataError, match=r"a.json, record 2 \(line 4\): field 'output' is empty"):
         load_dataset_file(DatasetSpec(path=str(path)))
 
 
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"instruction": "q"}, r"record 0 \(line 1\): field 'output' is missing"),
+        ({"instruction": "q"}, r"record 1 \(line 1\): field 'output' is missing"),
         ({"instruction": 3, "output": "a"}, r"field 'instruction' must be a string, got int 3"),
         ({"instruction": "q", "output": None}, r"field 'output' is null; it must be a string"),
         ({"instruction": "q", "output": ["a"]}, r"field 'output' must be a string, got list"),
@@ -125,7 +125,7 @@ def test_empty_array_and_non_object_examples(tmp_path):
     with pytest.raises(DataError, match=r"empty.json: the file has no examples"):
         load_dataset_file(DatasetSpec(path=str(empty)))
     numbers = write_json(tmp_path / "numbers.json", [1, 2])
-    with pytest.raises(DataError, match=r"record 0 \(line 2\): an example must be a JSON object, got int 1"):
+    with pytest.raises(DataError, match=r"record 1 \(line 2\): an example must be a JSON object, got int 1"):
         load_dataset_file(DatasetSpec(path=str(numbers)))
 
 

@@ -196,7 +196,7 @@ def test_overlength_dropped_and_counted(encoder):
 
 def test_overlength_error_names_example(encoder):
     long = alpaca({**CATGIRL, "output": "喵" * 600})
-    with pytest.raises(DataError, match=r"train.json, record 0 .*max_length=128"):
+    with pytest.raises(DataError, match=r"train.json, record 1 .*max_length=128"):
         encode_conversations(encoder, [long], data_settings(max_length=128, on_overlength="error"))
 
 

@@ -22,42 +22,42 @@ CASES = {
     "malformed.jsonl": ("malformed JSON", ", line 2, column 22: malformed JSON (Expecting ',' delimiter)" + SKIP_HINT),
     "malformed_array.json": (
         "malformed JSON",
-        ", line 3, column 34: malformed JSON (Expecting value) in record 1; fix it "
+        ", line 3, column 34: malformed JSON (Expecting value) in record 2; fix it "
         "(a .json array cannot be read past a broken record)",
     ),
-    "missing_field.jsonl": ("missing field", ", record 0 (line 1): field 'output' is missing; add it or remove the example" + SKIP_HINT),
-    "empty_field.jsonl": ("empty field", ", record 0 (line 1): field 'output' is empty; fill it in or remove the example" + SKIP_HINT),
-    "wrong_type_number.jsonl": ("wrong type", ", record 0 (line 1): field 'instruction' must be a string, got int 42" + SKIP_HINT),
-    "wrong_type_null.jsonl": ("wrong type", ", record 0 (line 1): field 'output' is null; it must be a string" + SKIP_HINT),
-    "wrong_type_list.jsonl": ("wrong type", ", record 0 (line 1): field 'output' must be a string, got list ['a', 'b']" + SKIP_HINT),
-    "empty_conversation.jsonl": ("empty conversation", ", record 0 (line 1): the conversation is empty" + SKIP_HINT),
+    "missing_field.jsonl": ("missing field", ", record 1 (line 1): field 'output' is missing; add it or remove the example" + SKIP_HINT),
+    "empty_field.jsonl": ("empty field", ", record 1 (line 1): field 'output' is empty; fill it in or remove the example" + SKIP_HINT),
+    "wrong_type_number.jsonl": ("wrong type", ", record 1 (line 1): field 'instruction' must be a string, got int 42" + SKIP_HINT),
+    "wrong_type_null.jsonl": ("wrong type", ", record 1 (line 1): field 'output' is null; it must be a string" + SKIP_HINT),
+    "wrong_type_list.jsonl": ("wrong type", ", record 1 (line 1): field 'output' must be a string, got list ['a', 'b']" + SKIP_HINT),
+    "empty_conversation.jsonl": ("empty conversation", ", record 1 (line 1): the conversation is empty" + SKIP_HINT),
     "roles_out_of_order.jsonl": (
         "roles out of order",
-        ", record 0 (line 1): message 1 is 'user' where 'assistant' was expected; turns must alternate user, "
+        ", record 1 (line 1): message 1 is 'user' where 'assistant' was expected; turns must alternate user, "
         "assistant, ... after an optional first system message" + SKIP_HINT,
     ),
     "ends_with_user.jsonl": (
         "no final assistant reply",
-        ", record 0 (line 1): the conversation ends with a user message; it must end with the assistant reply "
+        ", record 1 (line 1): the conversation ends with a user message; it must end with the assistant reply "
         "to train on" + SKIP_HINT,
     ),
-    "missing_image.jsonl": ("missing image", ", record 0 (line 1): image not found: {images}/nowhere.png" + SKIP_HINT),
-    "corrupt_image.jsonl": ("corrupt image", ", record 0 (line 1): corrupt or unreadable image {images}/corrupt.png: "),
+    "missing_image.jsonl": ("missing image", ", record 1 (line 1): image not found: {images}/nowhere.png" + SKIP_HINT),
+    "corrupt_image.jsonl": ("corrupt image", ", record 1 (line 1): corrupt or unreadable image {images}/corrupt.png: "),
     "placeholder_mismatch.jsonl": (
         "placeholder/image count mismatch",
-        ", record 0 (line 1): field 'instruction' has more <image> placeholders than the 1 image(s) in 'images'; "
+        ", record 1 (line 1): field 'instruction' has more <image> placeholders than the 1 image(s) in 'images'; "
         "the counts must be equal" + SKIP_HINT,
     ),
     "unused_image.jsonl": (
         "placeholder/image count mismatch",
-        ", record 0 (line 1): the text has 0 <image> placeholder(s) but 'images' lists 1 image(s); "
+        ", record 1 (line 1): the text has 0 <image> placeholder(s) but 'images' lists 1 image(s); "
         "the counts must be equal" + SKIP_HINT,
     ),
     "not_utf8.jsonl": ("invalid UTF-8", ", line 2: not valid UTF-8 (byte 17 of the line); re-save the file as UTF-8" + SKIP_HINT),
     "empty.json": ("empty file", ": the file is empty"),
     "tool_turn.jsonl": (
         "unsupported role",
-        ", record 0 (line 1): field 'conversations[1].from' is 'function_call'; tool turns are not supported yet, "
+        ", record 1 (line 1): field 'conversations[1].from' is 'function_call'; tool turns are not supported yet, "
         "remove them or the example" + SKIP_HINT,
     ),
 }
@@ -89,7 +89,7 @@ def test_skip_counts_reasons_and_lines(caplog):
     assert [c.messages[0].text for c in loaded.train] == ["q1", "q3"]
     assert loaded.report.skipped_count == 3
     missing = loaded.report.skipped["missing field"]
-    assert [location.rsplit(", ", 1)[1] for location in missing] == ["record 1 (line 2)", "record 4 (line 5)"]
+    assert [location.rsplit(", ", 1)[1] for location in missing] == ["record 2 (line 2)", "record 5 (line 5)"]
     assert len(loaded.report.skipped["wrong type"]) == 1
     assert "skipped 3 invalid example(s)" in caplog.text
     assert "missing field" in caplog.text
@@ -107,7 +107,7 @@ def test_duplicates_reported_and_removed_on_request():
     kept = load_data(DataSettings(train=[path]))
     assert len(kept.train) == 3
     assert len(kept.report.duplicates) == 1
-    assert kept.report.duplicates[0].endswith("record 2 (line 3)")
+    assert kept.report.duplicates[0].endswith("record 3 (line 3)")
     removed = load_data(DataSettings(train=[path], dedup=True))
     assert len(removed.train) == 2
 

@@ -79,8 +79,8 @@ def test_query_response():
 def test_csv_with_json_history():
     first, second = read("alpaca.csv")
     assert shape(first)[1] == ("assistant", "你好喵~\n第二行", [], None)
-    assert first.source.endswith("alpaca.csv, record 0 (line 2)")
-    assert second.source.endswith("alpaca.csv, record 1 (line 4)")  # the quoted newline spans two lines
+    assert first.source.endswith("alpaca.csv, record 1 (line 2)")
+    assert second.source.endswith("alpaca.csv, record 2 (line 4)")  # the quoted newline spans two lines
     assert [message.text for message in second.messages] == ["你好", "你好喵~", "再见", "再见喵~"]
 
 
@@ -100,7 +100,7 @@ def test_parquet_and_saved_dataset(tmp_path):
     from_disk = load_dataset_file(DatasetSpec(path=str(tmp_path / "saved")))
     assert [shape(c) for c in from_parquet] == [shape(c) for c in from_disk]
     assert shape(from_parquet[3])[1] == ("assistant", "回答3喵", [], None)
-    assert from_parquet[2].source.endswith("data.parquet, record 2 (row 2)")
+    assert from_parquet[2].source.endswith("data.parquet, record 3 (row index 2)")
 
 
 def test_folder_of_files(tmp_path):

@@ -37,7 +37,7 @@ def test_predict_fields_and_resume(adapter_dir, tiny_model_dir, tmp_path):
     assert predict(generator, conversations[:3], output, batch_size=2) == 3
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert [set(row) for row in rows] == [FIELDS] * 3
-    assert rows[0]["id"] == "train.json, record 0 (line 2)"
+    assert rows[0]["id"] == "train.json, record 1 (line 2)"
     assert rows[0]["reference"] == conversations[0].messages[-1].text
     for row in rows:
         assert row["finish_reason"] == ("stop" if row["stopped"] else "length")

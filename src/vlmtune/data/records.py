@@ -26,13 +26,14 @@ class Record:
     data: Any
     path: Path
     index: int
+    """0-based position in the file; messages count records from 1."""
     line: int | None = None
     """1-based line in text files; None for Parquet and saved datasets, which have rows only."""
 
     @property
     def location(self) -> str:
-        where = f"line {self.line}" if self.line is not None else f"row {self.index}"
-        return f"{self.path}, record {self.index} ({where})"
+        where = f"line {self.line}" if self.line is not None else f"row index {self.index}"
+        return f"{self.path}, record {self.index + 1} ({where})"
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def _iter_json_array(path: Path, raw: bytes) -> Iterator[Record | ReadProblem]:
         except json.JSONDecodeError as error:
             # Inside an array nothing after a broken record can be trusted, so this is never skipped.
             raise DataError(
-                f"{path}, line {error.lineno}, column {error.colno}: malformed JSON ({error.msg}) in record {index}; "
+                f"{path}, line {error.lineno}, column {error.colno}: malformed JSON ({error.msg}) in record {index + 1}; "
                 "fix it (a .json array cannot be read past a broken record)",
                 reason="malformed JSON",
             ) from None
