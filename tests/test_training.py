@@ -24,7 +24,7 @@ STEPS = 30
 def training_tree(tiny_model_dir: Path, data_path: Path, output_dir: Path, **train) -> dict:
     return {
         "model": {"name_or_path": str(tiny_model_dir), "hub": "local", "device": "cpu"},
-        "data": {"train": [str(data_path)], "system_prompt": "你是小橘。", "max_length": 128},
+        "data": {"train": [str(data_path)], "system_prompt": "你是小橘。", "max_length": 128, "on_invalid": "skip"},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
         "train": {
             "output_dir": str(output_dir),
@@ -54,6 +54,7 @@ def run(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("train")
     rows = [{"instruction": f"第{i}个问题：今天做什么好呢？", "input": "", "output": ANSWER} for i in range(16)]
     rows[0]["history"] = [["你好", "你好喵~"]]
+    rows.append({"instruction": "没有回答的例子", "input": ""})  # skipped, and counted in the manifest
     data_path = write_json(folder / "train.json", rows)
     config = build_config(training_tree(tiny_model_dir, data_path, folder / "out"))
 
@@ -88,6 +89,8 @@ def test_output_folder_contents(run):
     manifest = json.loads(manifest_text)
     assert manifest["metrics"]["global_step"] == STEPS
     assert manifest["samples"] == 16
+    assert manifest["skipped_invalid"] == {"missing field": 1}
+    assert manifest["duplicates"] == 0
     assert len(manifest["datasets"][0]["sha256"]) == 64
     assert manifest["versions"]["transformers"]
 

@@ -99,7 +99,7 @@ def _read_one_file(
     columns = {**DEFAULT_COLUMNS.get(spec.layout, {}), **spec.columns}
     layout = spec.layout if spec.layout != "auto" else None
     conversations = []
-    seen = 0
+    seen = skipped = 0
     for item in iter_records(path, spec.split):
         seen += 1
         try:
@@ -113,12 +113,14 @@ def _read_one_file(
         except DataError as error:
             if on_invalid == "error":
                 raise DataError(f"{error} (set data.on_invalid: skip to skip such examples)", error.reason) from None
-            report.add(error.reason, item.location if isinstance(item, Record) else item.location)
+            report.add(error.reason, item.location)
+            skipped += 1
             continue
         conversations.append(conversation)
     if seen == 0:
         raise DataError(f"{path}: the file has no examples", "empty file")
-    logger.info("read %d examples from %s (layout: %s)", len(conversations), path, layout or "none detected")
+    skipped_note = f", skipped {skipped} invalid (listed below)" if skipped else ""
+    logger.info("read %d examples from %s (layout: %s)%s", len(conversations), path, layout or "none detected", skipped_note)
     return conversations
 
 

@@ -450,6 +450,8 @@ class LoraRecipe:
             "samples": len(self.report.samples),
             "validation_samples": len(self.validation_samples),
             "length_stats": [row.as_dict() for row in length_stats(self.report.lengths, self.config.data.max_length)],
+            "skipped_invalid": {reason: len(locations) for reason, locations in self.data.report.skipped.items()},
+            "duplicates": len(self.data.report.duplicates),
             "dropped": {reason: len(sources) for reason, sources in self.report.dropped.items()},
             "metrics": self.metrics,
             "tracking_run": str(self.tracking.run_folder() or ""),
