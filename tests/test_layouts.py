@@ -130,6 +130,15 @@ def test_forced_layout_overrides_detection(tmp_path):
     assert conversation.messages[0].text == "q"
 
 
+def test_record_in_another_layout_names_both(tmp_path):
+    rows = [{"instruction": "q", "output": "a"}, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    path = write_json(tmp_path / "mixed.json", rows)
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(DatasetSpec(path=str(path)))
+    assert "mixed.json, record 2 (line " in str(caught.value)
+    assert "this record looks like the messages layout, but the file's layout is alpaca, detected from its first record" in str(caught.value)
+
+
 def test_mixing_three_datasets_with_ratios(tmp_path):
     def dataset(name: str, count: int) -> str:
         rows = [{"instruction": f"{name}{i}", "output": "a"} for i in range(count)]

@@ -93,6 +93,22 @@ def detect_layout(record: Record) -> str:
     )
 
 
+def _mixed_layout_note(item: Record | ReadProblem, layout: str | None, spec: DatasetSpec) -> str:
+    """Explain a record that failed because it is in another layout than the one detected for its file."""
+    if not isinstance(item, Record) or layout is None:
+        return ""
+    try:
+        own = detect_layout(_rename_columns(item, spec.columns))
+    except DataError:
+        return ""
+    if own == layout:
+        return ""
+    return (
+        f"; this record looks like the {own} layout, but the file's layout is {layout}, detected from its first "
+        "record: keep one layout per file"
+    )
+
+
 def _read_one_file(
     spec: DatasetSpec, path, default_system: str | None, on_invalid: str, report: SkipReport
 ) -> list[Conversation]:
@@ -112,7 +128,8 @@ def _read_one_file(
             check_conversation(conversation)
         except DataError as error:
             if on_invalid == "error":
-                raise DataError(f"{error} (set data.on_invalid: skip to skip such examples)", error.reason) from None
+                mixed = _mixed_layout_note(item, layout, spec) if spec.layout == "auto" else ""
+                raise DataError(f"{error}{mixed} (set data.on_invalid: skip to skip such examples)", error.reason) from None
             report.add(error.reason, item.location)
             skipped += 1
             continue
