@@ -76,6 +76,15 @@ def test_train_then_chat_with_adapter(config_file):
     assert system_prompt_for("", str(output_dir)) is None
 
 
+def test_eval_checks_its_folders_before_loading(config_file, tmp_path):
+    missing_adapter = run("eval", str(config_file), "--adapter", str(tmp_path / "nope"))
+    assert missing_adapter.returncode == 2
+    assert f"--adapter: folder not found: {tmp_path / 'nope'}" in missing_adapter.stderr
+    assert "loaded" not in missing_adapter.stderr and "read " not in missing_adapter.stderr
+    missing_merged = run("eval", str(config_file), "--merged", str(tmp_path / "gone"))
+    assert f"--merged: folder not found: {tmp_path / 'gone'}" in missing_merged.stderr
+
+
 def test_interactive_chat_with_image(tiny_model_dir):
     image = Path(__file__).resolve().parents[1] / "data" / "images" / "orange_cat.png"
     script = f"/image {image}\n这只猫怎么样？\n/clear\n/unknown\n/exit\n"
@@ -95,6 +104,8 @@ def test_chat_argument_errors_before_loading(tiny_model_dir, tmp_path):
     assert missing_image.returncode == 2
     assert "image not found: nosuch.png" in missing_image.stderr
     assert "loaded" not in missing_image.stderr
+    not_an_adapter = run("chat", "--adapter", str(tmp_path), "--message", "hi")
+    assert f"--adapter: no adapter_config.json in {tmp_path}" in not_an_adapter.stderr
     interactive = run("chat", "--model", str(tiny_model_dir), stdin="/image nosuch.png\n/exit\n")
     assert "error: image not found: nosuch.png" in interactive.stdout
     assert "attached" not in interactive.stdout

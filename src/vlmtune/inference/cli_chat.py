@@ -15,7 +15,7 @@ from vlmtune.config import GenerationSettings, ModelSettings
 from vlmtune.errors import DataError, ModelError, VlmtuneError
 from vlmtune.inference.chat import ChatSession
 from vlmtune.inference.generate import Generator, Reply
-from vlmtune.model.loading import adapter_base_model, load_adapter, load_model
+from vlmtune.model.loading import adapter_base_model, check_adapter_folder, load_adapter, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ def load_generator(
     With an adapter, the reply layout and image pixel limits it was trained with are reused,
     so chat renders prompts exactly as training did.
     """
-    if adapter and not Path(adapter).is_dir():
-        raise ModelError(f"--adapter: folder not found: {adapter}")
+    if adapter:
+        check_adapter_folder(adapter)
     if model is None:
         model = adapter_base_model(adapter) if adapter else None
         if model is None:

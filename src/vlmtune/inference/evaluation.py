@@ -13,10 +13,10 @@ from vlmtune.config import DatasetSpec, EvalPrompt, GenerationSettings, RunConfi
 from vlmtune.data.conversation import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.loading import load_data, load_dataset_file
 from vlmtune.encoding.encode import conversation_for_generation
-from vlmtune.errors import ConfigError
+from vlmtune.errors import ConfigError, ModelError
 from vlmtune.inference.generate import Generator
 from vlmtune.inference.metrics import ReplyMetrics, compute_metrics
-from vlmtune.model.loading import LoadedModel, load_adapter, load_model
+from vlmtune.model.loading import LoadedModel, check_adapter_folder, load_adapter, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,10 @@ def evaluate_against_base(
     """Score the base model and then the adapter (or a merged model) on the same prompts."""
     if (adapter is None) == (merged is None):
         raise ConfigError("pass exactly one of --adapter or --merged")
+    if adapter is not None:
+        check_adapter_folder(adapter)
+    elif not Path(merged).is_dir():
+        raise ModelError(f"--merged: folder not found: {merged}")
     if data_path is not None:
         conversations = load_dataset_file(DatasetSpec(path=data_path), config.data.system_prompt, config.data.on_invalid)
     else:

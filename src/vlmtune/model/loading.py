@@ -158,15 +158,22 @@ def load_model(
     return LoadedModel(model=model, processor=processor, path=path)
 
 
-def load_adapter(loaded: LoadedModel, adapter_dir: str) -> LoadedModel:
-    """Attach a saved LoRA adapter to a loaded base model, for inference."""
-    from peft import PeftModel
-
+def check_adapter_folder(adapter_dir: str) -> None:
+    """Raise ModelError unless the folder holds a saved adapter; called before anything slow is loaded."""
+    if not Path(adapter_dir).is_dir():
+        raise ModelError(f"--adapter: folder not found: {adapter_dir}")
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ModelError(
             f"--adapter: no adapter_config.json in {adapter_dir}; pass the output folder of `vlmtune train` "
             "or one of its checkpoint-N folders"
         )
+
+
+def load_adapter(loaded: LoadedModel, adapter_dir: str) -> LoadedModel:
+    """Attach a saved LoRA adapter to a loaded base model, for inference."""
+    from peft import PeftModel
+
+    check_adapter_folder(adapter_dir)
     model = PeftModel.from_pretrained(loaded.model, adapter_dir)
     model.eval()
     logger.info("attached adapter %s", adapter_dir)
