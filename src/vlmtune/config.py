@@ -436,7 +436,7 @@ def _line_of(loc: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int 
     return ""
 
 
-# What each member of a union field accepts, by the tag pydantic puts in the error location.
+# Accepted values of each union member, by the tag pydantic puts in the error location.
 UNION_MEMBERS = {"bool": "true or false", "str": "a string", "list[str]": "a list of strings", "int": "an integer"}
 
 
@@ -469,7 +469,7 @@ def _merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
             merged.append(by_field[field_loc])
         entry = by_field[field_loc]
         entry["members"].append(_union_member(loc[tag]))
-        if len(loc) == tag + 1:  # the member's own error holds the whole value; a nested one holds a part
+        if len(loc) == tag + 1:  # The member's own error contains the whole value, a nested one only a part.
             entry["input"] = item.get("input")
     for entry in by_field.values():
         members = list(dict.fromkeys(entry.pop("members")))

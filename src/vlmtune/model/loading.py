@@ -159,7 +159,7 @@ def load_model(
 
 
 def check_adapter_folder(adapter_dir: str) -> None:
-    """Raise ModelError unless the folder holds a saved adapter; called before anything slow is loaded."""
+    """Raise ModelError unless the folder contains a saved adapter. Called before anything slow is loaded."""
     if not Path(adapter_dir).is_dir():
         raise ModelError(f"--adapter: folder not found: {adapter_dir}")
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
