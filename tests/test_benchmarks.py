@@ -47,3 +47,5 @@ def test_train_speed_script_small_run(tiny_model_dir, tmp_path):
     assert [target["target"] for target in report["targets"]][0] == "epoch wall time <= 0.5x"
     table = (tmp_path / "results" / f"train_speed_{tiny_model_dir.name}_cpu.md").read_text()
     assert "| vlmtune, cache hit |" in table
+    assert rows["vlmtune"]["peak_anonymous_mib"] > 100  # torch alone allocates more
+    assert "peak anonymous memory no higher" in table
