@@ -152,6 +152,7 @@ def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
     assert process.returncode == 0, stderr[-3000:]
     assert "SIGINT received: stopping after the current step and saving a checkpoint" in stderr
     assert "training stopped by SIGINT at step" in stdout
-    assert f"vlmtune train {config_file} --resume" in stdout
+    overrides = " ".join(command[3:])
+    assert f"continue it with: vlmtune train {config_file} {overrides} --resume" in stdout
     assert list(output_dir.glob("checkpoint-*"))
     assert (output_dir / "adapter_model.safetensors").is_file()

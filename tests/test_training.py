@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,34 @@ def test_resume_continues_step_count(run, tiny_model_dir):
     assert resumed.metrics["global_step"] == STEPS + 10
     state = json.loads((recipe.output_dir / f"checkpoint-{STEPS + 10}" / "trainer_state.json").read_text())
     assert state["global_step"] == STEPS + 10
+
+
+def test_resume_checks_saved_settings(tiny_model_dir, tmp_path, caplog):
+    rows = [{"instruction": f"问题{i}", "input": "", "output": ANSWER} for i in range(8)]
+    data_path = write_json(tmp_path / "train.json", rows)
+    tree = training_tree(tiny_model_dir, data_path, tmp_path / "out", max_steps=-1, num_train_epochs=1, save_steps=1)
+    tree["tracking"] = {"backend": "none"}
+    first = LoraRecipe(build_config(tree))  # one epoch: 8 examples in batches of 4
+    first.setup()
+    first.train()
+    first.save()
+
+    with pytest.raises(ConfigError, match=r"--resume: the run in .*out finished \(step 2 of 2\), so there is nothing to continue"):
+        LoraRecipe(build_config(tree), resume=True).setup()
+
+    tree["train"]["num_train_epochs"] = 2
+    other_rank = {**tree, "lora": {**tree["lora"], "r": 4}}
+    with pytest.raises(ConfigError, match=r"other LoRA or quantization settings \(lora.r: 16 then, 4 now\)"):
+        LoraRecipe(build_config(other_rank), resume=True).setup()
+
+    tree["data"]["max_length"] = 256
+    resumed = LoraRecipe(build_config(tree), resume=True)
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        resumed.setup()
+    assert "data.max_length: 128 then, 256 now" in caplog.text
+    assert "train.num_train_epochs: 1.0 then, 2.0 now" in caplog.text
+    resumed.train()
+    assert resumed.metrics["global_step"] == 4
 
 
 def test_validation_loss_logged(tiny_model_dir, tmp_path):

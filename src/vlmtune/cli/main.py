@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -127,7 +128,7 @@ def train(
         state = recipe.trainer.state
         console.print(
             f"training stopped by {recipe.stop_on_signal.requested} at step {state.global_step} of {state.max_steps}; "
-            f"continue it with: vlmtune train {config} --resume",
+            f"continue it with: {shlex.join(['vlmtune', 'train', str(config), *(overrides or []), '--resume'])}",
             soft_wrap=True,
             markup=False,
         )

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -132,6 +133,7 @@ class LoraRecipe:
 
     def setup(self) -> None:
         self._check_output_dir()
+        self._save_config_at_start()
         set_seed(self.config.train.seed)
         self._setup_data_and_model()
         self._setup_trainer()
@@ -388,6 +390,7 @@ class LoraRecipe:
                     f"--resume: {checkpoint} is already at step {step}, and train.max_steps is {max_steps}; "
                     "raise train.max_steps to train further"
                 )
+            self._check_resumed_settings(Path(checkpoint))
         elif checkpoint is not None:
             if not self.overwrite:
                 raise ConfigError(
@@ -398,6 +401,56 @@ class LoraRecipe:
                 for old in self.output_dir.glob("checkpoint-*"):
                     shutil.rmtree(old)
                 logger.info("removed the earlier run's checkpoints from %s (--overwrite)", self.output_dir)
+
+    def _check_resumed_settings(self, checkpoint: Path) -> None:
+        """Raise ConfigError for a resume that would mix LoRA settings or re-run a finished run, and warn about other changes.
+
+        The saved config.yaml is written when a run starts, so a stopped or crashed run has one.
+        """
+        saved_path = self.output_dir / "config.yaml"
+        if not saved_path.is_file():
+            return
+        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+        current = _flatten(config_to_dict(self.config))
+        changed = {
+            key: (saved.get(key), current.get(key))
+            for key in sorted(saved.keys() | current.keys())
+            if saved.get(key) != current.get(key) and key != "train.output_dir"
+        }
+
+        def show(keys: list[str]) -> str:
+            return "; ".join(f"{key}: {changed[key][0]!r} then, {changed[key][1]!r} now" for key in keys)
+
+        fix = (
+            "Resume with the config and overrides the run was started with "
+            "(vlmtune train CONFIG OVERRIDES --resume), or choose another train.output_dir"
+        )
+        fixed = [key for key in changed if key.split(".")[0] in RESUME_FIXED_SECTIONS]
+        if fixed:
+            raise ConfigError(
+                f"--resume: {self.output_dir} was trained with other LoRA or quantization settings ({show(fixed)}). {fix}"
+            )
+        if changed:
+            logger.warning("--resume: settings differ from the run saved in %s: %s", self.output_dir, show(list(changed)))
+        state_path = checkpoint / "trainer_state.json"
+        schedule = ("train.num_train_epochs", "train.max_steps")
+        if state_path.is_file() and not any(key in changed for key in schedule):
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            if state.get("max_steps") and state.get("global_step", 0) >= state["max_steps"]:
+                raise ConfigError(
+                    f"--resume: the run in {self.output_dir} finished (step {state['global_step']} of "
+                    f"{state['max_steps']}), so there is nothing to continue. Raise train.num_train_epochs or "
+                    f"train.max_steps to train it further. If you meant a stopped run: {fix}"
+                )
+
+    def _save_config_at_start(self) -> None:
+        """Write config.yaml before training, so a resumed run can be checked against it."""
+        if self.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            # Replaced in one step: other ranks may be reading the earlier file in _check_resumed_settings.
+            partial = self.output_dir / "config.yaml.partial"
+            save_config(self.config, partial)
+            partial.replace(self.output_dir / "config.yaml")
 
     def train(self) -> None:
         checkpoint = self._last_checkpoint() if self.resume else None
@@ -461,6 +514,21 @@ class LoraRecipe:
         write_loss_plot(self.trainer.state.log_history, self.output_dir / "loss.png")
         manifest_path = self.output_dir / "run_manifest.json"
         manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+RESUME_FIXED_SECTIONS = ("lora", "quantization")
+"""Config sections a resumed run must share with its checkpoints, because they decide which weights train and their shapes."""
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Map nested settings to dotted keys, such as {"train.learning_rate": 1e-4}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 @torch.no_grad()
