@@ -155,6 +155,8 @@ def test_split_reply_cases(text, reasoning, answer):
         ("<think>\nstill going", False, ""),
         ("<think>\n</think>\n<answer>Hi!</answer>", True, "[answer]\nHi!"),
         ("<think>\n", True, ""),
+        ("喵，你好", True, "[answer]\n喵，你好"),  # a reply that opens no think block
+        ("喵，你好", False, "喵，你好"),
     ],
 )
 def test_visible_text_labels_reasoning(text, show_thinking, expected):
@@ -170,6 +172,7 @@ def test_visible_text_grows_while_streaming():
     for chunks in (
         ["<think>", "\n", "a", "bc", "</think>", "\n", "<answer>", "x", "yz", "</answer>"],
         ["<think>", "\n", "</think>", "\n", "<answer>", "x", "yz", "</answer>"],  # no reasoning
+        ["喵", "，你", "好"],  # no layout tags at all
     ):
         texts = ["".join(chunks[:end]) for end in range(1, len(chunks) + 1)]
         for show_thinking in (True, False):

@@ -45,7 +45,9 @@ def visible_text(text: str, layout: str, show_thinking: bool) -> str:
         return parsed.answer
     # An empty think part gets no header, so a reply without reasoning shows only its answer.
     shown = f"[thinking]\n{parsed.reasoning}" if parsed.reasoning.strip() else ""
-    if "</think>" in text or "<answer>" in text:
+    # A reply that opens no think block is all answer.
+    plain = bool(text.strip()) and not text.lstrip().startswith("<think>")
+    if "</think>" in text or "<answer>" in text or plain:
         shown += ("\n" if shown else "") + f"[answer]\n{parsed.answer}"
     return shown
 
