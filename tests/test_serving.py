@@ -147,6 +147,18 @@ def test_stop_string_cuts_the_answer(client):
     response = client.chat.completions.create(model="persona", messages=[{"role": "user", "content": PROMPT}], stop=["喵"])
     assert response.choices[0].message.content == "好的"
     assert response.choices[0].finish_reason == "stop"
+    # Generation ends at the stop string: "~", "</answer>" and the stop token are not generated.
+    full = client.chat.completions.create(model="persona", messages=[{"role": "user", "content": PROMPT}])
+    assert full.choices[0].message.content == "好的喵~"
+    assert response.usage.completion_tokens < full.usage.completion_tokens
+    streamed = list(
+        client.chat.completions.create(
+            model="persona", messages=[{"role": "user", "content": PROMPT}], stop=["喵"], stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == "好的"
+    assert streamed[-1].usage.completion_tokens == response.usage.completion_tokens
 
 
 @pytest.mark.parametrize(

@@ -220,18 +220,15 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
         request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        # With a thinking layout the stop strings apply to the answer only, so they are not given
-        # to generate(), which would also stop inside the reasoning; the answer is cut afterwards.
-        generation_stops = stops if generator.layout == "none" else []
         request_id = request.state.request_id
         if body.stream:
-            stream = _stream(request_generator, conversation, stops, generation_stops, body, request_id)
+            stream = _stream(request_generator, conversation, stops, body, request_id)
             return StreamingResponse(stream, media_type="text/event-stream")
 
         started = time.perf_counter()
         async with lock:
             try:
-                reply = await asyncio.to_thread(_generate, request_generator, conversation, generation_stops, body.seed)
+                reply = await asyncio.to_thread(_generate, request_generator, conversation, stops, body.seed)
             except VlmtuneError as error:
                 raise APIError(400, str(error)) from None
 
@@ -254,7 +251,6 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         request_generator: Generator,
         conversation: Conversation,
         stops: list[str],
-        generation_stops: list[str],
         body: ChatRequest,
         request_id: str,
     ):
@@ -282,7 +278,7 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
         def run() -> None:
             try:
-                reply = _generate(request_generator, conversation, generation_stops, body.seed, on_parts)
+                reply = _generate(request_generator, conversation, stops, body.seed, on_parts)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", reply, None))
             except Exception as error:  # reported to the client as a final error event
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", error, None))
