@@ -64,8 +64,8 @@ class AnswerStopCriteria(StoppingCriteria):
 
     transformers' stop_strings match anywhere in the generated text, reasoning included. A
     stop string ends only the answer, so this decodes the reply after each step and looks in
-    its answer. Decoding the whole reply each step costs about a millisecond for 1,000 tokens,
-    small next to a forward pass.
+    its answer. Decoding 1,000 tokens took 0.26 ms with the tiny model's tokenizer on CPU, small
+    next to a forward pass.
     """
 
     def __init__(self, generator: Generator, prompt_length: int, stop_strings: list[str]):
