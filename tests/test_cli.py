@@ -17,9 +17,10 @@ from vlmtune.inference.cli_chat import system_prompt_for
 VLMTUNE = str(Path(sys.executable).parent / "vlmtune")
 
 
-def run(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run(*args: str, stdin: str | None = None, cwd: Path | None = None, path: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": path} if path is not None else None
     return subprocess.run(
-        [VLMTUNE, *args], input=stdin, capture_output=True, text=True, timeout=300, cwd=cwd, check=False
+        [VLMTUNE, *args], input=stdin, capture_output=True, text=True, timeout=300, cwd=cwd, check=False, env=env
     )
 
 
@@ -60,11 +61,11 @@ def test_inspect_shows_self_check(config_file):
 
 
 def test_train_then_chat_with_adapter(config_file):
-    result = run("train", str(config_file))
+    result = run("train", str(config_file), path=f"{Path(VLMTUNE).parent}{os.pathsep}{os.defpath}")
     assert result.returncode == 0, result.stderr
     output_dir = config_file.parent / "out"
     assert (output_dir / "adapter_model.safetensors").is_file()
-    assert f"vlmtune chat --adapter {output_dir}" in result.stdout
+    assert f"chat with it: vlmtune chat --adapter {output_dir}" in result.stdout  # found on PATH, so typed by name
 
     chat = run("chat", "--adapter", str(output_dir), "--message", "你好", "--max-new-tokens", "4")
     assert chat.returncode == 0, chat.stderr
@@ -139,8 +140,9 @@ def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
     output_dir = tmp_path / "stopped"
     command = [VLMTUNE, "train", str(config_file), f"train.output_dir={output_dir}", "train.max_steps=500",
                "train.save_steps=1000", "evaluation.generate=false"]
+    # With .venv/bin off PATH, the printed commands name vlmtune by the path it was started with.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.defpath})
     progress = output_dir / "progress.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
@@ -153,6 +155,7 @@ def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
     assert "SIGINT received: stopping after the current step and saving a checkpoint" in stderr
     assert "training stopped by SIGINT at step" in stdout
     overrides = " ".join(command[3:])
-    assert f"continue it with: vlmtune train {config_file} {overrides} --resume" in stdout
+    assert f"continue it with: {VLMTUNE} train {config_file} {overrides} --resume" in stdout
+    assert f"chat with it: {VLMTUNE} chat --adapter {output_dir}" in stdout
     assert list(output_dir.glob("checkpoint-*"))
     assert (output_dir / "adapter_model.safetensors").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -128,12 +129,21 @@ def train(
         state = recipe.trainer.state
         console.print(
             f"training stopped by {recipe.stop_on_signal.requested} at step {state.global_step} of {state.max_steps}; "
-            f"continue it with: {shlex.join(['vlmtune', 'train', str(config), *(overrides or []), '--resume'])}",
+            f"continue it with: {shlex.join([_program(), 'train', str(config), *(overrides or []), '--resume'])}",
             soft_wrap=True,
             markup=False,
         )
     console.print(recipe.tracking.describe(), soft_wrap=True, markup=False)
-    console.print(f"chat with it: vlmtune chat --adapter {recipe.output_dir}", soft_wrap=True)
+    console.print(f"chat with it: {shlex.join([_program(), 'chat', '--adapter', str(recipe.output_dir)])}", soft_wrap=True)
+
+
+def _program() -> str:
+    """Return how to type vlmtune in the printed commands: its name when PATH finds this one, else its path."""
+    invoked = Path(sys.argv[0])
+    found = shutil.which(invoked.name)
+    if invoked.name == "vlmtune" and found is not None and Path(found).resolve() == invoked.resolve():
+        return "vlmtune"
+    return str(invoked) if invoked.name == "vlmtune" else "vlmtune"
 
 
 @app.command()
