@@ -129,6 +129,20 @@ def test_tutorial_lora_targets_rejected(config_file, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_config_error_before_torch_loads(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: {name_or_path: x}\ndata: {train: [a.json]}\ntrain: {padding_free: maybe}\n", encoding="utf-8")
+    code = (
+        "import sys\nfrom vlmtune.cli.main import main\nsys.argv = ['vlmtune', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch loaded:', 'torch' in sys.modules)"
+    )
+    for command in (["train", str(config)], ["inspect", str(config)], ["eval", str(config), "--adapter", "x"],
+                    ["data", "stats", str(config)]):
+        result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120)
+        assert "train.padding_free (line 3): must be true or false, or auto" in result.stderr, command
+        assert "torch loaded: False" in result.stdout, command
+
+
 def test_resume_without_checkpoint(tmp_path, config_file):
     result = run("train", str(config_file), f"train.output_dir={tmp_path / 'fresh'}", "--resume")
     assert result.returncode == 2

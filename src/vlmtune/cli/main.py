@@ -110,11 +110,13 @@ def train(
 ) -> None:
     """LoRA-fine-tune a model on the config's datasets and save the adapter."""
     from vlmtune.config import load_config
-    from vlmtune.training.recipe import run_training
 
+    # The config is checked before torch and transformers load, so a mistake shows in a moment.
     run_config = load_config(config, overrides)
     if resume and overwrite:
         raise VlmtuneError("--resume and --overwrite contradict each other; pass one of them")
+    from vlmtune.training.recipe import run_training
+
     recipe = run_training(run_config, resume=resume, overwrite=overwrite)
     if not recipe.is_main_process:
         return  # rank 0 prints the summary once
@@ -154,10 +156,11 @@ def inspect(
 ) -> None:
     """Show encoded samples (supervised tokens in green) and check them against inference rendering."""
     from vlmtune.config import load_config
+
+    run_config = load_config(config, overrides)
     from vlmtune.data.loading import load_conversations
     from vlmtune.encoding import check_sample, render_sample
 
-    run_config = load_config(config, overrides)
     conversations = load_conversations(run_config.data)[:count]
     encoder = _encoder_for(run_config)
     failures = 0
@@ -191,9 +194,10 @@ def evaluate(
 ) -> None:
     """Compare the base model with an adapter or merged model on sample generations."""
     from vlmtune.config import load_config
-    from vlmtune.inference.evaluation import comparison_table, evaluate_against_base, write_report
 
     run_config = load_config(config, overrides)
+    from vlmtune.inference.evaluation import comparison_table, evaluate_against_base, write_report
+
     runs = evaluate_against_base(run_config, adapter=adapter, merged=merged, data_path=data, count=count)
     console.print(comparison_table(runs))
     folder = output or Path(adapter or merged) / "eval"
@@ -334,11 +338,12 @@ def data_stats(
 ) -> None:
     """Print token-length statistics per dataset, with a histogram in the terminal and as a PNG."""
     from vlmtune.config import load_config
+
+    run_config = load_config(config, overrides)
     from vlmtune.data.loading import load_data
     from vlmtune.encoding.encode import encode_conversations
     from vlmtune.encoding.stats import length_stats, stats_table, text_histogram, write_histogram_png
 
-    run_config = load_config(config, overrides)
     encoder = _encoder_for(run_config)
     conversations = load_data(run_config.data).train
     report = encode_conversations(encoder, conversations, run_config.data.model_copy(update={"on_overlength": "drop"}))
