@@ -94,6 +94,7 @@ def test_skip_counts_reasons_and_lines(caplog):
     assert len(loaded.report.skipped["wrong type"]) == 1
     assert "skipped 3 invalid example(s)" in caplog.text
     assert "missing field" in caplog.text
+    assert "record 2 (line 2): field 'output' is missing; add it or remove the example" in caplog.text
 
 
 def test_skip_malformed_and_non_utf8_lines():

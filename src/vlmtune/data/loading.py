@@ -48,9 +48,12 @@ class SkipReport:
 
     skipped: dict[str, list[str]] = field(default_factory=dict)
     duplicates: list[str] = field(default_factory=list)
+    first_messages: dict[str, str] = field(default_factory=dict)
+    """The full error message of the first example skipped for each reason."""
 
-    def add(self, reason: str, location: str) -> None:
+    def add(self, reason: str, location: str, message: str = "") -> None:
         self.skipped.setdefault(reason, []).append(location)
+        self.first_messages.setdefault(reason, message)
 
     @property
     def skipped_count(self) -> int:
@@ -61,7 +64,9 @@ class SkipReport:
             logger.warning("skipped %d invalid example(s):", self.skipped_count)
             for reason, locations in sorted(self.skipped.items(), key=lambda item: -len(item[1])):
                 first = "; ".join(locations[:3])
-                logger.warning("  %-32s %5d   first: %s", reason, len(locations), first)
+                logger.warning("  %-32s %5d   at: %s", reason, len(locations), first)
+                if self.first_messages.get(reason):
+                    logger.warning("  %32s         first: %s", "", self.first_messages[reason])
         if self.duplicates:
             logger.warning("%d duplicated example(s), first: %s", len(self.duplicates), "; ".join(self.duplicates[:3]))
 
@@ -130,7 +135,7 @@ def _read_one_file(
             if on_invalid == "error":
                 mixed = _mixed_layout_note(item, layout, spec) if spec.layout == "auto" else ""
                 raise DataError(f"{error}{mixed} (set data.on_invalid: skip to skip such examples)", error.reason) from None
-            report.add(error.reason, item.location)
+            report.add(error.reason, item.location, str(error))
             skipped += 1
             continue
         conversations.append(conversation)
