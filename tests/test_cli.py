@@ -81,7 +81,8 @@ def test_eval_checks_its_folders_before_loading(config_file, tmp_path):
     missing_adapter = run("eval", str(config_file), "--adapter", str(tmp_path / "nope"))
     assert missing_adapter.returncode == 2
     assert f"--adapter: folder not found: {tmp_path / 'nope'}" in missing_adapter.stderr
-    assert "loaded" not in missing_adapter.stderr and "read " not in missing_adapter.stderr
+    assert "loaded" not in missing_adapter.stderr
+    assert "read " not in missing_adapter.stderr
     missing_merged = run("eval", str(config_file), "--merged", str(tmp_path / "gone"))
     assert f"--merged: folder not found: {tmp_path / 'gone'}" in missing_merged.stderr
 

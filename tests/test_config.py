@@ -91,7 +91,8 @@ def test_union_value_gets_one_message(tmp_path):
     assert "2 problem(s)" in message
     assert "train.padding_free (line 7): must be true or false, or auto (got 'maybe')" in message
     assert "lora.target_modules: must be a string, or a list of strings (got ['q_proj', 3])" in message
-    assert "literal" not in message and ".bool" not in message
+    assert "literal" not in message
+    assert ".bool" not in message
 
 
 def test_yaml_boolean_where_text_belongs(tmp_path):

@@ -87,7 +87,8 @@ def test_skip_counts_reasons_and_lines(caplog):
     with caplog.at_level(logging.INFO, logger="vlmtune"):
         loaded = load_data(settings)
     assert [c.messages[0].text for c in loaded.train] == ["q1", "q3"]
-    assert "read 2 examples from " in caplog.text and "(layout: alpaca), skipped 3 invalid (listed below)" in caplog.text
+    assert "read 2 examples from " in caplog.text
+    assert "(layout: alpaca), skipped 3 invalid (listed below)" in caplog.text
     assert loaded.report.skipped_count == 3
     missing = loaded.report.skipped["missing field"]
     assert [location.rsplit(", ", 1)[1] for location in missing] == ["record 2 (line 2)", "record 5 (line 5)"]
