@@ -403,20 +403,8 @@ class LoraRecipe:
                 logger.info("removed the earlier run's checkpoints from %s (--overwrite)", self.output_dir)
 
     def _check_resumed_settings(self, checkpoint: Path) -> None:
-        """Raise ConfigError for a resume that would mix LoRA settings or re-run a finished run, and warn about other changes.
-
-        The saved config.yaml is written when a run starts, so a stopped or crashed run has one.
-        """
-        saved_path = self.output_dir / "config.yaml"
-        if not saved_path.is_file():
-            return
-        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
-        current = _flatten(config_to_dict(self.config))
-        changed = {
-            key: (saved.get(key), current.get(key))
-            for key in sorted(saved.keys() | current.keys())
-            if saved.get(key) != current.get(key) and key != "train.output_dir"
-        }
+        """Raise ConfigError for a resume that would mix LoRA settings or re-run a finished run, and warn about other changes."""
+        changed = self._settings_changed_since_start()
 
         def show(keys: list[str]) -> str:
             return "; ".join(f"{key}: {changed[key][0]!r} then, {changed[key][1]!r} now" for key in keys)
@@ -432,16 +420,34 @@ class LoraRecipe:
             )
         if changed:
             logger.warning("--resume: settings differ from the run saved in %s: %s", self.output_dir, show(list(changed)))
+
+        # A finished run has nothing to continue unless the new settings train for longer.
         state_path = checkpoint / "trainer_state.json"
-        schedule = ("train.num_train_epochs", "train.max_steps")
-        if state_path.is_file() and not any(key in changed for key in schedule):
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-            if state.get("max_steps") and state.get("global_step", 0) >= state["max_steps"]:
-                raise ConfigError(
-                    f"--resume: the run in {self.output_dir} finished (step {state['global_step']} of "
-                    f"{state['max_steps']}), so there is nothing to continue. Raise train.num_train_epochs or "
-                    f"train.max_steps to train it further. If you meant a stopped run: {fix}"
-                )
+        if "train.num_train_epochs" in changed or "train.max_steps" in changed or not state_path.is_file():
+            return
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if state.get("max_steps") and state.get("global_step", 0) >= state["max_steps"]:
+            raise ConfigError(
+                f"--resume: the run in {self.output_dir} finished (step {state['global_step']} of "
+                f"{state['max_steps']}), so there is nothing to continue. Raise train.num_train_epochs or "
+                f"train.max_steps to train it further. If you meant a stopped run: {fix}"
+            )
+
+    def _settings_changed_since_start(self) -> dict[str, tuple[Any, Any]]:
+        """Return (saved, current) for each setting that differs from the config.yaml written when the run started.
+
+        Without that file (a run of an older vlmtune that stopped before saving), nothing counts as changed.
+        """
+        saved_path = self.output_dir / "config.yaml"
+        if not saved_path.is_file():
+            return {}
+        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+        current = _flatten(config_to_dict(self.config))
+        return {
+            key: (saved.get(key), current.get(key))
+            for key in sorted(saved.keys() | current.keys())
+            if saved.get(key) != current.get(key) and key != "train.output_dir"
+        }
 
     def _save_config_at_start(self) -> None:
         """Write config.yaml before training, so a resumed run can be checked against it."""
