@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -143,6 +144,12 @@ def test_config_error_before_torch_loads(tmp_path):
         assert "train.padding_free (line 3): must be true or false, or auto" in result.stderr, command
         assert "torch loaded: False" in result.stdout, command
 
+    write_json(tmp_path / "a.json", [{"instruction": "你好"}])
+    config.write_text("model: {name_or_path: x}\ndata: {train: [a.json]}\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", code, "train", str(config)], capture_output=True, text=True, timeout=120)
+    assert "a.json, record 1 (line 2): field 'output' is missing" in result.stderr
+    assert "torch loaded: False" in result.stdout
+
 
 def test_resume_without_checkpoint(tmp_path, config_file):
     result = run("train", str(config_file), f"train.output_dir={tmp_path / 'fresh'}", "--resume")
@@ -166,7 +173,7 @@ def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]  # the shell's status for a SIGINT stop
     assert "SIGINT received: stopping after the current step and saving a checkpoint" in stderr
     assert "training stopped by SIGINT at step" in stdout
     overrides = " ".join(command[3:])
@@ -174,3 +181,36 @@ def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
     assert f"chat with it: {VLMTUNE} chat --adapter {output_dir}" in stdout
     assert list(output_dir.glob("checkpoint-*"))
     assert (output_dir / "adapter_model.safetensors").is_file()
+
+
+def wait_for_event(process: subprocess.Popen, progress: Path, event: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress.is_file() and f'"event": "{event}"' in progress.read_text(encoding="utf-8"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {event} event in {progress} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_second_sigint_prints_resume_command(config_file, tmp_path):
+    rows = [{"instruction": f"第{i}个问题", "input": "", "output": "好的喵~"} for i in range(400)]
+    data = write_json(tmp_path / "many.json", rows)
+    output_dir = tmp_path / "interrupted"
+    # 200 micro-batches per optimizer step make a step last seconds, so both signals land inside it.
+    command = [VLMTUNE, "train", str(config_file), f"train.output_dir={output_dir}", f"data.train=[{data}]",
+               "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=200", "train.max_steps=2",
+               "evaluation.generate=false"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.defpath})
+    wait_for_event(process, output_dir / "progress.jsonl", "train_begin")
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "SIGINT received again: stopping now, without a checkpoint" in stderr
+    overrides = shlex.join(command[3:])  # quotes the brackets of data.train=[...]
+    assert f"continue from its last checkpoint with: {VLMTUNE} train {config_file} {overrides} --resume" in stderr
+    assert not list(output_dir.glob("checkpoint-*"))

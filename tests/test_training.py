@@ -219,6 +219,28 @@ def test_resume_checks_saved_settings(tiny_model_dir, tmp_path, caplog):
     assert resumed.metrics["global_step"] == 4
 
 
+def test_resume_with_fewer_steps_rejected(tiny_model_dir, tmp_path):
+    rows = [{"instruction": f"问题{i}", "input": "", "output": ANSWER} for i in range(8)]
+    data_path = write_json(tmp_path / "train.json", rows)
+    tree = training_tree(tiny_model_dir, data_path, tmp_path / "out", max_steps=3, save_steps=3)
+    tree["tracking"] = {"backend": "none"}
+    first = LoraRecipe(build_config(tree))
+    first.setup()
+    first.train()
+    first.save()
+    saved_config = (tmp_path / "out" / "config.yaml").read_text(encoding="utf-8")
+    manifest = (tmp_path / "out" / "run_manifest.json").read_text(encoding="utf-8")
+
+    # The max_steps override left out: one epoch of 8 examples in batches of 4 is 2 steps.
+    tree["train"].update(max_steps=-1, num_train_epochs=1)
+    resumed = LoraRecipe(build_config(tree), resume=True)
+    resumed.setup()
+    with pytest.raises(ConfigError, match=r"checkpoint-3 is at step 3, and these settings train for 2 steps"):
+        resumed.train()
+    assert (tmp_path / "out" / "config.yaml").read_text(encoding="utf-8") == saved_config
+    assert (tmp_path / "out" / "run_manifest.json").read_text(encoding="utf-8") == manifest
+
+
 def test_validation_loss_logged(tiny_model_dir, tmp_path):
     rows = [{"instruction": f"问题{i}", "input": "", "output": ANSWER} for i in range(12)]
     data_path = write_json(tmp_path / "train.json", rows)

@@ -6,6 +6,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -110,14 +111,25 @@ def train(
 ) -> None:
     """LoRA-fine-tune a model on the config's datasets and save the adapter."""
     from vlmtune.config import load_config
+    from vlmtune.data.loading import load_data
 
-    # The config is checked before torch and transformers load, so a mistake shows in a moment.
+    # The config and the data are checked before torch and transformers load, so a mistake shows in a moment.
     run_config = load_config(config, overrides)
     if resume and overwrite:
         raise VlmtuneError("--resume and --overwrite contradict each other; pass one of them")
+    data = load_data(run_config.data)
     from vlmtune.training.recipe import run_training
 
-    recipe = run_training(run_config, resume=resume, overwrite=overwrite)
+    resume_command = shlex.join([_program(), "train", str(config), *(overrides or []), "--resume"])
+    try:
+        recipe = run_training(run_config, resume=resume, overwrite=overwrite, data=data)
+    except KeyboardInterrupt:
+        error_console.print(
+            f"training interrupted without saving; continue from its last checkpoint with: {resume_command}",
+            soft_wrap=True,
+            markup=False,
+        )
+        raise typer.Exit(128 + signal.SIGINT) from None
     if not recipe.is_main_process:
         return  # rank 0 prints the summary once
     runs = recipe.evaluation_runs()
@@ -127,16 +139,20 @@ def train(
         console.print(comparison_table(runs))
         console.print(f"replies and metrics: {recipe.output_dir / 'eval_report.md'}", soft_wrap=True)
     console.print(f"\nadapter saved to {recipe.output_dir}", soft_wrap=True)
-    if recipe.stop_on_signal is not None and recipe.stop_on_signal.requested:
+    stopped_by = recipe.stop_on_signal.requested if recipe.stop_on_signal is not None else None
+    if stopped_by:
         state = recipe.trainer.state
         console.print(
-            f"training stopped by {recipe.stop_on_signal.requested} at step {state.global_step} of {state.max_steps}; "
-            f"continue it with: {shlex.join([_program(), 'train', str(config), *(overrides or []), '--resume'])}",
+            f"training stopped by {stopped_by} at step {state.global_step} of {state.max_steps}; "
+            f"continue it with: {resume_command}",
             soft_wrap=True,
             markup=False,
         )
     console.print(recipe.tracking.describe(), soft_wrap=True, markup=False)
     console.print(f"chat with it: {shlex.join([_program(), 'chat', '--adapter', str(recipe.output_dir)])}", soft_wrap=True)
+    if stopped_by:
+        # The shell's status for a process ended by that signal, so `train && export` does not go on.
+        raise typer.Exit(128 + signal.Signals[stopped_by].value)
 
 
 def _program() -> str:

@@ -77,6 +77,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, gt=0)
     stop: str | list[str] | None = None
     seed: int | None = None
+    n: int = Field(1, ge=1)
 
 
 class APIError(Exception):
@@ -219,6 +220,8 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, str(error)) from None
 
         request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
+        if body.n != 1:
+            raise APIError(400, f"n: only one choice per request is supported, got {body.n}; send the request again for more", "n")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         request_id = request.state.request_id
         if body.stream:

@@ -104,7 +104,7 @@ class _Trainer(Trainer):
 class LoraRecipe:
     """One training run, read top to bottom: setup(), train(), save()."""
 
-    def __init__(self, config: RunConfig, resume: bool = False, overwrite: bool = False):
+    def __init__(self, config: RunConfig, resume: bool = False, overwrite: bool = False, data: LoadedData | None = None):
         self.config = config
         self.resume = resume
         self.overwrite = overwrite
@@ -113,7 +113,7 @@ class LoraRecipe:
         self.report: EncodingReport | None = None
         self.validation_samples: list[EncodedSample] = []
         self.sampling: SampleGenerationCallback | None = None
-        self.data: LoadedData | None = None
+        self.data: LoadedData | None = data
         self.tracking: Tracking | None = None
         self.trainer: Trainer | None = None
         self.metrics: dict[str, Any] = {}
@@ -133,7 +133,8 @@ class LoraRecipe:
 
     def setup(self) -> None:
         self._check_output_dir()
-        self._save_config_at_start()
+        if not self.resume:  # a resumed run's config.yaml is replaced once train() has checked the steps left
+            self._save_config_at_start()
         set_seed(self.config.train.seed)
         self._setup_data_and_model()
         self._setup_trainer()
@@ -141,7 +142,7 @@ class LoraRecipe:
     def _setup_data_and_model(self) -> None:
         config = self.config
         # Read the data first: a bad example should fail before minutes of model loading.
-        data = load_data(config.data)
+        data = self.data or load_data(config.data)
         self.data = data
         conversations = data.train
         self._check_cpu_four_bit(bool(data.validation))
@@ -433,6 +434,20 @@ class LoraRecipe:
                 f"train.max_steps to train it further. If you meant a stopped run: {fix}"
             )
 
+    def _check_steps_left(self, checkpoint: Path) -> None:
+        """Raise ConfigError when the checkpoint is at or past the last step of the schedule these settings give.
+
+        Known only once the samples are encoded, because an epoch's step count depends on them.
+        """
+        step = int(checkpoint.name.rsplit("-", 1)[1])
+        *_, total_steps = self.trainer.set_initial_training_values(self.trainer.args, self.trainer.get_train_dataloader())
+        if step >= total_steps:
+            raise ConfigError(
+                f"--resume: {checkpoint} is at step {step}, and these settings train for {total_steps} steps, so there "
+                "is nothing to continue. Raise train.num_train_epochs or train.max_steps to train further, or resume "
+                "with the config and overrides the run was started with (vlmtune train CONFIG OVERRIDES --resume)"
+            )
+
     def _settings_changed_since_start(self) -> dict[str, tuple[Any, Any]]:
         """Return (saved, current) for each setting that differs from the config.yaml written when the run started.
 
@@ -461,6 +476,8 @@ class LoraRecipe:
     def train(self) -> None:
         checkpoint = self._last_checkpoint() if self.resume else None
         if checkpoint is not None:
+            self._check_steps_left(Path(checkpoint))
+            self._save_config_at_start()
             logger.info("resuming from %s", checkpoint)
         started = time.time()
         try:
@@ -590,9 +607,14 @@ def write_loss_plot(log_history: list[dict], path: Path) -> Path | None:
     return path
 
 
-def run_training(config: RunConfig, resume: bool = False, overwrite: bool = False) -> LoraRecipe:
-    """Set up, train and save; returns the finished recipe for callers that inspect it."""
-    recipe = LoraRecipe(config, resume=resume, overwrite=overwrite)
+def run_training(
+    config: RunConfig, resume: bool = False, overwrite: bool = False, data: LoadedData | None = None
+) -> LoraRecipe:
+    """Set up, train and save; returns the finished recipe for callers that inspect it.
+
+    `data` is the result of `load_data(config.data)` when the caller has read it already.
+    """
+    recipe = LoraRecipe(config, resume=resume, overwrite=overwrite, data=data)
     recipe.setup()
     recipe.train()
     recipe.save()
