@@ -146,9 +146,10 @@ def test_config_error_before_torch_loads(tmp_path):
 
     write_json(tmp_path / "a.json", [{"instruction": "你好"}])
     config.write_text("model: {name_or_path: x}\ndata: {train: [a.json]}\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, "-c", code, "train", str(config)], capture_output=True, text=True, timeout=120)
-    assert "a.json, record 1 (line 2): field 'output' is missing" in result.stderr
-    assert "torch loaded: False" in result.stdout
+    for command in (["train", str(config)], ["inspect", str(config)], ["data", "stats", str(config)]):
+        result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120)
+        assert "a.json, record 1 (line 2): field 'output' is missing" in result.stderr, command
+        assert "torch loaded: False" in result.stdout, command
 
 
 def test_resume_without_checkpoint(tmp_path, config_file):

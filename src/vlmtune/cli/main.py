@@ -175,9 +175,10 @@ def inspect(
 
     run_config = load_config(config, overrides)
     from vlmtune.data.loading import load_conversations
-    from vlmtune.encoding import check_sample, render_sample
 
     conversations = load_conversations(run_config.data)[:count]
+    from vlmtune.encoding import check_sample, render_sample
+
     encoder = _encoder_for(run_config)
     failures = 0
     for conversation in conversations:
@@ -357,11 +358,12 @@ def data_stats(
 
     run_config = load_config(config, overrides)
     from vlmtune.data.loading import load_data
+
+    conversations = load_data(run_config.data).train
     from vlmtune.encoding.encode import encode_conversations
     from vlmtune.encoding.stats import length_stats, stats_table, text_histogram, write_histogram_png
 
     encoder = _encoder_for(run_config)
-    conversations = load_data(run_config.data).train
     report = encode_conversations(encoder, conversations, run_config.data.model_copy(update={"on_overlength": "drop"}))
     max_length = run_config.data.max_length
     console.print(stats_table(length_stats(report.lengths, max_length), max_length))
