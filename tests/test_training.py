@@ -11,7 +11,7 @@ import torch
 
 from conftest import write_json
 from vlmtune.config import GenerationSettings, ModelSettings, build_config
-from vlmtune.errors import ConfigError
+from vlmtune.errors import ConfigError, ModelError
 from vlmtune.data import Conversation, Message, TextPart
 from vlmtune.encoding import ChatCollator
 from vlmtune.inference import Generator
@@ -239,6 +239,14 @@ def test_resume_with_fewer_steps_rejected(tiny_model_dir, tmp_path):
         resumed.train()
     assert (tmp_path / "out" / "config.yaml").read_text(encoding="utf-8") == saved_config
     assert (tmp_path / "out" / "run_manifest.json").read_text(encoding="utf-8") == manifest
+
+
+def test_failed_model_load_leaves_no_folder(tmp_path):
+    data_path = write_json(tmp_path / "train.json", [{"instruction": "你好", "input": "", "output": ANSWER}])
+    tree = training_tree(tmp_path / "no-such-model", data_path, tmp_path / "out")
+    with pytest.raises(ModelError, match="no-such-model"):
+        LoraRecipe(build_config(tree)).setup()
+    assert not (tmp_path / "out").exists()
 
 
 def test_validation_loss_logged(tiny_model_dir, tmp_path):

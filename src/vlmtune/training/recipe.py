@@ -133,11 +133,11 @@ class LoraRecipe:
 
     def setup(self) -> None:
         self._check_output_dir()
-        if not self.resume:  # a resumed run's config.yaml is replaced once train() has checked the steps left
-            self._save_config_at_start()
         set_seed(self.config.train.seed)
         self._setup_data_and_model()
         self._setup_trainer()
+        if not self.resume:  # a resumed run's config.yaml is replaced once train() has checked the steps left
+            self._save_config_at_start()
 
     def _setup_data_and_model(self) -> None:
         config = self.config
