@@ -194,17 +194,18 @@ def wait_for_event(process: subprocess.Popen, progress: Path, event: str, timeou
 
 
 @pytest.mark.slow
-def test_second_sigint_prints_resume_command(config_file, tmp_path):
+@pytest.mark.parametrize("after_checkpoint", [False, True])
+def test_second_sigint_prints_next_command(config_file, tmp_path, after_checkpoint):
     rows = [{"instruction": f"第{i}个问题", "input": "", "output": "好的喵~"} for i in range(400)]
     data = write_json(tmp_path / "many.json", rows)
     output_dir = tmp_path / "interrupted"
-    # 200 micro-batches per optimizer step make a step last seconds, so both signals land inside it.
+    # 200 micro-batches per optimizer step make a step last seconds, so both signals land inside one.
     command = [VLMTUNE, "train", str(config_file), f"train.output_dir={output_dir}", f"data.train=[{data}]",
-               "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=200", "train.max_steps=2",
-               "evaluation.generate=false"]
+               "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=200", "train.max_steps=3",
+               "train.save_steps=1", "evaluation.generate=false"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.defpath})
-    wait_for_event(process, output_dir / "progress.jsonl", "train_begin")
+    wait_for_event(process, output_dir / "progress.jsonl", "save" if after_checkpoint else "train_begin")
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     time.sleep(0.5)
@@ -213,5 +214,9 @@ def test_second_sigint_prints_resume_command(config_file, tmp_path):
     assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
     assert "SIGINT received again: stopping now, without a checkpoint" in stderr
     overrides = shlex.join(command[3:])  # quotes the brackets of data.train=[...]
-    assert f"continue from its last checkpoint with: {VLMTUNE} train {config_file} {overrides} --resume" in stderr
-    assert not list(output_dir.glob("checkpoint-*"))
+    if after_checkpoint:
+        assert f"continue from its last checkpoint with: {VLMTUNE} train {config_file} {overrides} --resume" in stderr
+        assert [path.name for path in output_dir.glob("checkpoint-*")] == ["checkpoint-1"]
+    else:
+        assert f"no checkpoint was saved, so start it again with: {VLMTUNE} train {config_file} {overrides}\n" in stderr
+        assert not list(output_dir.glob("checkpoint-*"))

@@ -124,11 +124,12 @@ def train(
     try:
         recipe = run_training(run_config, resume=resume, overwrite=overwrite, data=data)
     except KeyboardInterrupt:
-        error_console.print(
-            f"training interrupted without saving; continue from its last checkpoint with: {resume_command}",
-            soft_wrap=True,
-            markup=False,
-        )
+        if any(Path(run_config.train.output_dir).glob("checkpoint-*")):
+            hint = f"continue from its last checkpoint with: {resume_command}"
+        else:
+            start_command = [_program(), "train", str(config), *(overrides or []), *(["--overwrite"] if overwrite else [])]
+            hint = f"no checkpoint was saved, so start it again with: {shlex.join(start_command)}"
+        error_console.print(f"training interrupted without saving; {hint}", soft_wrap=True, markup=False)
         raise typer.Exit(128 + signal.SIGINT) from None
     if not recipe.is_main_process:
         return  # rank 0 prints the summary once
