@@ -384,7 +384,8 @@ class LoraRecipe:
                 raise ConfigError(
                     f"--resume: no checkpoint-N folder in {self.output_dir}; train without --resume to start afresh"
                 )
-            step = int(Path(checkpoint).name.rsplit("-", 1)[1])
+            # The case of _check_steps_left that is known before the model loads, so it fails at once.
+            step = _checkpoint_step(Path(checkpoint))
             max_steps = self.config.train.max_steps
             if 0 < max_steps <= step:
                 raise ConfigError(
@@ -439,7 +440,7 @@ class LoraRecipe:
 
         Known only once the samples are encoded, because an epoch's step count depends on them.
         """
-        step = int(checkpoint.name.rsplit("-", 1)[1])
+        step = _checkpoint_step(checkpoint)
         *_, total_steps = self.trainer.set_initial_training_values(self.trainer.args, self.trainer.get_train_dataloader())
         if step >= total_steps:
             raise ConfigError(
@@ -541,6 +542,11 @@ class LoraRecipe:
 
 RESUME_FIXED_SECTIONS = ("lora", "quantization")
 """Config sections a resumed run must share with its checkpoints, because they decide which weights train and their shapes."""
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    """Return the optimizer step of a checkpoint-N folder."""
+    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
