@@ -21,8 +21,11 @@ The variants:
 - vlmtune + checkpointing, vlmtune padding-free: the cost of those switches.
 
 All variants train one epoch with the same batch size, learning rate, LoRA rank and
-dtype. Results go to outputs/benchmarks/ (or --out; benchmarks/results/ contains the
-recorded ones) as JSON and Markdown, with the machine.
+dtype. `--repeat N` runs all variants N times, round by round, each round with a fresh
+encoding cache. The table shows each measure's median over the rounds, and each target its
+median ratio and range, a ratio taken within one round so that a change in the machine's load
+between rounds moves both sides. Results go to outputs/benchmarks/ (or --out;
+benchmarks/results/ contains the recorded ones) as JSON and Markdown, with the machine.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -216,7 +220,7 @@ def run_vlmtune(args, workdir: Path, variant: str) -> dict:
             "model": {"name_or_path": args.model, "hub": "local", "device": args.device},
             "data": {
                 "train": [args.data], "max_length": args.max_length, "system_prompt": SYSTEM_PROMPT,
-                "cache_dir": str(workdir / "cache"), "on_overlength": "trim_history",
+                "cache_dir": str(workdir / f"cache-{args.round}"), "on_overlength": "trim_history",
             },
             "lora": {"r": args.rank, "alpha": 2 * args.rank, "dropout": 0.0},
             "train": train,
@@ -232,7 +236,7 @@ def run_vlmtune(args, workdir: Path, variant: str) -> dict:
     encoder = ConversationEncoder.from_settings(processor, stop_ids, config.data)
     report = encode_dataset(encoder, data.train, config.data)
     preprocess_seconds = time.perf_counter() - started
-    result = {"examples": len(report.samples), "preprocess_seconds": preprocess_seconds}
+    result = {"examples": len(report.samples), "preprocess_seconds": preprocess_seconds, "cache_hit": report.from_cache}
     if variant == "vlmtune_cached":
         return result
     del processor, encoder, data, report
@@ -293,13 +297,39 @@ def machine() -> dict:
     return description
 
 
-def summarise(name: str, result: dict) -> dict:
-    row = {"variant": VARIANTS[name], **result}
-    row["preprocess_examples_per_second"] = result["examples"] / result["preprocess_seconds"]
+def measures(result: dict) -> dict:
+    """Add the rates and shares derived from one run's counts and times."""
+    row = {**result, "preprocess_examples_per_second": result["examples"] / result["preprocess_seconds"]}
     if "train_seconds" in result:
         row["train_tokens_per_second"] = result["real_tokens"] / result["train_seconds"]
         row["padding_share"] = 1 - result["real_tokens"] / result["computed_tokens"]
     return row
+
+
+def summarise(name: str, runs: list[dict]) -> dict:
+    """One row per variant: the median of each numeric measure over the rounds, and the rounds themselves."""
+    runs = [measures(run) for run in runs]
+    row = {"variant": VARIANTS[name]}
+    for key, value in runs[0].items():
+        numbers = [run[key] for run in runs if isinstance(run.get(key), (int, float))]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(numbers) == len(runs):
+            # Counts stay whole numbers: the lower median of an even number of rounds.
+            value = statistics.median_low(numbers) if isinstance(value, int) else statistics.median(numbers)
+        row[key] = value
+    row["runs"] = runs
+    return row
+
+
+def paired_ratios(rows: dict, name: str, key: str) -> list[float]:
+    """Variant / baseline for each round, both measured in that round."""
+    return [ours[key] / base[key] for ours, base in zip(rows[name]["runs"], rows["baseline"]["runs"])]
+
+
+def ratio_text(ratios: list[float], digits: int = 2) -> str:
+    text = f"{statistics.median(ratios):.{digits}f}x"
+    if len(ratios) > 1:
+        text += f" ({min(ratios):.{digits}f}x to {max(ratios):.{digits}f}x over {len(ratios)} rounds)"
+    return text
 
 
 def markdown(report: dict) -> str:
@@ -313,30 +343,32 @@ def markdown(report: dict) -> str:
         "Machine: " + ", ".join(f"{key} {value}" for key, value in report["machine"].items()),
         "",
         f"Data: {report['examples']} examples of `{report['data']}`; one epoch, batch {report['batch_size']} x "
-        f"{report['grad_accum']} accumulation, max_length {report['max_length']}, LoRA rank {report['rank']}.",
+        f"{report['grad_accum']} accumulation, max_length {report['max_length']}, LoRA rank {report['rank']}. "
+        f"Each figure is the median of {report['repeat']} round(s).",
         "",
         "| variant | preprocessing (examples/s) | training tokens/s (real tokens) | padding share | peak RSS (MiB) "
         "| peak anonymous memory (MiB) | epoch wall time (s) | trainable parameters |",
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    def cell(row: dict, key: str, fmt: str, ratio: bool = True) -> str:
-        if key not in row:
+    def cell(name: str, key: str, fmt: str, ratio: bool = True) -> str:
+        row = rows[name]
+        if row.get(key) is None:
             return "–"
         text = format(row[key], fmt)
         if ratio and row is not base and base.get(key):
-            text += f" ({row[key] / base[key]:.2f}x)"
+            text += f" ({statistics.median(paired_ratios(rows, name, key)):.2f}x)"
         return text
 
     for name, row in rows.items():
         lines.append(
-            f"| {row['variant']} | {cell(row, 'preprocess_examples_per_second', '.0f')} "
-            f"| {cell(row, 'train_tokens_per_second', '.0f')} | {cell(row, 'padding_share', '.1%', ratio=False)} "
-            f"| {cell(row, 'peak_rss_mib', '.0f')} | {cell(row, 'peak_anonymous_mib', '.0f')} "
-            f"| {cell(row, 'train_seconds', '.1f')} "
-            f"| {cell(row, 'trainable_parameters', ',', ratio=False)} |"
+            f"| {row['variant']} | {cell(name, 'preprocess_examples_per_second', '.0f')} "
+            f"| {cell(name, 'train_tokens_per_second', '.0f')} | {cell(name, 'padding_share', '.1%', ratio=False)} "
+            f"| {cell(name, 'peak_rss_mib', '.0f')} | {cell(name, 'peak_anonymous_mib', '.0f')} "
+            f"| {cell(name, 'train_seconds', '.1f')} "
+            f"| {cell(name, 'trainable_parameters', ',', ratio=False)} |"
         )
-    lines += ["", "Ratios in brackets are variant / baseline.", ""]
+    lines += ["", "Ratios in brackets are variant / baseline, the median of the ratios within each round.", ""]
     targets = report["targets"]
     lines += ["| target (vlmtune defaults against the baseline) | measured | met |", "|---|---|---|"]
     for target in targets:
@@ -346,23 +378,25 @@ def markdown(report: dict) -> str:
 
 
 def targets(rows: dict) -> list[dict]:
-    base, ours, cached = rows["baseline"], rows["vlmtune"], rows["vlmtune_cached"]
-    wall = ours["train_seconds"] / base["train_seconds"]
-    cold = ours["preprocess_examples_per_second"] / base["preprocess_examples_per_second"]
-    warm = cached["preprocess_examples_per_second"] / base["preprocess_examples_per_second"]
-    rss = ours["peak_rss_mib"] / base["peak_rss_mib"]
-    anonymous = [
-        {"target": "peak anonymous memory no higher", "measured": f"{ours['peak_anonymous_mib'] / base['peak_anonymous_mib']:.2f}x",
-         "met": ours["peak_anonymous_mib"] <= base["peak_anonymous_mib"]}
-    ] if ours.get("peak_anonymous_mib") and base.get("peak_anonymous_mib") else []
-    return [
-        {"target": "epoch wall time <= 0.5x", "measured": f"{wall:.2f}x", "met": wall <= 0.5},
+    """Each target's median ratio over the rounds; met when the median meets it."""
+    ours = rows["vlmtune"]
+    wall = paired_ratios(rows, "vlmtune", "train_seconds")
+    cold = paired_ratios(rows, "vlmtune", "preprocess_examples_per_second")
+    warm = paired_ratios(rows, "vlmtune_cached", "preprocess_examples_per_second")
+    rss = paired_ratios(rows, "vlmtune", "peak_rss_mib")
+    found = [
+        {"target": "epoch wall time <= 0.5x", "measured": ratio_text(wall), "met": statistics.median(wall) <= 0.5},
         {"target": "padding share <= 3%", "measured": f"{ours['padding_share']:.1%}", "met": ours["padding_share"] <= 0.03},
-        {"target": "preprocessing >= 5x faster (cache hit)", "measured": f"{warm:.1f}x", "met": warm >= 5},
-        {"target": "preprocessing >= 5x faster (first run, no cache)", "measured": f"{cold:.1f}x", "met": cold >= 5},
-        {"target": "peak RSS no higher", "measured": f"{rss:.2f}x", "met": rss <= 1.0},
-        *anonymous,
+        {"target": "preprocessing >= 5x faster (cache hit)", "measured": ratio_text(warm, 1), "met": statistics.median(warm) >= 5},
+        {"target": "preprocessing >= 5x faster (first run, no cache)", "measured": ratio_text(cold, 1),
+         "met": statistics.median(cold) >= 5},
+        {"target": "peak RSS no higher", "measured": ratio_text(rss), "met": statistics.median(rss) <= 1.0},
     ]
+    if ours.get("peak_anonymous_mib") and rows["baseline"].get("peak_anonymous_mib"):
+        anonymous = paired_ratios(rows, "vlmtune", "peak_anonymous_mib")
+        found.append({"target": "peak anonymous memory no higher", "measured": ratio_text(anonymous),
+                      "met": statistics.median(anonymous) <= 1.0})
+    return found
 
 
 def main() -> None:
@@ -374,10 +408,12 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3, help="Rounds of all variants; the table shows medians.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated; baseline, vlmtune and vlmtune_cached are needed for the targets.")
     parser.add_argument("--out", default=str(OUTPUT_DIR), help="Results folder (benchmarks/results to record them).")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         run_variant(args)
@@ -392,19 +428,23 @@ def main() -> None:
             model_name = "tiny-glm4v"
         else:
             model_name = Path(args.model).name
-        rows = {}
-        for name in args.variants.split(","):
-            command = [
-                sys.executable, __file__, "--variant", name, "--workdir", workdir, "--model", args.model,
-                "--data", args.data, "--device", args.device, "--batch-size", str(args.batch_size),
-                "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length), "--rank", str(args.rank),
-            ]
-            print(f"running {name} ...", flush=True)
-            finished = subprocess.run(command, capture_output=True, text=True)
-            if finished.returncode != 0:
-                sys.exit(f"{name} failed:\n{finished.stderr[-4000:]}")
-            rows[name] = summarise(name, json.loads(finished.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[name], ensure_ascii=False), flush=True)
+        names = args.variants.split(",")
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for round_index in range(args.repeat):
+            for name in names:
+                command = [
+                    sys.executable, __file__, "--variant", name, "--workdir", workdir, "--round", str(round_index),
+                    "--model", args.model, "--data", args.data, "--device", args.device,
+                    "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum),
+                    "--max-length", str(args.max_length), "--rank", str(args.rank),
+                ]
+                print(f"round {round_index + 1}/{args.repeat}: running {name} ...", flush=True)
+                finished = subprocess.run(command, capture_output=True, text=True)
+                if finished.returncode != 0:
+                    sys.exit(f"{name} failed:\n{finished.stderr[-4000:]}")
+                runs[name].append(json.loads(finished.stdout.strip().splitlines()[-1]))
+                print(json.dumps(measures(runs[name][-1]), ensure_ascii=False), flush=True)
+        rows = {name: summarise(name, runs[name]) for name in names}
 
     report = {
         "model_name": model_name,
@@ -417,6 +457,7 @@ def main() -> None:
         "grad_accum": args.grad_accum,
         "max_length": args.max_length,
         "rank": args.rank,
+        "repeat": args.repeat,
         "rows": rows,
     }
     if {"baseline", "vlmtune", "vlmtune_cached"} <= rows.keys():
