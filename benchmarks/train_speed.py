@@ -307,7 +307,7 @@ def measures(result: dict) -> dict:
 
 
 def summarise(name: str, runs: list[dict]) -> dict:
-    """One row per variant: the median of each numeric measure over the rounds, and the rounds themselves."""
+    """Build one variant's row: the median of each numeric measure over the rounds, and the rounds themselves."""
     runs = [measures(run) for run in runs]
     row = {"variant": VARIANTS[name]}
     for key, value in runs[0].items():
@@ -321,7 +321,7 @@ def summarise(name: str, runs: list[dict]) -> dict:
 
 
 def paired_ratios(rows: dict, name: str, key: str) -> list[float]:
-    """Variant / baseline for each round, both measured in that round."""
+    """Return variant / baseline for each round, both measured in that round."""
     return [ours[key] / base[key] for ours, base in zip(rows[name]["runs"], rows["baseline"]["runs"])]
 
 
@@ -378,7 +378,7 @@ def markdown(report: dict) -> str:
 
 
 def targets(rows: dict) -> list[dict]:
-    """Each target's median ratio over the rounds; met when the median meets it."""
+    """Return each target's median ratio over the rounds. A target is met when that median meets it."""
     ours = rows["vlmtune"]
     wall = paired_ratios(rows, "vlmtune", "train_seconds")
     cold = paired_ratios(rows, "vlmtune", "preprocess_examples_per_second")
