@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -30,6 +31,7 @@ from vlmtune.webui.forms import (  # noqa: E402
     write_run_config,
 )
 from vlmtune.webui.jobs import JobManager, read_progress  # noqa: E402
+from vlmtune.webui.train_tab import TrainTab  # noqa: E402
 
 SYSTEM_PROMPT = "你是小橘，一只活泼可爱的猫娘助手，说话时常带“喵”。"
 
@@ -53,6 +55,11 @@ def write_preset(folder: Path, tiny_model_dir: Path, **train) -> Path:
 
 def make_form(preset: Path, model: Path, output_dir: Path, dataset: Path = PERSONA_DATA, **values) -> TrainForm:
     return TrainForm(dataset=str(dataset), model=str(model), output_dir=str(output_dir), preset=str(preset), **values)
+
+
+def form_values(form: TrainForm) -> list:
+    """Return the form as the values the Train tab's buttons pass to their handlers."""
+    return [getattr(form, field.name) for field in dataclasses.fields(TrainForm)]
 
 
 def test_form_values_reach_config(tiny_model_dir, tmp_path):
@@ -221,15 +228,17 @@ def test_preview_shows_image_runs(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_job_stops_with_checkpoint(tiny_model_dir, tmp_path):
-    """A real `vlmtune train` subprocess: stopped mid-run, it leaves a checkpoint, the adapter and configs."""
+def test_job_stops_and_resumes(tiny_model_dir, tmp_path):
+    """A real `vlmtune train` subprocess: stopped mid-run, it leaves a checkpoint, the adapter and configs. Resume continues it."""
     import time
 
     preset = write_preset(tmp_path / "presets", tiny_model_dir)
-    config = build_run_config(make_form(preset, tiny_model_dir, tmp_path / "run", max_steps=2000, learning_rate=1e-3))
+    form = make_form(preset, tiny_model_dir, tmp_path / "run", max_steps=2000, learning_rate=1e-3)
+    config = build_run_config(form)
     config_path = write_run_config(config)
     command = train_command(config_path)
     jobs = JobManager()
+    tab = TrainTab(jobs, str(tiny_model_dir), str(tmp_path), str(tmp_path / "presets"), i18n=str)
     job = jobs.start(command, shell_command(command), config.train.output_dir)
     try:
         deadline = time.time() + 180
@@ -255,6 +264,35 @@ def test_job_stops_with_checkpoint(tiny_model_dir, tmp_path):
     assert (output / CONFIG_FILE_NAME).is_file()
     assert "SIGINT received" in job.log_tail()
     assert find_adapters(output)[0] == str(output)
+
+    # Start rejects the folder, and Resume continues from the checkpoint to the new last step.
+    stopped_at = progress.step
+    status, _ = tab.start_run(*form_values(form), False)
+    assert "Click Resume" in status
+    status, typed_command = tab.resume_run(*form_values(dataclasses.replace(form, max_steps=stopped_at + 2)))
+    assert status.startswith("Resumed"), status
+    assert typed_command == f"vlmtune train {output / CONFIG_FILE_NAME} --resume"
+    resumed = jobs.job
+    try:
+        assert resumed.wait(timeout=180) == 0, resumed.log_tail()
+    finally:
+        jobs.shutdown(timeout=30)
+    assert resumed.state == "finished"
+    assert resumed.progress().step == stopped_at + 2
+    assert (output / f"checkpoint-{stopped_at + 2}").is_dir()
+    assert "train.max_steps" in resumed.log_tail()  # the changed setting is listed
+
+
+def test_resume_without_checkpoint_explained(tiny_model_dir, tmp_path):
+    preset = write_preset(tmp_path / "presets", tiny_model_dir)
+    form = make_form(preset, tiny_model_dir, tmp_path / "empty-run")
+    jobs = JobManager()
+    tab = TrainTab(jobs, str(tiny_model_dir), str(tmp_path), str(tmp_path / "presets"), i18n=str)
+    status, typed_command = tab.resume_run(*form_values(form))
+    assert "contains no checkpoint to resume from" in status
+    assert str(tmp_path / "empty-run") in status
+    assert typed_command == ""
+    assert jobs.job is None
 
 
 @pytest.fixture(scope="module")

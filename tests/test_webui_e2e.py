@@ -341,6 +341,21 @@ def test_training_run_stops_with_checkpoint(page, workspace):
     assert (output / "config.yaml").is_file()
     assert (output / "train_config.yaml").is_file()
 
+    # Resume continues the stopped run from its checkpoint, here for two more steps. The reload emptied the
+    # form and closed "More".
+    fill("#train-dataset textarea", str(workspace["dataset"]))
+    fill("#train-output textarea", str(output))
+    _find(page, "#train-more .label-wrap").click()
+    _wait(lambda: _find_all(page, "#train-max-steps input"), 10, "the 'More' section did not open")
+    fill("#train-max-steps input", str(step + 2))
+    _find(page, "#train-resume").click()
+    _wait(lambda: "Resumed" in _find(page, "#train-status").text, 30, _find(page, "#train-status").text)
+    assert _find(page, "#train-command textarea").get_attribute("value") == f"{command} --resume"
+    _wait(lambda: "finished; adapter saved" in _find(page, "#train-progress-box").text, 180,
+          f"the resumed run did not finish; log:\n{_log(output)}", interval=0.5)
+    assert f"step {step + 2} / {step + 2}" in _find(page, "#train-progress-box").text
+    assert (output / f"checkpoint-{step + 2}").is_dir()
+
 
 def test_bad_dataset_shows_message(page, workspace):
     from selenium.webdriver.common.keys import Keys

@@ -47,6 +47,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "overwrite": ("Replace an earlier run in this folder", "覆盖此文件夹中的旧运行"),
     "preview": ("Preview", "预览"),
     "start": ("Start", "开始"),
+    "resume": ("Resume", "继续训练"),
     "stop": ("Stop", "停止"),
     "preview_sample": ("Encoded sample (green: supervised tokens)", "编码后的样本（绿色：参与训练的 token）"),
     "command": ("Command that repeats this run", "复现此次运行的命令"),

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import gradio as gr
 import pandas
 
+from vlmtune.config import RunConfig
 from vlmtune.errors import VlmtuneError
 from vlmtune.webui.forms import (
     TrainForm,
@@ -111,6 +112,7 @@ class TrainTab:
                 with gr.Row():
                     self.preview = gr.Button(t("preview"), elem_id="train-preview")
                     self.start = gr.Button(t("start"), variant="primary", elem_id="train-start")
+                    self.resume = gr.Button(t("resume"), elem_id="train-resume")
                     self.stop = gr.Button(t("stop"), variant="stop", elem_id="train-stop")
 
         self.status = gr.Markdown(elem_id="train-status")
@@ -138,6 +140,7 @@ class TrainTab:
         self.upload.upload(self.keep_upload, [self.upload], [self.dataset])
         self.preview.click(self.show_preview, self._form_inputs(), [self.status, *self.samples])
         self.start.click(self.start_run, [*self._form_inputs(), self.overwrite], [self.status, self.command])
+        self.resume.click(self.resume_run, self._form_inputs(), [self.status, self.command])
         self.stop.click(self.stop_run, None, [self.status])
         self.timer.tick(self.job_view, None, job_views[1:])
 
@@ -195,18 +198,43 @@ class TrainTab:
             output_dir = Path(config.train.output_dir)
             if not overwrite and any(output_dir.glob("checkpoint-*")):
                 return (
-                    f"**Error:** the output folder {output_dir} contains checkpoints of an earlier run. Tick "
-                    "'Replace an earlier run in this folder' under More, or choose another output folder.",
+                    f"**Error:** the output folder {output_dir} contains checkpoints of an earlier run. Click Resume "
+                    "to continue that run, tick 'Replace an earlier run in this folder' under More, or choose another "
+                    "output folder.",
                     "",
                 )
-            config_path = write_run_config(config)
-            command = train_command(config_path, overwrite=bool(overwrite))
-            shown = shell_command(command)
-            self.jobs.start(command, shown, output_dir)
+            return self._run(config, overwrite=bool(overwrite))
         except Exception as error:  # shown in the page instead of a traceback
             log_error("starting the training run failed", error)
             return error_text(error), ""
-        return f"Started; the config is {config_path}.", shown
+
+    def resume_run(self, *form_values) -> tuple[str, str]:
+        """Continue the run in the output folder from its last checkpoint, as `vlmtune train --resume` does.
+
+        The form's settings go into the config again, and the resumed run compares them with
+        the ones it started with: changed LoRA settings stop it, other changes are logged.
+        """
+        try:
+            config = build_run_config(self._form(*form_values))
+            output_dir = Path(config.train.output_dir)
+            if not any(output_dir.glob("checkpoint-*")):
+                return (
+                    f"**Error:** the output folder {output_dir} contains no checkpoint to resume from. Click Start "
+                    "to begin a run there.",
+                    "",
+                )
+            return self._run(config, resume=True)
+        except Exception as error:  # shown in the page instead of a traceback
+            log_error("resuming the training run failed", error)
+            return error_text(error), ""
+
+    def _run(self, config: RunConfig, overwrite: bool = False, resume: bool = False) -> tuple[str, str]:
+        """Write the config into the output folder and start `vlmtune train` on it."""
+        config_path = write_run_config(config)
+        command = train_command(config_path, overwrite=overwrite, resume=resume)
+        typed_command = shell_command(command)
+        self.jobs.start(command, typed_command, config.train.output_dir)
+        return f"{'Resumed' if resume else 'Started'}; the config is {config_path}.", typed_command
 
     def stop_run(self) -> str:
         job = self.jobs.job
