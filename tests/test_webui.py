@@ -269,8 +269,10 @@ def test_job_stops_and_resumes(tiny_model_dir, tmp_path):
     stopped_at = progress.step
     status, _ = tab.start_run(*form_values(form), False)
     assert "Click Resume" in status
-    status, typed_command = tab.resume_run(*form_values(dataclasses.replace(form, max_steps=stopped_at + 2)))
+    resumed_form = form_values(dataclasses.replace(form, max_steps=stopped_at + 2))
+    status, typed_command = tab.resume_run(*resumed_form)
     assert status.startswith("Resumed"), status
+    assert tab.restore_form() == resumed_form  # what a page opened now shows
     assert typed_command == f"vlmtune train {output / CONFIG_FILE_NAME} --resume"
     resumed = jobs.job
     try:

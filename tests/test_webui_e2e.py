@@ -341,10 +341,10 @@ def test_training_run_stops_with_checkpoint(page, workspace):
     assert (output / "config.yaml").is_file()
     assert (output / "train_config.yaml").is_file()
 
-    # Resume continues the stopped run from its checkpoint, here for two more steps. The reload emptied the
-    # form and closed "More".
-    fill("#train-dataset textarea", str(workspace["dataset"]))
-    fill("#train-output textarea", str(output))
+    # The reloaded page shows the job's form, so Resume continues the stopped run from its checkpoint, here
+    # for two more steps. The reload closed "More".
+    assert _find(page, "#train-dataset textarea").get_attribute("value") == str(workspace["dataset"])
+    assert _find(page, "#train-output textarea").get_attribute("value") == str(output)
     _find(page, "#train-more .label-wrap").click()
     _wait(lambda: _find_all(page, "#train-max-steps input"), 10, "the 'More' section did not open")
     fill("#train-max-steps input", str(step + 2))

@@ -56,8 +56,9 @@ def build_app(settings: WebUISettings, jobs: JobManager | None = None) -> tuple[
                 chat.build()
             with gr.Tab(i18n("train_tab"), id="train", elem_id="tab-train"):
                 train.build()
-        # Reattach to the server's job (if any) as soon as a page opens.
+        # Reattach to the server's job (if any) as soon as a page opens, with the form that started it.
         app.load(train.job_view, None, [train.command, train.progress, train.loss_plot, train.log])
+        app.load(train.restore_form, None, train.form_inputs())
     return app, i18n, jobs
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vlmtune.errors import ConfigError
 
@@ -96,6 +97,8 @@ class TrainingJob:
     progress_offset: int
     """Size of progress.jsonl before this run, so an earlier run's lines are skipped."""
     stop_requested_at: float | None = None
+    form: Any = None
+    """The page's form values that started the run, shown again when a page opens."""
 
     @property
     def log_path(self) -> Path:
@@ -148,7 +151,7 @@ class JobManager:
         self._lock = threading.Lock()
         self.job: TrainingJob | None = None
 
-    def start(self, command: list[str], shell_command: str, output_dir: str | Path) -> TrainingJob:
+    def start(self, command: list[str], shell_command: str, output_dir: str | Path, form: Any = None) -> TrainingJob:
         """Start the command with its output in OUTPUT_DIR/train.log; fail when a run is active."""
         with self._lock:
             if self.job is not None and self.job.return_code is None:
@@ -175,6 +178,7 @@ class JobManager:
                 process=process,
                 started=time.time(),
                 progress_offset=offset,
+                form=form,
             )
             return self.job
 

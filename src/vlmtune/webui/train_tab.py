@@ -131,16 +131,16 @@ class TrainTab:
         self.timer = gr.Timer(1.0)
         self._wire()
 
-    def _form_inputs(self) -> list:
+    def form_inputs(self) -> list:
         return [self.dataset, self.model_box, self.output_dir, self.preset, self.epochs, self.learning_rate,
                 self.lora_rank, self.max_length, self.thinking, self.max_steps]
 
     def _wire(self) -> None:
         job_views = [self.status, self.command, self.progress, self.loss_plot, self.log]
         self.upload.upload(self.keep_upload, [self.upload], [self.dataset])
-        self.preview.click(self.show_preview, self._form_inputs(), [self.status, *self.samples])
-        self.start.click(self.start_run, [*self._form_inputs(), self.overwrite], [self.status, self.command])
-        self.resume.click(self.resume_run, self._form_inputs(), [self.status, self.command])
+        self.preview.click(self.show_preview, self.form_inputs(), [self.status, *self.samples])
+        self.start.click(self.start_run, [*self.form_inputs(), self.overwrite], [self.status, self.command])
+        self.resume.click(self.resume_run, self.form_inputs(), [self.status, self.command])
         self.stop.click(self.stop_run, None, [self.status])
         self.timer.tick(self.job_view, None, job_views[1:])
 
@@ -203,7 +203,7 @@ class TrainTab:
                     "output folder.",
                     "",
                 )
-            return self._run(config, overwrite=bool(overwrite))
+            return self._run(config, form_values, overwrite=bool(overwrite))
         except Exception as error:  # shown in the page instead of a traceback
             log_error("starting the training run failed", error)
             return error_text(error), ""
@@ -223,17 +223,19 @@ class TrainTab:
                     "to begin a run there.",
                     "",
                 )
-            return self._run(config, resume=True)
+            return self._run(config, form_values, resume=True)
         except Exception as error:  # shown in the page instead of a traceback
             log_error("resuming the training run failed", error)
             return error_text(error), ""
 
-    def _run(self, config: RunConfig, overwrite: bool = False, resume: bool = False) -> tuple[str, str]:
+    def _run(
+        self, config: RunConfig, form_values: list[Any], overwrite: bool = False, resume: bool = False
+    ) -> tuple[str, str]:
         """Write the config into the output folder and start `vlmtune train` on it."""
         config_path = write_run_config(config)
         command = train_command(config_path, overwrite=overwrite, resume=resume)
         typed_command = shell_command(command)
-        self.jobs.start(command, typed_command, config.train.output_dir)
+        self.jobs.start(command, typed_command, config.train.output_dir, form=list(form_values))
         return f"{'Resumed' if resume else 'Started'}; the config is {config_path}.", typed_command
 
     def stop_run(self) -> str:
@@ -242,6 +244,13 @@ class TrainTab:
             return "No training run is active."
         self.jobs.stop()
         return "Stopping: the run saves a checkpoint after the current step, then the adapter. Click Stop again to interrupt at once."
+
+    def restore_form(self) -> list[Any]:
+        """Return the form values of the server's current job, so a page opened later can stop or resume it."""
+        job = self.jobs.job
+        if job is None or job.form is None:
+            return [gr.update() for _ in self.form_inputs()]
+        return list(job.form)
 
     def job_view(self) -> tuple:
         """Return the command, progress bar, loss chart and log of the server's current job."""
