@@ -161,8 +161,11 @@ def test_resume_without_checkpoint(tmp_path, config_file):
 @pytest.mark.slow
 def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
     output_dir = tmp_path / "stopped"
+    # SwanLab installs its own SIGINT handler when its run starts, and every step generates samples that it
+    # logs: the stop lands on a generation step, and the run must not be finished under the callbacks.
     command = [VLMTUNE, "train", str(config_file), f"train.output_dir={output_dir}", "train.max_steps=500",
-               "train.save_steps=1000", "evaluation.generate=false"]
+               "train.save_steps=1000", "train.eval_steps=1", "tracking.backend=swanlab",
+               "tracking.swanlab_mode=offline"]
     # With .venv/bin off PATH, the printed commands name vlmtune by the path it was started with.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.defpath})
@@ -182,6 +185,8 @@ def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
     assert f"chat with it: {VLMTUNE} chat --adapter {output_dir}" in stdout
     assert list(output_dir.glob("checkpoint-*"))
     assert (output_dir / "adapter_model.safetensors").is_file()
+    assert "requires an active Run" not in stderr
+    assert len(list((output_dir / "swanlog").glob("run-*"))) == 1, "the stop opened a second SwanLab run"
 
 
 def wait_for_event(process: subprocess.Popen, progress: Path, event: str, timeout: float = 300) -> None:

@@ -303,10 +303,12 @@ class LoraRecipe:
         stats = length_stats(self.report.lengths, self.config.data.max_length)
         self.tracking.record_config({"data_lengths": [row.as_dict() for row in stats]})
 
-        # First, so a stop signal is handled even during the baseline sample generations.
+        # The stop handlers go in after the tracking callbacks, because SwanLab installs its own SIGINT
+        # handler when its run starts, which would finish the run under the callbacks that still log to
+        # it. They go in before the sample generations, so a stop during the baseline samples is handled.
         progress = ProgressFileCallback(self.output_dir)
         self.stop_on_signal = StopOnSignalCallback(progress)
-        callbacks = [progress, self.stop_on_signal, *self.tracking.callbacks]
+        callbacks = [progress, *self.tracking.callbacks, self.stop_on_signal]
         self.sampling = self._sample_generation_callback()
         if self.sampling is not None:
             callbacks.append(self.sampling)
