@@ -78,3 +78,61 @@ def test_data_stats_command(tiny_model_dir, tmp_path):
     assert "│      29 │" in result.stdout
     png = tmp_path / "out" / "length_histogram.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _long_history_config(tiny_model_dir: Path, tmp_path: Path, on_overlength: str) -> Path:
+    """Write a config over three examples: one short, one fitting after trimming its history, one never fitting."""
+    history = [[f"第{number}个问题" + "喵" * 40, "好的喵"] for number in range(3)]
+    rows = [
+        {"instruction": "你好", "output": "你好喵"},
+        {"instruction": "再问一次", "output": "好的喵", "history": history},
+        {"instruction": "长回答", "output": "喵" * 400},
+    ]
+    data = write_json(tmp_path / "chat.json", rows)
+    config = tmp_path / f"{on_overlength}.yaml"
+    config.write_text(
+        f"model: {{name_or_path: {tiny_model_dir}, hub: local}}\n"
+        f"data: {{train: [{data}], max_length: 80, on_overlength: {on_overlength}}}\n"
+        f"train: {{output_dir: {tmp_path / 'out'}}}\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+def _vlmtune(*args: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "vlmtune"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_data_stats_follows_trim_history(tiny_model_dir, tmp_path):
+    result = _vlmtune("data", "stats", str(_long_history_config(tiny_model_dir, tmp_path, "trim_history")))
+    assert result.returncode == 0, result.stderr
+    assert "the oldest turns of 1 example(s) were removed" in result.stderr
+    assert "dropped 1 example(s): longer than data.max_length=80 tokens" in result.stderr
+    assert "encoded 2 sample(s)" in result.stderr
+
+
+def test_data_stats_counts_overlength_errors(tiny_model_dir, tmp_path):
+    result = _vlmtune("data", "stats", str(_long_history_config(tiny_model_dir, tmp_path, "error")))
+    assert result.returncode == 0, result.stderr
+    assert "dropped" not in result.stderr
+    assert "2 sample(s) are longer than data.max_length=80, and data.on_overlength=error stops training" in result.stdout
+
+
+def test_inspect_shows_samples_as_trained(tiny_model_dir, tmp_path):
+    result = _vlmtune("inspect", str(_long_history_config(tiny_model_dir, tmp_path, "trim_history")), "-n", "3")
+    assert result.returncode == 0, result.stderr
+    output = " ".join(result.stdout.split())  # rich wraps long lines
+    assert output.count("self-check ok") == 2
+    assert "the oldest turns were removed to fit data.max_length=80" in output
+    assert "第0个问题" not in output  # trimmed away
+    assert "第2个问题" in output
+    assert "training skips this example: longer than data.max_length=80 tokens" in output
+
+
+def test_inspect_fails_where_training_stops(tiny_model_dir, tmp_path):
+    result = _vlmtune("inspect", str(_long_history_config(tiny_model_dir, tmp_path, "error")), "-n", "3")
+    assert result.returncode == 1
+    output = " ".join(result.stdout.split())
+    assert "training stops at this example" in output
+    assert "more than data.max_length=80" in output

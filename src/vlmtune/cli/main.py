@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.text import Text
 
 from vlmtune.errors import VlmtuneError
@@ -171,21 +172,39 @@ def inspect(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
     count: Annotated[int, typer.Option("--count", "-n", help="Number of samples to show.")] = 3,
 ) -> None:
-    """Show encoded samples (supervised tokens in green) and check them against inference rendering."""
+    """Show encoded samples (supervised tokens in green) and check them against inference rendering.
+
+    Each sample goes through data.max_length and data.on_overlength as in training: a trimmed
+    sample is shown as trained, and one that training skips or stops at says so.
+    """
     from vlmtune.config import load_config
 
     run_config = load_config(config, overrides)
     from vlmtune.data.loading import load_conversations
 
     conversations = load_conversations(run_config.data)[:count]
-    from vlmtune.encoding import check_sample, render_sample
+    from vlmtune.encoding import check_sample, encode_with_policy, render_sample
 
     encoder = _encoder_for(run_config)
+    settings = run_config.data
     failures = 0
     for conversation in conversations:
-        sample = encoder.encode(conversation)
-        check = check_sample(encoder, conversation, sample)
         console.rule(conversation.source)
+        [outcome] = encode_with_policy(encoder, [conversation], settings)
+        if outcome.error is not None:
+            console.print(f"[red]training stops at this example: {escape(str(outcome.error))}[/red]", soft_wrap=True)
+            failures += 1
+            continue
+        if outcome.sample is None:
+            console.print(f"[yellow]training skips this example: {escape(str(outcome.dropped))}[/yellow]", soft_wrap=True)
+            continue
+        sample = outcome.sample
+        if outcome.trimmed:
+            console.print(
+                f"[yellow]data.on_overlength=trim_history: the oldest turns were removed to fit "
+                f"data.max_length={settings.max_length} ({outcome.length} tokens before, {len(sample)} now)[/yellow]"
+            )
+        check = check_sample(encoder, outcome.conversation, sample)
         console.print(render_sample(encoder, sample), soft_wrap=True)
         status = "[green]ok[/green]" if check.ok else "[red]FAILED[/red]"
         console.print(
@@ -361,13 +380,29 @@ def data_stats(
     from vlmtune.data.loading import load_data
 
     conversations = load_data(run_config.data).train
-    from vlmtune.encoding.encode import encode_conversations
+    from vlmtune.encoding.encode import encode_conversations, overlength_reason
     from vlmtune.encoding.stats import length_stats, stats_table, text_histogram, write_histogram_png
 
     encoder = _encoder_for(run_config)
-    report = encode_conversations(encoder, conversations, run_config.data.model_copy(update={"on_overlength": "drop"}))
+    # data.on_overlength as in training (trimmed examples are counted as trimmed), except that `error`
+    # counts the long examples instead of stopping at the first.
+    policy = run_config.data.on_overlength
     max_length = run_config.data.max_length
+    if policy == "error":
+        report = encode_conversations(
+            encoder, conversations, run_config.data.model_copy(update={"on_overlength": "drop"}), log=False
+        )
+        too_long = report.dropped.pop(overlength_reason(max_length), [])
+        report.log()
+    else:
+        report = encode_conversations(encoder, conversations, run_config.data)
     console.print(stats_table(length_stats(report.lengths, max_length), max_length))
+    if policy == "error" and too_long:
+        console.print(
+            f"{len(too_long)} sample(s) are longer than data.max_length={max_length}, and data.on_overlength=error "
+            f"stops training at the first ({too_long[0]}). Raise data.max_length, or set data.on_overlength to drop "
+            "or trim_history."
+        )
     every_length = [length for values in report.lengths.values() for length in values]
     console.print(text_histogram(every_length), markup=False, highlight=False)
     target = png or Path(run_config.train.output_dir) / "length_histogram.png"

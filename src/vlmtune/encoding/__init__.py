@@ -6,6 +6,7 @@ from vlmtune.encoding.encode import (
     ConversationEncoder,
     EncodedSample,
     encode_conversations,
+    encode_with_policy,
 )
 from vlmtune.encoding.inspect import SelfCheck, check_sample, render_sample
 from vlmtune.encoding.thinking import ParsedReply, build_reply, split_reply
@@ -20,6 +21,7 @@ __all__ = [
     "build_reply",
     "check_sample",
     "encode_conversations",
+    "encode_with_policy",
     "render_sample",
     "split_reply",
 ]

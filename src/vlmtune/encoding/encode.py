@@ -373,6 +373,8 @@ class EncodingOutcome:
     error: DataError | None = None
     """The error to raise (on_invalid or on_overlength is `error`)."""
     trimmed: bool = False
+    conversation: Conversation | None = None
+    """The conversation the sample encodes: the input, or what trim_history left of it."""
 
 
 def encode_with_policy(
@@ -394,7 +396,7 @@ def _apply_policy(
     max_length = settings.max_length
     length = len(sample)
     if length <= max_length:
-        return EncodingOutcome(sample, length)
+        return EncodingOutcome(sample, length, conversation=conversation)
     if settings.on_overlength == "error":
         error = DataError(
             f"{conversation.source}: the encoded sample has {length} tokens, more than "
@@ -403,13 +405,18 @@ def _apply_policy(
         )
         return EncodingOutcome(None, length, error=error)
     if settings.on_overlength == "trim_history":
-        shorter = _without_oldest_turn(conversation)
+        encoded, shorter = conversation, _without_oldest_turn(conversation)
         while shorter is not None and len(sample) > max_length:
-            sample = encoder.encode(shorter)
+            encoded, sample = shorter, encoder.encode(shorter)
             shorter = _without_oldest_turn(shorter)
         if len(sample) <= max_length:
-            return EncodingOutcome(sample, length, trimmed=True)
-    return EncodingOutcome(None, length, dropped=f"longer than data.max_length={max_length} tokens")
+            return EncodingOutcome(sample, length, trimmed=True, conversation=encoded)
+    return EncodingOutcome(None, length, dropped=overlength_reason(max_length))
+
+
+def overlength_reason(max_length: int) -> str:
+    """Return the reason recorded for an example dropped as too long."""
+    return f"longer than data.max_length={max_length} tokens"
 
 
 def add_outcome(report: EncodingReport, outcome: EncodingOutcome, source: str) -> None:
@@ -427,7 +434,7 @@ def add_outcome(report: EncodingReport, outcome: EncodingOutcome, source: str) -
 
 
 def encode_conversations(
-    encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings
+    encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings, log: bool = True
 ) -> EncodingReport:
     """Encode all conversations in this process, applying data.on_invalid and data.on_overlength."""
     report = EncodingReport([], {})
@@ -435,7 +442,8 @@ def encode_conversations(
         batch = conversations[start : start + ENCODE_BATCH_SIZE]
         for conversation, outcome in zip(batch, encode_with_policy(encoder, batch, settings)):
             add_outcome(report, outcome, conversation.source)
-    report.log()
+    if log:
+        report.log()
     return report
 
 
