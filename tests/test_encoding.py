@@ -11,6 +11,7 @@ from vlmtune.data.records import Record
 from vlmtune.encoding import (
     IGNORE_INDEX,
     ConversationEncoder,
+    ParsedReply,
     build_reply,
     check_sample,
     encode_conversations,
@@ -173,12 +174,30 @@ def test_visible_text_grows_while_streaming():
         ["<think>", "\n", "a", "bc", "</think>", "\n", "<answer>", "x", "yz", "</answer>"],
         ["<think>", "\n", "</think>", "\n", "<answer>", "x", "yz", "</answer>"],  # no reasoning
         ["喵", "，你", "好"],  # no layout tags at all
+        ["想一想", "</think>", "\n", "<answer>", "好", "</answer>"],  # the think block opened by the prompt
+        ["</think>", "\n", "<answer>", "\n", "<think>", "\n", "<think>", "\n", "<answer>", "\n"],  # stray tags
+        ["<think>", "\n", "a", "</think>", "b", "<answer>", "c"],  # text between the blocks
+        ["<answer>", "x <", "/ans", "wer> y"],  # a tag written as plain characters
     ):
         texts = ["".join(chunks[:end]) for end in range(1, len(chunks) + 1)]
         for show_thinking in (True, False):
-            shown = [visible_text(text, "think_answer", show_thinking) for text in texts]
+            shown = [visible_text(text, "think_answer", show_thinking, final=False) for text in texts]
+            shown.append(visible_text(texts[-1], "think_answer", show_thinking, final=True))
             for earlier, later in zip(shown, shown[1:]):
-                assert later.startswith(earlier), (earlier, later)
+                assert later.startswith(earlier), (chunks, earlier, later)
+
+
+@pytest.mark.parametrize(
+    "text, reasoning, answer",
+    [
+        ("想一想</think>\n<answer>好</answer>", "想一想", "好"),
+        ("</think>\n<answer>\n<think>\n<think>\n<answer>\n", "", "\n<think>\n<think>\n<answer>\n"),
+        ("<think>\na</think>b<answer>c", "a", "c"),
+        ("<think>\na</think>\n b ", "a", "b"),
+    ],
+)
+def test_split_reply_stray_tags(text, reasoning, answer):
+    assert split_reply(text) == ParsedReply(reasoning, answer)
 
 
 def test_plain_layout_without_thinking(loaded):

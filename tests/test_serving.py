@@ -37,6 +37,11 @@ def server(tiny_model_dir, trained_adapter):
     loaded = load_adapter(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), str(trained_adapter))
     generator = Generator(loaded, GenerationSettings(max_new_tokens=64))
     settings = ServerSettings(model_name="persona", api_key=API_KEY, max_request_bytes=200_000, max_tokens_limit=256)
+    yield from start_server(generator, settings)
+
+
+def start_server(generator: Generator, settings: ServerSettings):
+    """Serve the app on a free port of 127.0.0.1 in a thread; yield its base URL, then stop it."""
     port = free_port()
     instance = uvicorn.Server(uvicorn.Config(create_app(generator, settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -53,6 +58,15 @@ def server(tiny_model_dir, trained_adapter):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def base_client(tiny_model_dir):
+    """A client of the base model alone, whose random weights reply with text outside the think/answer layout."""
+    loaded = load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=24))
+    for url in start_server(generator, ServerSettings(model_name="base", max_tokens_limit=64)):
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def post(server: str, body: bytes, key: str | None = API_KEY) -> tuple[int, dict]:
@@ -95,6 +109,17 @@ def test_streaming_matches_non_streaming(client):
     assert content == "好的喵~"
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert chunks[0].choices[0].delta.role == "assistant"
+
+
+@pytest.mark.parametrize("prompt", ["你好", "给我讲一个关于猫的长故事"])
+def test_streamed_plain_reply_matches(base_client, prompt):
+    messages = [{"role": "user", "content": prompt}]
+    whole = base_client.chat.completions.create(model="base", messages=messages).choices[0].message
+    chunks = list(base_client.chat.completions.create(model="base", messages=messages, stream=True))
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert whole.content  # text outside the layout is the answer
+    assert content == whole.content
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_image_as_data_url(client):

@@ -175,7 +175,7 @@ def inspect(
     """Show encoded samples (supervised tokens in green) and check them against inference rendering.
 
     Each sample goes through data.max_length and data.on_overlength as in training: a trimmed
-    sample is shown as trained, and one that training skips or stops at says so.
+    sample is shown as trained, and one that training skips or stops at is marked as such.
     """
     from vlmtune.config import load_config
 

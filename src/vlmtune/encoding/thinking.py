@@ -11,44 +11,85 @@ the layout but drop their reasoning, both in training and in chat history.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 LayoutName = Literal["think_answer", "none"]
 
-_THINK = re.compile(r"<think>\n?(.*?)</think>\n?", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
 THINK_ANSWER_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+_TAG = re.compile("(" + "|".join(re.escape(tag) for tag in THINK_ANSWER_TOKENS) + ")")
 
 
 @dataclass(frozen=True)
 class ParsedReply:
     reasoning: str
     answer: str
+    answer_begun: bool = field(default=False, compare=False, repr=False)
+    """Whether the reply has reached its answer part (an `<answer>` tag, or the end of a finished reply)."""
 
 
-def split_reply(text: str) -> ParsedReply:
-    """Split a reply into reasoning and answer, accepting a missing or unclosed block.
+def split_reply(text: str, final: bool = True) -> ParsedReply:
+    """Split a reply into reasoning and answer, accepting missing, unclosed and stray tags.
+
+    The text is read once from the start, tag by tag, so a longer text never changes how
+    an earlier part was read. With `final=False` the text is a reply still being generated,
+    and the result keeps back what later text could still assign: text before the first tag
+    (reasoning if `</think>` follows, the whole answer if no tag does), text between `</think>`
+    and `<answer>`, and a trailing piece that may begin a tag. Each such result is then
+    extended by the next one and by the final one, so streamed pieces add up to the reply
+    that a single call returns.
 
     >>> split_reply("<think>\\nhmm</think>\\n<answer>hi</answer>")
     ParsedReply(reasoning='hmm', answer='hi')
     >>> split_reply("plain")
     ParsedReply(reasoning='', answer='plain')
     """
-    reasoning = ""
-    think = _THINK.search(text)
-    if think:
-        reasoning = think.group(1)
-        text = text[: think.start()] + text[think.end() :]
-    elif text.startswith("<think>"):
-        # The think block was never closed: reasoning runs up to an <answer> tag, if any.
-        body = text[len("<think>") :].lstrip("\n")
-        reasoning, tag, rest = body.partition("<answer>")
-        if not tag:
-            return ParsedReply(reasoning=reasoning, answer="")
-        text = tag + rest
-    answer = _ANSWER.search(text)
-    return ParsedReply(reasoning=reasoning, answer=answer.group(1) if answer else text.strip())
+    state, pending, reasoning, answer = "start", "", "", ""
+    for index, piece in enumerate(_TAG.split(text)):
+        is_tag = index % 2 == 1
+        if state == "start":
+            if is_tag and piece == "<think>":
+                state, pending = "think", ""
+            elif is_tag and piece == "</think>":  # the think block was opened by the prompt
+                state, reasoning, pending = "between", pending, ""
+            elif is_tag and piece == "<answer>":
+                state, pending = "answer", ""
+            else:
+                pending += piece
+        elif state == "think":
+            if is_tag and piece == "</think>":
+                state, pending = "between", ""
+            elif is_tag and piece == "<answer>":
+                state = "answer"
+            else:
+                reasoning += piece
+        elif state == "between":
+            if is_tag and piece == "<answer>":
+                state, pending = "answer", ""
+            else:
+                pending += piece
+        elif state == "answer":
+            if is_tag and piece == "</answer>":
+                state = "closed"
+            else:
+                answer += piece
+    reasoning = reasoning.removeprefix("\n")  # the line break the layout puts after <think>
+    if state == "think" and not final:
+        reasoning = _without_partial_tag(reasoning)
+    if state in ("start", "between"):
+        # A reply without an <answer> tag: its answer is the text outside the think block.
+        return ParsedReply(reasoning, pending.strip() if final else "", answer_begun=final)
+    if state == "answer" and not final:
+        answer = _without_partial_tag(answer)
+    return ParsedReply(reasoning, answer, answer_begun=state in ("answer", "closed"))
+
+
+def _without_partial_tag(text: str) -> str:
+    """Return text without a trailing piece that a layout tag could start with, such as `</ans`."""
+    start = text.rfind("<")
+    if start != -1 and any(tag.startswith(text[start:]) and tag != text[start:] for tag in THINK_ANSWER_TOKENS):
+        return text[:start]
+    return text
 
 
 def build_reply(layout: LayoutName, answer: str, reasoning: str = "") -> str:

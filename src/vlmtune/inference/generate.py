@@ -32,22 +32,20 @@ class Reply:
     """True when the reply ended on a stop token, False when it hit max_new_tokens."""
     prompt_tokens: int = 0
 
-def visible_text(text: str, layout: str, show_thinking: bool) -> str:
-    """Return the part of a partial or full reply that the user sees: the answer, plus the reasoning on request.
+def visible_text(text: str, layout: str, show_thinking: bool, final: bool = True) -> str:
+    """Return the part of a reply shown to the user: the answer, plus the reasoning on request.
 
-    The result only grows as more of the reply arrives, so it can be streamed by printing
-    the new suffix.
+    With `final=False` the reply is still being generated, and the result only grows as more
+    of it arrives and when it ends, so it can be streamed by printing each new suffix.
     """
     if layout == "none":
         return text
-    parsed = split_reply(text)
+    parsed = split_reply(text, final)
     if not show_thinking:
         return parsed.answer
     # An empty think part gets no header, so a reply without reasoning shows only its answer.
     shown = f"[thinking]\n{parsed.reasoning}" if parsed.reasoning.strip() else ""
-    # A reply that opens no think block is all answer.
-    plain = bool(text.strip()) and not text.lstrip().startswith("<think>")
-    if "</think>" in text or "<answer>" in text or plain:
+    if parsed.answer_begun:
         shown += ("\n" if shown else "") + f"[answer]\n{parsed.answer}"
     return shown
 
@@ -223,14 +221,21 @@ class Generator:
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         shown = ""
-        for cleaned in self._cleaned_texts(streamer):
+
+        def show(text: str, final: bool) -> None:
+            nonlocal shown
             if on_parts is not None:
-                parsed = split_reply(cleaned) if self.layout != "none" else None
-                on_parts(parsed.reasoning if parsed else "", parsed.answer if parsed else cleaned)
-            visible = visible_text(cleaned, self.layout, self.settings.show_thinking)
+                parsed = split_reply(text, final) if self.layout != "none" else None
+                on_parts(parsed.reasoning if parsed else "", parsed.answer if parsed else text)
+            visible = visible_text(text, self.layout, self.settings.show_thinking, final)
             if on_text is not None and visible.startswith(shown) and len(visible) > len(shown):
                 on_text(visible[len(shown) :])
                 shown = visible
+
+        cleaned = ""
+        for cleaned in self._cleaned_texts(streamer):
+            show(cleaned, final=False)
+        show(cleaned, final=True)  # what was kept back while more could follow
         worker.join()
         if "error" in result:
             raise result["error"]

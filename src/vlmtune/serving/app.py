@@ -157,6 +157,17 @@ def _cut_at_stop(answer: str, stops: list[str]) -> tuple[str, bool]:
     return (answer[: min(positions)], True) if positions else (answer, False)
 
 
+def _streamable_answer(answer: str, stops: list[str]) -> str:
+    """Return the answer so far cut at a stop string, without a trailing piece that may begin one."""
+    answer, stopped = _cut_at_stop(answer, stops)
+    if stopped:
+        return answer
+    for start in range(max(0, len(answer) - max((len(stop) for stop in stops), default=0)), len(answer)):
+        if any(stop.startswith(answer[start:]) for stop in stops if stop):
+            return answer[:start]
+    return answer
+
+
 def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="vlmtune OpenAI-compatible server")
     lock = asyncio.Lock()
@@ -276,6 +287,17 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
         sent = {"reasoning": "", "answer": ""}
 
+        def deltas(reasoning: str, answer: str) -> dict[str, str]:
+            """Return what extends the text sent so far. Both parts only grow, so earlier text is never revised."""
+            found = {}
+            if reasoning.startswith(sent["reasoning"]) and len(reasoning) > len(sent["reasoning"]):
+                found["reasoning_content"] = reasoning[len(sent["reasoning"]) :]
+                sent["reasoning"] = reasoning
+            if answer.startswith(sent["answer"]) and len(answer) > len(sent["answer"]):
+                found["content"] = answer[len(sent["answer"]) :]
+                sent["answer"] = answer
+            return found
+
         def on_parts(reasoning: str, answer: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("parts", reasoning, answer))
 
@@ -292,19 +314,18 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
             while True:
                 kind, first, second = await queue.get()
                 if kind == "parts":
-                    deltas = {}
-                    if first.startswith(sent["reasoning"]) and len(first) > len(sent["reasoning"]):
-                        deltas["reasoning_content"] = first[len(sent["reasoning"]) :]
-                        sent["reasoning"] = first
-                    answer, _ = _cut_at_stop(second, stops)
-                    if answer.startswith(sent["answer"]) and len(answer) > len(sent["answer"]):
-                        deltas["content"] = answer[len(sent["answer"]) :]
-                        sent["answer"] = answer
-                    if deltas:
-                        yield chunk(deltas)
+                    found = deltas(first, _streamable_answer(second, stops))
+                    if found:
+                        yield chunk(found)
                 elif kind == "done":
                     reply: Reply = first
-                    _, stopped_by_string = _cut_at_stop(reply.answer, stops)
+                    answer, stopped_by_string = _cut_at_stop(reply.answer, stops)
+                    # The rest of the reply, so the pieces add up to the non-streamed reply.
+                    found = deltas(reply.reasoning, answer)
+                    if found:
+                        yield chunk(found)
+                    if (sent["reasoning"], sent["answer"]) != (reply.reasoning, answer):
+                        logger.warning("request %s: the streamed reply differs from the finished reply", request_id)
                     finish = "stop" if reply.stopped or stopped_by_string else "length"
                     _log_request(request_id, reply, finish, started)
                     yield chunk({}, finish, _usage(reply))
