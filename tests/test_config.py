@@ -155,3 +155,22 @@ def test_model_folder_relative_to_config(tmp_path, monkeypatch):
     assert load_config(config_file).model.name_or_path == str(tmp_path / "models" / "tiny")
     hub_id = load_config(write(tmp_path, MINIMAL)).model.name_or_path
     assert hub_id == "some/model"  # nothing of that name next to the config: still a hub id
+
+
+def test_prompt_images_relative_to_config(tmp_path, monkeypatch):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "cat.png").write_bytes(b"not read here")
+    text = MINIMAL + "evaluation:\n  prompts:\n    - 你好\n    - {text: 这是什么？, images: [img/cat.png, 'data:image/png;base64,AAAA']}\n"
+    config_file = write(tmp_path, text)
+    monkeypatch.chdir(tmp_path.parent)
+    images = load_config(config_file).evaluation.prompts[1].images
+    assert images == [str(tmp_path / "img" / "cat.png"), "data:image/png;base64,AAAA"]
+
+
+def test_missing_prompt_image_named(tmp_path):
+    text = MINIMAL + "evaluation:\n  prompts:\n    - {text: 这是什么？, images: [img/none.png]}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    message = str(caught.value)
+    assert message.startswith("evaluation.prompts[0].images[0]: image not found: img/none.png (looked in the working")
+    assert f"next to the config file, in {tmp_path.resolve()}" in message

@@ -41,7 +41,11 @@ CASES = {
         ", record 1 (line 1): the conversation ends with a user message; it must end with the assistant reply "
         "to train on" + SKIP_HINT,
     ),
-    "missing_image.jsonl": ("missing image", ", record 1 (line 1): image not found: {images}/nowhere.png" + SKIP_HINT),
+    "missing_image.jsonl": (
+        "missing image",
+        ", record 1 (line 1): field 'images[0]': image not found: {images}/nowhere.png (a relative path is read "
+        "from the data file's folder); fix the path or remove the image from the example" + SKIP_HINT,
+    ),
     "corrupt_image.jsonl": ("corrupt image", ", record 1 (line 1): corrupt or unreadable image {images}/corrupt.png: "),
     "placeholder_mismatch.jsonl": (
         "placeholder/image count mismatch",

@@ -566,7 +566,30 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
             )
     _resolve_deepspeed_path(config, config_path)
     _resolve_local_model_path(config, config_path)
+    _resolve_prompt_images(config, config_path)
     return config
+
+
+def _resolve_prompt_images(config: RunConfig, config_path: Path) -> None:
+    """Find the local images of evaluation.prompts in the working folder or next to the config file, like dataset paths.
+
+    Checked here, because a missing one would otherwise stop training after the model has loaded.
+    """
+    for number, prompt in enumerate(config.evaluation.prompts):
+        for index, image in enumerate(prompt.images):
+            if image.startswith(("http://", "https://", "data:")):
+                continue
+            path = Path(image.removeprefix("file://")).expanduser()
+            candidate = config_path.parent / path
+            if path.is_file():
+                continue
+            if not path.is_absolute() and candidate.is_file():
+                prompt.images[index] = str(candidate)
+                continue
+            raise ConfigError(
+                f"evaluation.prompts[{number}].images[{index}]: image not found: {image} (looked in the working "
+                f"folder {Path.cwd()} and next to the config file, in {config_path.parent.resolve()})"
+            )
 
 
 def _resolve_local_model_path(config: RunConfig, config_path: Path) -> None:

@@ -74,6 +74,12 @@ def image_source(record: Record, value: Any, field: str) -> str:
     path = Path(value.removeprefix("file://")).expanduser()
     if not path.is_absolute():
         path = record.path.parent / path
+    if not path.is_file():
+        raise DataError(
+            f"{record.location}: field '{field}': image not found: {path} (a relative path is read from the data "
+            "file's folder); fix the path or remove the image from the example",
+            "missing image",
+        )
     return str(path)
 
 
