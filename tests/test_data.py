@@ -116,8 +116,15 @@ def test_empty_missing_and_unsupported_files(tmp_path):
 
 def test_unknown_layout_lists_keys(tmp_path):
     path = write_json(tmp_path / "a.json", [{"prompt": "q", "completion": "a"}])
-    with pytest.raises(DataError, match=r"cannot tell the dataset layout from the keys \['completion', 'prompt'\]"):
+    with pytest.raises(DataError, match=r"cannot tell the dataset layout from the keys \['completion', 'prompt'\]") as caught:
         load_dataset_file(DatasetSpec(path=str(path)))
+    assert "columns: {instruction: question, output: answer}" in str(caught.value)
+
+
+def test_renamed_columns_fix_unknown_layout(tmp_path):
+    path = write_json(tmp_path / "a.json", [{"prompt": "问", "completion": "答"}])
+    [conversation] = load_dataset_file(DatasetSpec(path=str(path), columns={"instruction": "prompt", "output": "completion"}))
+    assert [message.text for message in conversation.messages] == ["问", "答"]
 
 
 def test_empty_array_and_non_object_examples(tmp_path):

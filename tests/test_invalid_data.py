@@ -25,7 +25,12 @@ CASES = {
         ", line 3, column 34: malformed JSON (Expecting value) in record 2; fix it "
         "(a .json array cannot be read past a broken record)",
     ),
-    "missing_field.jsonl": ("missing field", ", record 1 (line 1): field 'output' is missing; add it or remove the example" + SKIP_HINT),
+    "missing_field.jsonl": (
+        "missing field",
+        ", record 1 (line 1): field 'output' is missing (the example has ['instruction']); add it or remove the "
+        "example. If a column of another name holds it, map it in the data.train entry: columns: {{output: COLUMN}}"
+        + SKIP_HINT,
+    ),
     "empty_field.jsonl": ("empty field", ", record 1 (line 1): field 'output' is empty; fill it in or remove the example" + SKIP_HINT),
     "wrong_type_number.jsonl": ("wrong type", ", record 1 (line 1): field 'instruction' must be a string, got int 42" + SKIP_HINT),
     "wrong_type_null.jsonl": ("wrong type", ", record 1 (line 1): field 'output' is null; it must be a string" + SKIP_HINT),
@@ -99,7 +104,7 @@ def test_skip_counts_reasons_and_lines(caplog):
     assert len(loaded.report.skipped["wrong type"]) == 1
     assert "skipped 3 invalid example(s)" in caplog.text
     assert "missing field" in caplog.text
-    assert "record 2 (line 2): field 'output' is missing; add it or remove the example" in caplog.text
+    assert "record 2 (line 2): field 'output' is missing (the example has" in caplog.text
 
 
 def test_skip_malformed_and_non_utf8_lines():

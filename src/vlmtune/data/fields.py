@@ -20,13 +20,23 @@ VIDEO_MESSAGE = (
 _REMOTE = re.compile(r"^(https?://|data:)")
 
 
+def _missing_field(record: Record, name: str) -> DataError:
+    """Return the error for a missing field, with the example's keys, since a misspelt column is a common cause."""
+    keys = sorted(record.data) if isinstance(record.data, dict) else []
+    return DataError(
+        f"{record.location}: field '{name}' is missing (the example has {keys}); add it or remove the example. "
+        f"If a column of another name holds it, map it in the data.train entry: columns: {{{name}: COLUMN}}",
+        "missing field",
+    )
+
+
 def string_field(record: Record, name: str, *, required: bool, value: Any = None, allow_empty: bool = False) -> str:
     """Return a string field; raise for a missing, empty or non-string value."""
     if value is None:
         if name not in record.data:
             if not required:
                 return ""
-            raise DataError(f"{record.location}: field '{name}' is missing; add it or remove the example", "missing field")
+            raise _missing_field(record, name)
         value = record.data[name]
     if value is None and not required:
         return ""
@@ -47,7 +57,7 @@ def list_field(record: Record, name: str, *, required: bool) -> list[Any]:
     value = record.data.get(name)
     if value is None or (value == "" and not required):
         if required:
-            raise DataError(f"{record.location}: field '{name}' is missing; add it or remove the example", "missing field")
+            raise _missing_field(record, name)
         return []
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:

@@ -93,7 +93,9 @@ def detect_layout(record: Record) -> str:
     keys = sorted(record.data)
     raise DataError(
         f"{record.location}: cannot tell the dataset layout from the keys {keys}; supported layouts and their "
-        f"keys: {LAYOUT_KEYS}. Set data.train[].layout to force one, and data.train[].columns to rename columns.",
+        f"keys: {LAYOUT_KEYS}. Map your column names to a layout's in the data.train entry, for example "
+        "columns: {instruction: question, output: answer} for Alpaca with question/answer keys; set layout as "
+        "well to force one.",
         "unknown layout",
     )
 
