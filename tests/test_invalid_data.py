@@ -114,14 +114,19 @@ def test_skip_malformed_and_non_utf8_lines():
         assert loaded.report.skipped_count == 1, name
 
 
-def test_duplicates_reported_and_removed_on_request():
+def test_duplicates_reported_and_removed_on_request(caplog):
     path = str(INVALID / "duplicates.jsonl")
     kept = load_data(DataSettings(train=[path]))
     assert len(kept.train) == 3
     assert len(kept.report.duplicates) == 1
     assert kept.report.duplicates[0].endswith("record 3 (line 3)")
+    assert kept.report.originals[kept.report.duplicates[0]].endswith("record 1 (line 1)")
+    assert "1 duplicated example(s), kept; set data.dedup: true to remove them" in caplog.text
+    assert f"{path}, record 3 (line 3) repeats {path}, record 1 (line 1)" in caplog.text
+    caplog.clear()
     removed = load_data(DataSettings(train=[path], dedup=True))
     assert len(removed.train) == 2
+    assert "1 duplicated example(s), removed (data.dedup=true)" in caplog.text
 
 
 def test_nothing_valid_left_is_an_error():

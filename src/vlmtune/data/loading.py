@@ -48,6 +48,9 @@ class SkipReport:
 
     skipped: dict[str, list[str]] = field(default_factory=dict)
     duplicates: list[str] = field(default_factory=list)
+    originals: dict[str, str] = field(default_factory=dict)
+    """For each duplicate, the earlier example it repeats."""
+    duplicates_removed: bool = False
     first_messages: dict[str, str] = field(default_factory=dict)
     """The full error message of the first example skipped for each reason."""
 
@@ -68,7 +71,9 @@ class SkipReport:
                 if self.first_messages.get(reason):
                     logger.warning("  %32s         first: %s", "", self.first_messages[reason])
         if self.duplicates:
-            logger.warning("%d duplicated example(s), first: %s", len(self.duplicates), "; ".join(self.duplicates[:3]))
+            action = "removed (data.dedup=true)" if self.duplicates_removed else "kept; set data.dedup: true to remove them"
+            first = "; ".join(f"{source} repeats {self.originals[source]}" for source in self.duplicates[:3])
+            logger.warning("%d duplicated example(s), %s. First: %s", len(self.duplicates), action, first)
 
 
 def _rename_columns(record: Record, columns: dict[str, str]) -> Record:
@@ -169,15 +174,17 @@ def _sample(conversations: list[Conversation], ratio: float, rng: random.Random)
 
 
 def _drop_duplicates(conversations: list[Conversation], dedup: bool, report: SkipReport) -> list[Conversation]:
-    seen: set[tuple] = set()
+    first_seen: dict[tuple, str] = {}
     kept = []
+    report.duplicates_removed = dedup
     for conversation in conversations:
         key = conversation_key(conversation)
-        if key in seen:
+        if key in first_seen:
             report.duplicates.append(conversation.source)
+            report.originals[conversation.source] = first_seen[key]
             if dedup:
                 continue
-        seen.add(key)
+        first_seen.setdefault(key, conversation.source)
         kept.append(conversation)
     return kept
 
