@@ -202,6 +202,7 @@ def test_stop_string_cuts_the_answer(client):
          400, "messages[0].content[0]"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
          400, None),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "image": "cat.png"}]}]}, 400, "messages[0].content[0].type"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, param):
@@ -211,6 +212,14 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
     assert payload["error"]["type"] == "invalid_request_error"
     if param is not None:
         assert payload["error"]["param"] == param
+
+
+def test_unknown_part_type_explained(server):
+    body = {"messages": [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "?"}]}]}
+    code, payload = post(server, json.dumps(body).encode())
+    assert code == 400
+    assert payload["error"]["message"].startswith("content part type 'image' is not supported: send {'type': 'text'")
+    assert "'image_url': {'url': 'data:image/png;base64,...'}" in payload["error"]["message"]
 
 
 def test_oversized_body_rejected(server):

@@ -55,7 +55,8 @@ class ImageURL(BaseModel):
 
 class Part(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "image_url"]
+    type: str
+    """text or image_url; checked in to_conversation, which names the accepted types."""
     text: str | None = None
     image_url: ImageURL | None = None
 
@@ -120,6 +121,13 @@ def to_conversation(request: ChatRequest, settings: ServerSettings) -> Conversat
                     if part.text is None:
                         raise APIError(400, "a text part needs 'text'", param)
                     parts.append(TextPart(part.text))
+                elif part.type != "image_url":
+                    raise APIError(
+                        400,
+                        f"content part type {part.type!r} is not supported: send {{'type': 'text', 'text': ...}} or "
+                        "{'type': 'image_url', 'image_url': {'url': 'data:image/png;base64,...'}}",
+                        f"{param}.type",
+                    )
                 elif part.image_url is None:
                     raise APIError(400, "an image_url part needs 'image_url': {'url': ...}", param)
                 else:
