@@ -225,3 +225,28 @@ def test_second_sigint_prints_next_command(config_file, tmp_path, after_checkpoi
     else:
         assert f"no checkpoint was saved, so start it again with: {VLMTUNE} train {config_file} {overrides}\n" in stderr
         assert not list(output_dir.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize(
+    "answer, reasoning, show_thinking, note",
+    [
+        ("\n", "", False, "[the reply's answer is empty]"),
+        ("", "想了很久", False, "[the reply contains reasoning only; pass --show-thinking to see it]"),
+        ("", "想了很久", True, "[the reply's answer is empty]"),
+        ("喵", "", False, None),
+    ],
+)
+def test_reply_end_notes(answer, reasoning, show_thinking, note):
+    from rich.console import Console
+
+    from vlmtune.inference.cli_chat import print_reply_end
+    from vlmtune.inference.generate import Reply
+
+    console = Console(record=True, width=200)
+    reply = Reply(text=f"<answer>{answer}", reasoning=reasoning, answer=answer, generated_tokens=3, stopped=True)
+    print_reply_end(console, reply, max_new_tokens=64, show_thinking=show_thinking)
+    printed = console.export_text()
+    if note is None:
+        assert printed.strip() == ""
+    else:
+        assert note in printed

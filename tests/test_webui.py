@@ -371,6 +371,12 @@ def test_cut_reply_marked():
     assert reply_messages(streaming) == [{"role": "assistant", "content": "喵"}], "no mark while it streams"
 
 
+def test_empty_reply_explained():
+    (answer,) = reply_messages(SideReply(answer=" \n", stopped=True, done=True))
+    assert answer["content"] == "*(the reply is empty)*"
+    assert reply_messages(SideReply(answer="", done=False)) == [{"role": "assistant", "content": ""}], "no mark while it streams"
+
+
 def test_reasoning_only_reply_explained():
     reply = SideReply(answer="", reasoning="想了很久", stopped=True, done=True)
     answer, thought = reply_messages(reply)

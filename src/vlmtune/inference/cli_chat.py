@@ -95,6 +95,8 @@ def print_reply_end(console: Console, reply: Reply, max_new_tokens: int, show_th
     console.print()
     if not reply.answer.strip() and reply.reasoning.strip() and not show_thinking:
         console.print("[the reply contains reasoning only; pass --show-thinking to see it]", style="yellow", markup=False)
+    elif not reply.answer.strip():
+        console.print("[the reply's answer is empty]", style="yellow", markup=False)
     if not reply.stopped:
         console.print(cut_off_notice(max_new_tokens), style="yellow", markup=False, highlight=False)
 

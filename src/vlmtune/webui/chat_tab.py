@@ -23,6 +23,8 @@ def reply_messages(reply: SideReply) -> list[dict[str, Any]]:
     answer = reply.answer
     if reply.done and not answer.strip() and reply.reasoning.strip():
         answer = "*(the reply contains reasoning only; open the thinking block below)*"
+    elif reply.done and not answer.strip():
+        answer = "*(the reply is empty)*"
     if reply.done and not reply.stopped:
         answer += f"\n\n*{cut_off_notice(reply.max_new_tokens)}*"
     messages = [{"role": "assistant", "content": answer}]
