@@ -15,7 +15,8 @@ from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings
 from vlmtune.data.loading import load_dataset_file
 from vlmtune.errors import ModelError
 from vlmtune.inference import Generator
-from vlmtune.inference.export import export_adapter_only, export_merged, tensor_names
+from vlmtune.inference.cli_chat import system_prompt_for, trained_data_settings
+from vlmtune.inference.export import MERGED_CONFIG_NAME, export_adapter_only, export_merged, tensor_names
 from vlmtune.inference.predict import predict
 from vlmtune.model.loading import load_adapter, load_model
 
@@ -71,8 +72,12 @@ def test_export_round_trip(adapter_dir, tiny_model_dir, tmp_path):
     assert check.ok
     assert check.max_logit_difference < 1e-3
     base_files = {path.name for path in tiny_model_dir.iterdir()}
-    assert {path.name for path in output.iterdir()} == base_files
+    assert {path.name for path in output.iterdir()} == base_files | {MERGED_CONFIG_NAME}
     assert tensor_names(output) == tensor_names(tiny_model_dir)
+    # The training run's settings come along, so chat and serve on the merged model use them.
+    trained = trained_data_settings(None, str(output))
+    assert trained == trained_data_settings(str(adapter_dir))
+    assert trained["max_length"] == 128
     config = json.loads((output / "config.json").read_text())
     assert config["architectures"] == ["Glm4vForConditionalGeneration"]  # what vLLM dispatches on
     assert not list(output.glob("adapter_*"))
@@ -85,6 +90,16 @@ def test_export_round_trip(adapter_dir, tiny_model_dir, tmp_path):
     ids = torch.tensor([[2, 4, 7, 100, 200, 8]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted.model(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def test_merged_model_keeps_system_prompt(tmp_path):
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / MERGED_CONFIG_NAME).write_text("data:\n  system_prompt: 你是小橘。\n", encoding="utf-8")
+    assert system_prompt_for(None, None, str(merged)) == "你是小橘。"
+    assert system_prompt_for("你是沐雪。", None, str(merged)) == "你是沐雪。"
+    assert system_prompt_for(None, None, str(tmp_path)) is None  # a model folder without the file
+    assert system_prompt_for(None, None, "ZhipuAI/GLM-4.1V-9B-Thinking") is None  # a hub id
 
 
 def test_export_refuses_non_empty_folder(adapter_dir, tiny_model_dir, tmp_path):

@@ -260,7 +260,7 @@ def predict(
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
     from vlmtune.inference.predict import predict as run_predict
 
-    conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter))
+    conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter, model))
     generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
     written = run_predict(generator, conversations, output, batch_size=batch_size)
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
@@ -330,7 +330,7 @@ def serve(
         allowed_image_prefixes=allow_image_url or [],
         max_request_bytes=int(max_request_mb * 1024 * 1024),
         max_tokens_limit=max_tokens_limit,
-        system_prompt=system_prompt_for(system, adapter),
+        system_prompt=system_prompt_for(system, adapter, model),
     )
     console.print(f"serving {name} at http://{host}:{port}/v1", soft_wrap=True)
     uvicorn.run(create_app(generator, settings), host=host, port=port, log_level="info")

@@ -14,6 +14,7 @@ from rich.console import Console
 from vlmtune.config import GenerationSettings, ModelSettings
 from vlmtune.errors import DataError, ModelError, VlmtuneError
 from vlmtune.inference.chat import ChatSession
+from vlmtune.inference.export import MERGED_CONFIG_NAME
 from vlmtune.inference.generate import Generator, Reply
 from vlmtune.model.loading import adapter_base_model, check_adapter_folder, load_adapter, load_model
 
@@ -36,24 +37,25 @@ def check_image_argument(image: str) -> str:
     return str(path)
 
 
-def adapter_data_settings(adapter: str | None) -> dict[str, Any]:
-    """Read the data section of the config.yaml the adapter was trained with, if there is one."""
-    if not adapter:
-        return {}
-    config_path = Path(adapter) / "config.yaml"
-    if not config_path.is_file():
-        return {}
-    tree = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    return tree.get("data") or {}
+def trained_data_settings(adapter: str | None, model: str | None = None) -> dict[str, Any]:
+    """Read the data section of the training config: the adapter's config.yaml, else a merged model's copy."""
+    candidates = [Path(adapter) / "config.yaml"] if adapter else []
+    if model:
+        candidates.append(Path(model) / MERGED_CONFIG_NAME)
+    for config_path in candidates:
+        if config_path.is_file():
+            tree = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+            return tree.get("data") or {}
+    return {}
 
 
-def system_prompt_for(system: str | None, adapter: str | None) -> str | None:
-    """Return the --system value ("" for none), else the system prompt the adapter was trained with."""
+def system_prompt_for(system: str | None, adapter: str | None, model: str | None = None) -> str | None:
+    """Return the --system value ("" for none), else the system prompt the adapter or merged model was trained with."""
     if system is not None:
         return system or None
-    trained = adapter_data_settings(adapter).get("system_prompt")
+    trained = trained_data_settings(adapter, model).get("system_prompt")
     if trained:
-        logger.info("using the system prompt the adapter was trained with (pass --system to change it)")
+        logger.info("using the system prompt of the training run (pass --system to change it)")
     return trained or None
 
 
@@ -62,8 +64,8 @@ def load_generator(
 ) -> Generator:
     """Load the base model, attach the adapter if given, and wrap both in a Generator.
 
-    With an adapter, the reply layout and image pixel limits it was trained with are reused,
-    so chat renders prompts exactly as training did.
+    With an adapter, or a merged model that `vlmtune export` wrote, the reply layout and image
+    pixel limits of the training run are reused, so chat renders prompts exactly as training did.
     """
     if adapter:
         check_adapter_folder(adapter)
@@ -74,7 +76,7 @@ def load_generator(
     loaded = load_model(ModelSettings(name_or_path=model, hub=hub, device=device))
     if adapter:
         loaded = load_adapter(loaded, adapter)
-    trained = adapter_data_settings(adapter)
+    trained = trained_data_settings(adapter, model)
     if thinking == "auto" and trained.get("thinking"):
         thinking = trained["thinking"]
     return Generator(

@@ -23,6 +23,9 @@ from vlmtune.errors import ModelError
 from vlmtune.model.hub import resolve_model_path
 from vlmtune.model.loading import LoadedModel, load_adapter, load_model
 
+MERGED_CONFIG_NAME = "vlmtune_config.yaml"
+"""The adapter's training config, kept in a merged model folder under this name."""
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -98,6 +101,10 @@ def export_merged(
     for path in base_path.iterdir():
         if path.is_file() and not _is_weight_file(path) and not (output / path.name).exists():
             shutil.copy2(path, output / path.name)
+    training_config = Path(adapter_dir) / "config.yaml"
+    if training_config.is_file():
+        # `vlmtune chat/serve/predict --model` read the system prompt, reply layout and pixel limits from it.
+        shutil.copy2(training_config, output / MERGED_CONFIG_NAME)
     logger.info("merged %s into %s and wrote %s", adapter_dir, base_path, output)
 
     reloaded = load_model(settings.model_copy(update={"name_or_path": str(output)}))

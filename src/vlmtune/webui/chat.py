@@ -19,7 +19,7 @@ from vlmtune.config import GenerationSettings, ModelSettings
 from vlmtune.data.conversation import ImagePart, Message, TextPart
 from vlmtune.errors import ModelError
 from vlmtune.inference.chat import ChatSession
-from vlmtune.inference.cli_chat import adapter_data_settings
+from vlmtune.inference.cli_chat import trained_data_settings
 from vlmtune.inference.generate import Generator, Reply
 from vlmtune.model.loading import LoadedModel, load_adapter, load_model
 
@@ -99,11 +99,11 @@ class ChatBackend:
 
     def trained_system_prompt(self) -> str | None:
         """Return the system prompt the selected adapter was trained with, if it recorded one."""
-        return adapter_data_settings(self.adapter).get("system_prompt")
+        return trained_data_settings(self.adapter).get("system_prompt")
 
     def generator(self, settings: GenerationSettings) -> Generator:
         """Build a generator with the selected adapter's reply layout and pixel limits."""
-        trained = adapter_data_settings(self.adapter)
+        trained = trained_data_settings(self.adapter)
         return Generator(
             self.loaded,
             settings,
