@@ -136,3 +136,18 @@ def test_inspect_fails_where_training_stops(tiny_model_dir, tmp_path):
     output = " ".join(result.stdout.split())
     assert "training stops at this example" in output
     assert "more than data.max_length=80" in output
+
+
+def test_manifest_counts_validation_and_trims(encoder):
+    from vlmtune.data.loading import SkipReport
+    from vlmtune.training.recipe import example_counts
+
+    settings = data_settings(max_length=120, on_overlength="trim_history")
+    training = encode_conversations(encoder, [conversation(turns=4), conversation(turns=1)], settings)
+    validation = encode_conversations(encoder, [conversation(turns=2, answer="喵" * 400)], settings)
+    counts = example_counts(SkipReport(), training, validation)
+    assert counts["trimmed"] == 1
+    assert counts["dropped"] == {}
+    assert counts["validation_dropped"] == {"longer than data.max_length=120 tokens": 1}
+    assert counts["validation_trimmed"] == 0
+    assert "validation_dropped" not in example_counts(SkipReport(), training, None)

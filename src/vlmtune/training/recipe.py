@@ -36,7 +36,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.config import RunConfig, config_to_dict, save_config
-from vlmtune.data.loading import LoadedData, load_data
+from vlmtune.data.loading import LoadedData, SkipReport, load_data
 from vlmtune.inference.evaluation import EvalRun, build_prompts, write_report
 from vlmtune.encoding.collator import ChatCollator, LengthGroupedSampler, SampleDataset, padding_share
 from vlmtune.encoding.cache import encode_dataset
@@ -112,6 +112,7 @@ class LoraRecipe:
         self.loaded: LoadedModel | None = None
         self.report: EncodingReport | None = None
         self.validation_samples: list[EncodedSample] = []
+        self.validation_report: EncodingReport | None = None
         self.sampling: SampleGenerationCallback | None = None
         self.data: LoadedData | None = data
         self.tracking: Tracking | None = None
@@ -160,7 +161,8 @@ class LoraRecipe:
                 row.dataset, row.count, row.min, row.median, row.p95, row.max, row.over_max_length,
             )
         if data.validation:
-            self.validation_samples = encode_dataset(encoder, data.validation, config.data, name="validation").samples
+            self.validation_report = encode_dataset(encoder, data.validation, config.data, name="validation")
+            self.validation_samples = self.validation_report.samples
         total_tokens = sum(len(sample) for sample in self.report.samples)
         supervised = sum(sample.supervised_count for sample in self.report.samples)
         logger.info(
@@ -529,9 +531,7 @@ class LoraRecipe:
             "samples": len(self.report.samples),
             "validation_samples": len(self.validation_samples),
             "length_stats": [row.as_dict() for row in length_stats(self.report.lengths, self.config.data.max_length)],
-            "skipped_invalid": {reason: len(locations) for reason, locations in self.data.report.skipped.items()},
-            "duplicates": len(self.data.report.duplicates),
-            "dropped": {reason: len(sources) for reason, sources in self.report.dropped.items()},
+            **example_counts(self.data.report, self.report, self.validation_report),
             "metrics": self.metrics,
             "tracking_run": str(self.tracking.run_folder() or ""),
         }
@@ -540,6 +540,20 @@ class LoraRecipe:
         write_loss_plot(self.trainer.state.log_history, self.output_dir / "loss.png")
         manifest_path = self.output_dir / "run_manifest.json"
         manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def example_counts(read: SkipReport, training: EncodingReport, validation: EncodingReport | None) -> dict[str, Any]:
+    """Return the manifest's counts of examples left out or changed: invalid, duplicated, dropped and trimmed."""
+    counts: dict[str, Any] = {
+        "skipped_invalid": {reason: len(locations) for reason, locations in read.skipped.items()},
+        "duplicates": len(read.duplicates),
+        "dropped": {reason: len(sources) for reason, sources in training.dropped.items()},
+        "trimmed": training.trimmed,
+    }
+    if validation is not None:
+        counts["validation_dropped"] = {reason: len(sources) for reason, sources in validation.dropped.items()}
+        counts["validation_trimmed"] = validation.trimmed
+    return counts
 
 
 RESUME_FIXED_SECTIONS = ("lora", "quantization")
