@@ -1,4 +1,4 @@
-"""Reply metrics on hand-made replies whose expected values are known."""
+"""Reply metrics on hand-made replies whose expected values are known, and the evaluation report."""
 
 from __future__ import annotations
 
@@ -78,3 +78,27 @@ def test_format_validity_absent_without_thinking():
     metrics = compute_metrics([reply("a", text="a")], thinking_layout=False, style_patterns=[])
     assert metrics.format_validity is None
     assert "format_validity" not in metrics.scalars()
+
+
+def test_report_shows_earlier_turns(tiny_model_dir, tmp_path):
+    import json
+
+    from vlmtune.config import GenerationSettings, ModelSettings
+    from vlmtune.data import Conversation, Message, TextPart
+    from vlmtune.inference.evaluation import run_evaluation, write_report
+    from vlmtune.inference.generate import Generator
+    from vlmtune.model.loading import load_model
+
+    generator = Generator(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), GenerationSettings())
+    history = [Message("user", [TextPart("你好")]), Message("assistant", [TextPart("你好喵~")])]
+    prompts = [
+        Conversation([*history, Message("user", [TextPart("有什么记忆方法？")])], source="a"),
+        Conversation([Message("user", [TextPart("你是谁？")])], source="b"),
+    ]
+    run = run_evaluation(generator, prompts, "base", [], max_new_tokens=4)
+    json_path, markdown_path = write_report([run], tmp_path)
+    samples = json.loads(json_path.read_text(encoding="utf-8"))[0]["samples"]
+    assert [sample["earlier_turns"] for sample in samples] == [1, 0]
+    markdown = markdown_path.read_text(encoding="utf-8")
+    assert "| (after 1 earlier turn) 有什么记忆方法？ |" in markdown
+    assert "| 你是谁？ |" in markdown

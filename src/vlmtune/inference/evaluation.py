@@ -68,6 +68,8 @@ def run_evaluation(
         samples.append(
             {
                 "prompt": _prompt_text(prompt),
+                # The model also saw these earlier user turns and their replies.
+                "earlier_turns": sum(message.role == "user" for message in prompt.messages[:-1]),
                 "reference": references[index] if references and index < len(references) else None,
                 "answer": reply.answer,
                 "reasoning": reply.reasoning,
@@ -145,8 +147,10 @@ def write_report(runs: list[EvalRun], folder: str | Path) -> tuple[Path, Path]:
         lines += [f"## Replies: {run.label}", "", "| prompt | reply | tokens | ending |", "|---|---|---|---|"]
         for sample in run.samples:
             ending = "stopped" if sample["stopped"] else "cut off"
+            earlier = sample.get("earlier_turns", 0)
+            history = f"(after {earlier} earlier turn{'s' if earlier > 1 else ''}) " if earlier else ""
             lines.append(
-                f"| {_markdown_cell(sample['prompt'])} | {_markdown_cell(sample['answer'])} | "
+                f"| {history}{_markdown_cell(sample['prompt'])} | {_markdown_cell(sample['answer'])} | "
                 f"{sample['generated_tokens']} | {ending} |"
             )
         lines.append("")
