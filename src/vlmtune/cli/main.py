@@ -251,7 +251,7 @@ def predict(
     hub: HubOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Conversations generated together (left-padded).")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 512,
-    system: Annotated[Optional[str], typer.Option(help="System prompt for examples without one. Default: the adapter's.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt for examples without one. Default: the training run's (adapter or merged model); '' for none.")] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Generate a reply for every example of a dataset and write JSONL (resumable)."""
@@ -312,7 +312,7 @@ def serve(
     max_request_mb: Annotated[float, typer.Option(help="Largest request body in MB (images included).")] = 20.0,
     system: Annotated[
         Optional[str],
-        typer.Option(help="System prompt for requests that send none. Default: the adapter's training prompt. '' for none."),
+        typer.Option(help="System prompt for requests that send none. Default: the training run's (adapter or merged model); '' for none."),
     ] = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -426,7 +426,7 @@ def chat(
     hub: HubOption = "auto",
     message: Annotated[Optional[str], typer.Option("--message", "-m", help="Ask once, print the reply and exit.")] = None,
     image: Annotated[Optional[list[str]], typer.Option(help="Image path or URL for --message; repeat for several.")] = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt. Default: the training run's (adapter or merged model); '' for none.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 1024,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 0.7,
