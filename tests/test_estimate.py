@@ -278,3 +278,10 @@ def test_deepspeed_run_states_ddp_assumption():
     assert any("ZeRO-3" in line for line in report.assumptions)
     assert report.estimate.fits is True
     assert report.lever is None
+
+
+@pytest.mark.parametrize("count, text", [(9_410_000_000, "9.41B"), (4_234_000, "4.23M"), (120_000, "120K"), (999, "999")])
+def test_parameter_count_text(count, text):
+    from vlmtune.model.loading import parameter_count_text
+
+    assert parameter_count_text(count) == text

@@ -57,7 +57,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from vlmtune.config import VISION_MODULE_NAMES, LoraSettings, RunConfig
 from vlmtune.errors import ModelError
 from vlmtune.model.cross_entropy import CHUNK_BYTES
-from vlmtune.model.loading import UNQUANTIZED_MODULES, checkpointing_enabled
+from vlmtune.model.loading import UNQUANTIZED_MODULES, checkpointing_enabled, parameter_count_text
 from vlmtune.model.lora import apply_lora
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def _weight_bytes(model: nn.Module, config: RunConfig, dtype_bytes: int) -> tupl
     bits = config.quantization.bits
     if bits is None:
         total = sum(parameter.numel() for parameter in model.parameters())
-        return total * dtype_bytes, 0, f"{total / 1e9:.2f}B parameters x {dtype_bytes} bytes"
+        return total * dtype_bytes, 0, f"{parameter_count_text(total)} parameters x {dtype_bytes} bytes"
     quantized_names = _quantized_linear_names(model)
     quantized = quantized_bytes = 0
     other = 0
@@ -193,7 +193,7 @@ def _weight_bytes(model: nn.Module, config: RunConfig, dtype_bytes: int) -> tupl
             other += dtype_bytes * sum(parameter.numel() for parameter in module.parameters(recurse=False))
     kind = f"{config.quantization.type}" + (" + double quant" if config.quantization.double_quant else "")
     kind = "int8" if bits == 8 else kind
-    note = f"{quantized / 1e9:.2f}B quantized ({kind}), the other weights {dtype_bytes} bytes each"
+    note = f"{parameter_count_text(quantized)} quantized ({kind}), the other weights {dtype_bytes} bytes each"
     return int(quantized_bytes + other), quantized, note
 
 

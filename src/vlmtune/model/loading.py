@@ -192,6 +192,14 @@ AUTO_CHECKPOINTING_PARAMETERS = 1_000_000_000
 """train.gradient_checkpointing=auto turns checkpointing on from this many parameters."""
 
 
+def parameter_count_text(count: int | float) -> str:
+    """Return a parameter count for people: 9.41B, 4.2M, 120K."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return f"{count:g}"
+
+
 def checkpointing_enabled(setting: bool | str, parameter_count: int) -> bool:
     """Resolve train.gradient_checkpointing: true, false, or auto (on for models of 1B parameters or more)."""
     if setting != "auto":

@@ -43,7 +43,14 @@ from vlmtune.encoding.cache import encode_dataset
 from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
-from vlmtune.model.loading import LoadedModel, checkpointing_enabled, load_model, prepare_for_training, resolve_device
+from vlmtune.model.loading import (
+    LoadedModel,
+    checkpointing_enabled,
+    load_model,
+    parameter_count_text,
+    prepare_for_training,
+    resolve_device,
+)
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
 from vlmtune.model.packing import PackedPositions
 from vlmtune.training.loss import token_mean_loss
@@ -188,8 +195,8 @@ class LoraRecipe:
         parameters = sum(parameter.numel() for parameter in model.parameters())
         enabled = checkpointing_enabled(setting, parameters)
         logger.info(
-            "gradient checkpointing %s (train.gradient_checkpointing=auto, %.2fB parameters)",
-            "on" if enabled else "off", parameters / 1e9,
+            "gradient checkpointing %s (train.gradient_checkpointing=auto, %s parameters)",
+            "on" if enabled else "off", parameter_count_text(parameters),
         )
         return enabled
 
