@@ -59,6 +59,10 @@ def test_inspect_shows_self_check(config_file):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("self-check ok") == 2
     assert "<answer>我是小橘喵~</answer><|user|>" in result.stdout
+    # Piped output has no colour, so brackets mark the supervised tokens, the stop token among them.
+    assert "supervised tokens are shown between ⟦ and ⟧" in result.stdout
+    assert "</answer><|user|>⟧" in result.stdout
+    assert "⟦你好" not in result.stdout  # the prompt is not supervised
 
 
 def test_train_then_chat_with_adapter(config_file):

@@ -187,6 +187,10 @@ def inspect(
 
     encoder = _encoder_for(run_config)
     settings = run_config.data
+    # Without a terminal (a pipe or a file) there is no colour, so brackets mark the supervised tokens.
+    markers = not console.is_terminal
+    if markers:
+        console.print("supervised tokens are shown between ⟦ and ⟧")
     failures = 0
     for conversation in conversations:
         console.rule(conversation.source)
@@ -205,7 +209,7 @@ def inspect(
                 f"data.max_length={settings.max_length} ({outcome.length} tokens before, {len(sample)} now)[/yellow]"
             )
         check = check_sample(encoder, outcome.conversation, sample)
-        console.print(render_sample(encoder, sample), soft_wrap=True)
+        console.print(render_sample(encoder, sample, markers), soft_wrap=True)
         status = "[green]ok[/green]" if check.ok else "[red]FAILED[/red]"
         console.print(
             f"\nself-check {status}: prompt matches the inference template: {check.prompt_matches_template}; "

@@ -81,9 +81,18 @@ def sample_segments(encoder: ConversationEncoder, sample: EncodedSample) -> list
 SEGMENT_STYLES = {"supervised": "bold green", "masked": "dim", "image": "magenta"}
 
 
-def render_sample(encoder: ConversationEncoder, sample: EncodedSample) -> Text:
-    """Supervised tokens in bold green, masked tokens dim; image token runs shown as a count."""
+SUPERVISED_MARKERS = ("⟦", "⟧")
+"""Brackets around supervised tokens where no colour shows, such as output piped to a file."""
+
+
+def render_sample(encoder: ConversationEncoder, sample: EncodedSample, markers: bool = False) -> Text:
+    """Supervised tokens in bold green, masked tokens dim; image token runs shown as a count.
+
+    With `markers`, supervised tokens are also put between SUPERVISED_MARKERS.
+    """
     text = Text()
     for piece, kind in sample_segments(encoder, sample):
+        if markers and kind == "supervised":
+            piece = f"{SUPERVISED_MARKERS[0]}{piece}{SUPERVISED_MARKERS[1]}"
         text.append(piece, style=SEGMENT_STYLES[kind])
     return text
