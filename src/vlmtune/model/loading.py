@@ -193,7 +193,7 @@ AUTO_CHECKPOINTING_PARAMETERS = 1_000_000_000
 
 
 def parameter_count_text(count: int | float) -> str:
-    """Return a parameter count for people: 9.41B, 4.2M, 120K."""
+    """Format a parameter count with a unit suffix: 9.41B, 4.23M, 120K."""
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if count >= scale:
             return f"{count / scale:.3g}{suffix}"
