@@ -118,9 +118,14 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_dataset_path_relative_to_config(tmp_path):
+def test_dataset_path_relative_to_config(tmp_path, monkeypatch):
     config = load_config(write(tmp_path, MINIMAL))
     assert config.data.train[0].path == str(tmp_path / "train.json")
+    # A path that climbs out of the config's folder is shown without the "..".
+    (tmp_path / "configs").mkdir()
+    config_file = write(tmp_path / "configs", MINIMAL.replace("train.json", "../train.json"))
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_config(config_file).data.train[0].path == str(tmp_path / "train.json")
 
 
 def test_missing_dataset_says_where_it_looked(tmp_path):

@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 from conftest import data_settings, write_json
+from vlmtune.config import load_config
 from vlmtune.data import Conversation, Message, TextPart
 from vlmtune.encoding import encode_conversations
 from vlmtune.encoding.stats import length_stats, text_histogram
+from vlmtune.webui.forms import preview_samples
 
 
 def conversation(turns: int, answer: str = "好的喵", source: str = "chat.json, record 0 (line 1)") -> Conversation:
@@ -151,3 +153,19 @@ def test_manifest_counts_validation_and_trims(encoder):
     assert counts["validation_dropped"] == {"longer than data.max_length=120 tokens": 1}
     assert counts["validation_trimmed"] == 0
     assert "validation_dropped" not in example_counts(SkipReport(), training, None)
+
+
+def test_web_preview_shows_samples_as_trained(tiny_model_dir, tmp_path):
+    config = load_config(_long_history_config(tiny_model_dir, tmp_path, "trim_history"))
+    plain, trimmed, skipped = preview_samples(config, count=3)
+    assert plain.check.ok
+    assert plain.note is None
+    assert trimmed.check.ok
+    assert trimmed.length <= 80
+    assert "the oldest turns were removed to fit data.max_length=80" in trimmed.note
+    text = "".join(piece for piece, _ in trimmed.segments)
+    assert "第2个问题" in text
+    assert "第0个问题" not in text  # trimmed away
+    assert skipped.check is None
+    assert skipped.segments == []
+    assert skipped.note == "training skips this example: longer than data.max_length=80 tokens"

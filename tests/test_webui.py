@@ -204,7 +204,7 @@ def test_preview_marks_supervised_tokens(tiny_model_dir, tmp_path):
     previews = preview_samples(config, count=2)
     assert len(previews) == 2
     for preview in previews:
-        assert preview.check.ok, preview.problems
+        assert preview.check.ok, preview.check.problems
         kinds = {kind for _, kind in preview.segments}
         assert kinds == {"supervised", "masked"}
         supervised_text = "".join(piece for piece, kind in preview.segments if kind == "supervised")

@@ -536,8 +536,9 @@ def read_settings_tree(path: Path, label: str, fix: str = "") -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config and apply `section.key=value` overrides.
 
-    Relative dataset, model and DeepSpeed paths are resolved against the config file's
-    folder when the working folder lacks them, so a config works from any working folder.
+    Relative paths of datasets, the model, the DeepSpeed file and evaluation prompt images are
+    resolved against the config file's folder when the working folder lacks them, so a config
+    works from any working folder.
     """
     config_path = Path(path)
     if not config_path.is_file():
@@ -554,67 +555,45 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     config = build_config(tree, source=source, lines=lines)
     for field, specs in (("data.train", config.data.train), ("data.validation", config.data.validation)):
         for index, spec in enumerate(specs):
-            candidate = config_path.parent / spec.path
-            if Path(spec.path).exists():
-                continue
-            if not Path(spec.path).is_absolute() and candidate.exists():
-                spec.path = str(candidate)
-                continue
-            raise ConfigError(
-                f"{field}[{index}].path: dataset not found: {spec.path} (looked in the working folder "
-                f"{Path.cwd()} and next to the config file, in {config_path.parent.resolve()})"
-            )
-    _resolve_deepspeed_path(config, config_path)
-    _resolve_local_model_path(config, config_path)
-    _resolve_prompt_images(config, config_path)
+            spec.path = _find_beside_config(spec.path, config_path, f"{field}[{index}].path: dataset", Path.exists)
+    if config.train.deepspeed is not None:
+        config.train.deepspeed = _find_beside_config(
+            config.train.deepspeed,
+            config_path,
+            "train.deepspeed: file",
+            fix="; pass a DeepSpeed JSON file such as examples/deepspeed/zero2.json",
+        )
+    if config.model.hub in ("auto", "local"):
+        # Not found locally, the name is a ModelScope or Hugging Face id.
+        config.model.name_or_path = _find_beside_config(config.model.name_or_path, config_path, None, Path.is_dir)
+    for number, prompt in enumerate(config.evaluation.prompts):
+        for index, image in enumerate(prompt.images):
+            if not image.startswith(("http://", "https://", "data:")):
+                # Checked here, because a missing one would otherwise stop training after the model has loaded.
+                label = f"evaluation.prompts[{number}].images[{index}]: image"
+                prompt.images[index] = _find_beside_config(image.removeprefix("file://"), config_path, label)
     return config
 
 
-def _resolve_prompt_images(config: RunConfig, config_path: Path) -> None:
-    """Find the local images of evaluation.prompts in the working folder or next to the config file, like dataset paths.
+def _find_beside_config(
+    value: str, config_path: Path, label: str | None, exists=Path.is_file, fix: str = ""
+) -> str:
+    """Return a path as given when it exists from the working folder, else the same path next to the config file.
 
-    Checked here, because a missing one would otherwise stop training after the model has loaded.
+    The second is normalised (configs/../data/a.json becomes data/a.json). When neither exists,
+    raise a ConfigError that starts with `label`, or return the value unchanged if label is None.
     """
-    for number, prompt in enumerate(config.evaluation.prompts):
-        for index, image in enumerate(prompt.images):
-            if image.startswith(("http://", "https://", "data:")):
-                continue
-            path = Path(image.removeprefix("file://")).expanduser()
-            candidate = config_path.parent / path
-            if path.is_file():
-                continue
-            if not path.is_absolute() and candidate.is_file():
-                prompt.images[index] = str(candidate)
-                continue
-            raise ConfigError(
-                f"evaluation.prompts[{number}].images[{index}]: image not found: {image} (looked in the working "
-                f"folder {Path.cwd()} and next to the config file, in {config_path.parent.resolve()})"
-            )
-
-
-def _resolve_local_model_path(config: RunConfig, config_path: Path) -> None:
-    """Find a relative model.name_or_path next to the config file when the working folder lacks it, like dataset paths."""
-    name = config.model.name_or_path
-    if config.model.hub not in ("auto", "local") or Path(name).is_absolute() or Path(name).expanduser().exists():
-        return
-    candidate = config_path.parent / name
-    if candidate.is_dir():
-        config.model.name_or_path = str(candidate)
-
-
-def _resolve_deepspeed_path(config: RunConfig, config_path: Path) -> None:
-    """Find train.deepspeed in the working folder or next to the config file, like dataset paths."""
-    path = config.train.deepspeed
-    if path is None or Path(path).is_file():
-        return
-    candidate = config_path.parent / path
-    if not Path(path).is_absolute() and candidate.is_file():
-        config.train.deepspeed = str(candidate)
-        return
+    path = Path(value).expanduser()
+    if exists(path):
+        return str(path)
+    candidate = Path(os.path.normpath(config_path.parent / path))
+    if not path.is_absolute() and exists(candidate):
+        return str(candidate)
+    if label is None:
+        return value
     raise ConfigError(
-        f"train.deepspeed: file not found: {path} (looked in the working folder {Path.cwd()} and next to the "
-        f"config file, in {config_path.parent.resolve()}); pass a DeepSpeed JSON file such as "
-        "examples/deepspeed/zero2.json"
+        f"{label} not found: {value} (looked in the working folder {Path.cwd()} and next to the config file, "
+        f"in {config_path.parent.resolve()}){fix}"
     )
 
 

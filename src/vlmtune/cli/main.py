@@ -195,19 +195,14 @@ def inspect(
     for conversation in conversations:
         console.rule(conversation.source)
         [outcome] = encode_with_policy(encoder, [conversation], settings)
-        if outcome.error is not None:
-            console.print(f"[red]training stops at this example: {escape(str(outcome.error))}[/red]", soft_wrap=True)
-            failures += 1
-            continue
+        note = outcome.note(settings.max_length)
+        if note is not None:
+            colour = "red" if outcome.error is not None else "yellow"
+            console.print(f"[{colour}]{escape(note)}[/{colour}]", soft_wrap=True)
         if outcome.sample is None:
-            console.print(f"[yellow]training skips this example: {escape(str(outcome.dropped))}[/yellow]", soft_wrap=True)
+            failures += outcome.error is not None
             continue
         sample = outcome.sample
-        if outcome.trimmed:
-            console.print(
-                f"[yellow]data.on_overlength=trim_history: the oldest turns were removed to fit "
-                f"data.max_length={settings.max_length} ({outcome.length} tokens before, {len(sample)} now)[/yellow]"
-            )
         check = check_sample(encoder, outcome.conversation, sample)
         console.print(render_sample(encoder, sample, markers), soft_wrap=True)
         status = "[green]ok[/green]" if check.ok else "[red]FAILED[/red]"

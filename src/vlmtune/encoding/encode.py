@@ -376,6 +376,19 @@ class EncodingOutcome:
     conversation: Conversation | None = None
     """The conversation the sample encodes: the input, or what trim_history left of it."""
 
+    def note(self, max_length: int) -> str | None:
+        """Say what training does with this example when a policy changed it; None when it trains as given."""
+        if self.error is not None:
+            return f"training stops at this example: {self.error}"
+        if self.sample is None:
+            return f"training skips this example: {self.dropped}"
+        if self.trimmed:
+            return (
+                f"data.on_overlength=trim_history: the oldest turns were removed to fit "
+                f"data.max_length={max_length} ({self.length} tokens before, {len(self.sample)} now)"
+            )
+        return None
+
 
 def encode_with_policy(
     encoder: ConversationEncoder, conversations: list[Conversation], settings: DataSettings

@@ -13,7 +13,7 @@ from typing import Any
 
 from vlmtune.config import RunConfig, build_config, read_settings_tree, save_config
 from vlmtune.data.loading import load_conversations
-from vlmtune.encoding import ConversationEncoder
+from vlmtune.encoding import ConversationEncoder, encode_with_policy
 from vlmtune.encoding.inspect import SegmentKind, SelfCheck, check_sample, sample_segments
 from vlmtune.errors import ConfigError
 from vlmtune.model.loading import load_processor_and_stop_ids
@@ -152,14 +152,16 @@ def shell_command(command: list[str]) -> str:
 
 @dataclass
 class SamplePreview:
-    """One encoded sample as the Preview shows it."""
+    """One example as the Preview shows it: encoded as training will see it, or why training does not."""
 
     source: str
     segments: list[tuple[str, SegmentKind]]
-    check: SelfCheck
+    check: SelfCheck | None
+    """None when data.on_invalid or data.on_overlength keeps the example out of training."""
     length: int
     max_length: int
-    problems: list[str] = field(default_factory=list)
+    note: str | None = None
+    """What data.on_invalid or data.on_overlength does with the example, if anything."""
 
 
 @lru_cache(maxsize=4)
@@ -172,27 +174,21 @@ def _processor_for(model_settings_json: str) -> tuple[Any, tuple[int, ...]]:
 
 
 def preview_samples(config: RunConfig, count: int = 3) -> list[SamplePreview]:
-    """Encode the first examples of the config's data and run the self-check on each."""
+    """Encode the first examples of the config's data as training will, and run the self-check on each."""
     processor, stop_ids = _processor_for(config.model.model_dump_json())
     encoder = ConversationEncoder.from_settings(processor, list(stop_ids), config.data)
+    conversations = load_conversations(config.data)[:count]
     previews = []
-    for conversation in load_conversations(config.data)[:count]:
-        sample = encoder.encode(conversation)
-        check = check_sample(encoder, conversation, sample)
-        problems = list(check.problems)
-        if len(sample) > config.data.max_length:
-            problems.append(
-                f"{len(sample)} tokens, more than data.max_length={config.data.max_length}; "
-                f"training will apply data.on_overlength={config.data.on_overlength}"
-            )
+    for conversation, outcome in zip(conversations, encode_with_policy(encoder, conversations, config.data)):
+        sample = outcome.sample
         previews.append(
             SamplePreview(
                 source=conversation.source,
-                segments=sample_segments(encoder, sample),
-                check=check,
-                length=len(sample),
+                segments=sample_segments(encoder, sample) if sample is not None else [],
+                check=check_sample(encoder, outcome.conversation, sample) if sample is not None else None,
+                length=len(sample) if sample is not None else outcome.length or 0,
                 max_length=config.data.max_length,
-                problems=problems,
+                note=outcome.note(config.data.max_length),
             )
         )
     return previews

@@ -180,15 +180,18 @@ class TrainTab:
             return [error_text(error), *hidden]
         lines = []
         for index, preview in enumerate(previews, start=1):
-            verdict = "ok" if not preview.problems else "FAILED"
-            lines.append(
-                f"**Sample {index}** ({preview.source}): self-check **{verdict}**; prompt matches the inference "
-                f"template: {preview.check.prompt_matches_template}; ends with a stop token: "
-                f"{preview.check.ends_with_stop_token}; supervised tokens: {preview.check.supervised_tokens} of "
-                f"{preview.length} (max_length {preview.max_length})"
-            )
-            lines += [f"  - {problem}" for problem in preview.problems]
-        samples = [gr.HighlightedText(value=preview.segments, visible=True) for preview in previews]
+            lines.append(f"**Sample {index}** ({preview.source})")
+            if preview.check is not None:
+                lines[-1] += (
+                    f": self-check **{'ok' if preview.check.ok else 'FAILED'}**; prompt matches the inference "
+                    f"template: {preview.check.prompt_matches_template}; ends with a stop token: "
+                    f"{preview.check.ends_with_stop_token}; supervised tokens: {preview.check.supervised_tokens} of "
+                    f"{preview.length} (max_length {preview.max_length})"
+                )
+                lines += [f"  - {problem}" for problem in preview.check.problems]
+            if preview.note is not None:
+                lines.append(f"  - {preview.note}")
+        samples = [gr.HighlightedText(value=preview.segments, visible=bool(preview.segments)) for preview in previews]
         return ["\n\n".join(lines) or "The dataset has no example.", *samples, *hidden[len(samples):]]
 
     def start_run(self, *values) -> tuple[str, str]:
