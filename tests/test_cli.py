@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import write_json
 from vlmtune.inference.cli_chat import system_prompt_for
+from vlmtune.inference.export import MERGED_CONFIG_NAME
 
 VLMTUNE = str(Path(sys.executable).parent / "vlmtune")
 
@@ -74,12 +76,31 @@ def test_train_then_chat_with_adapter(config_file):
 
     chat = run("chat", "--adapter", str(output_dir), "--message", "你好", "--max-new-tokens", "4")
     assert chat.returncode == 0, chat.stderr
-    assert "system prompt the adapter was trained with" in chat.stderr
+    assert "using the system prompt of the training run" in chat.stderr
     assert "reply cut off: it reached max_new_tokens=4" in chat.stdout
     # chat, predict and serve share this choice of system prompt.
     assert system_prompt_for(None, str(output_dir)) == "你是小橘。"
     assert system_prompt_for("你是沐雪。", str(output_dir)) == "你是沐雪。"
     assert system_prompt_for("", str(output_dir)) is None
+
+
+def test_chat_with_merged_model_uses_system_prompt(tiny_model_dir, tmp_path):
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    (merged / MERGED_CONFIG_NAME).write_text("data:\n  system_prompt: 你是小橘。\n", encoding="utf-8")
+    chat = run("chat", "--model", str(merged), "--message", "你好", "--max-new-tokens", "2")
+    assert chat.returncode == 0, chat.stderr
+    assert "using the system prompt of the training run" in chat.stderr
+
+
+def test_checkpoint_uses_run_system_prompt(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoint-20"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("data:\n  system_prompt: 你是小橘。\n", encoding="utf-8")
+    assert system_prompt_for(None, str(checkpoint)) == "你是小橘。"
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert system_prompt_for(None, str(other)) is None  # only checkpoint-N folders look one level up
 
 
 def test_eval_checks_its_folders_before_loading(config_file, tmp_path):

@@ -16,6 +16,7 @@ pytest.importorskip("gradio", reason="the web UI tests need gradio: pip install 
 from conftest import PERSONA_DATA, REPO_ROOT, write_json  # noqa: E402
 from vlmtune.config import GenerationSettings, load_config  # noqa: E402
 from vlmtune.errors import ConfigError  # noqa: E402
+from vlmtune.inference.export import MERGED_CONFIG_NAME  # noqa: E402
 from vlmtune.webui.adapters import find_adapters  # noqa: E402
 from vlmtune.webui.app import parse_auth  # noqa: E402
 from vlmtune.webui.chat import ADAPTER_SIDE, BASE_SIDE, ChatBackend, SideReply, Turn, side_history  # noqa: E402
@@ -302,6 +303,15 @@ def backend(tiny_model_dir, trained_adapter) -> ChatBackend:
     backend = ChatBackend(str(tiny_model_dir), hub="local", device="cpu")
     backend.use_adapter(str(trained_adapter))
     return backend
+
+
+def test_web_chat_merged_model_system_prompt(tiny_model_dir, tmp_path):
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    (merged / MERGED_CONFIG_NAME).write_text("data:\n  system_prompt: 你是小橘。\n  thinking: none\n", encoding="utf-8")
+    backend = ChatBackend(str(merged), hub="local", device="cpu")
+    assert backend.trained_system_prompt() == "你是小橘。"
+    assert backend.generator(GenerationSettings()).layout == "none"
 
 
 @pytest.mark.slow

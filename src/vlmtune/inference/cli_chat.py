@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,15 @@ def check_image_argument(image: str) -> str:
 
 
 def trained_data_settings(adapter: str | None, model: str | None = None) -> dict[str, Any]:
-    """Read the data section of the training config: the adapter's config.yaml, else a merged model's copy."""
-    candidates = [Path(adapter) / "config.yaml"] if adapter else []
+    """Read the data section of the training config: the adapter's config.yaml, else a merged model's copy.
+
+    A checkpoint-N folder has no config.yaml of its own, so its training run's folder is read.
+    """
+    candidates = []
+    if adapter:
+        candidates.append(Path(adapter) / "config.yaml")
+        if re.fullmatch(r"checkpoint-\d+", Path(adapter).resolve().name):
+            candidates.append(Path(adapter).resolve().parent / "config.yaml")
     if model:
         candidates.append(Path(model) / MERGED_CONFIG_NAME)
     for config_path in candidates:
@@ -119,7 +127,7 @@ def run_chat(
     images = [check_image_argument(image) for image in images]
     generator = load_generator(model, adapter, hub, generation, thinking, device)
     show_thinking = generator.settings.show_thinking
-    session = ChatSession(generator, system_prompt=system_prompt_for(system, adapter))
+    session = ChatSession(generator, system_prompt=system_prompt_for(system, adapter, model))
     max_new_tokens = generator.settings.max_new_tokens
 
     def show(text: str) -> None:

@@ -98,12 +98,12 @@ class ChatBackend:
         logger.info("attached adapter %s", adapter)
 
     def trained_system_prompt(self) -> str | None:
-        """Return the system prompt the selected adapter was trained with, if it recorded one."""
-        return trained_data_settings(self.adapter).get("system_prompt")
+        """Return the system prompt the selected adapter (or a merged model) was trained with, if it recorded one."""
+        return trained_data_settings(self.adapter, self.base_name).get("system_prompt")
 
     def generator(self, settings: GenerationSettings) -> Generator:
         """Build a generator with the selected adapter's reply layout and pixel limits."""
-        trained = trained_data_settings(self.adapter)
+        trained = trained_data_settings(self.adapter, self.base_name)
         return Generator(
             self.loaded,
             settings,
