@@ -19,7 +19,7 @@ from vlmtune.config import GenerationSettings, ModelSettings
 from vlmtune.inference import Generator
 from vlmtune.model.loading import load_adapter, load_model
 from vlmtune.serving import ServerSettings, create_app
-from vlmtune.serving.app import ChatRequest, to_conversation
+from vlmtune.serving.app import APIError, ChatRequest, to_conversation
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e .[test]")
 API_KEY = "test-key"
@@ -88,7 +88,9 @@ def png_data_url() -> str:
 
 
 def test_models_endpoint(client):
-    assert [model.id for model in client.models.list().data] == ["persona"]
+    models = client.models.list().data
+    assert [model.id for model in models] == ["persona"]
+    assert models[0].created > 1_700_000_000  # the server's start time, a Unix timestamp
 
 
 def test_chat_completion_stops_and_splits_reasoning(client):
@@ -269,3 +271,73 @@ def test_default_system_prompt_only_without_one():
         ChatRequest(messages=[{"role": "system", "content": "你是沐雪。"}, {"role": "user", "content": "你好"}]), settings
     )
     assert [message.text for message in own.messages] == ["你是沐雪。", "你好"]
+
+
+def test_image_url_cannot_leave_allowed_prefix(tmp_path):
+    settings = ServerSettings(model_name="persona", allowed_image_prefixes=[f"file://{tmp_path}/images/"])
+    allowed = f"file://{tmp_path}/images/cat.png"
+    request = ChatRequest(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": allowed}}]}])
+    assert [image.source for image in to_conversation(request, settings).messages[0].images] == [allowed]
+    for url in [f"file://{tmp_path}/images/../secret.png", f"file://{tmp_path}/images/%2e%2e/secret.png"]:
+        request = ChatRequest(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+        with pytest.raises(APIError) as caught:
+            to_conversation(request, settings)
+        assert caught.value.status == 400
+        assert "contains a '..' segment" in caught.value.message
+        assert caught.value.param == "messages[0].content[0]"
+
+
+def test_context_length_checked(tiny_model_dir):
+    loaded = load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
+    loaded.model.config.get_text_config().max_position_embeddings = 120
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=64))
+    short = {"messages": [{"role": "user", "content": "你好"}]}
+    prompt_tokens = generator.prompt_length(to_conversation(ChatRequest(**short), ServerSettings(model_name="m")))
+    long_text = "喵" * 400
+    for url in start_server(generator, ServerSettings(model_name="m", max_tokens_limit=256)):
+        code, payload = post(url, json.dumps({"messages": [{"role": "user", "content": long_text}]}).encode())
+        assert code == 400
+        assert payload["error"]["code"] == "context_length_exceeded"
+        assert payload["error"]["param"] == "messages"
+        assert "maximum context length is 120 tokens" in payload["error"]["message"]
+
+        code, payload = post(url, json.dumps({**short, "max_tokens": 200}).encode())
+        assert code == 400
+        assert payload["error"]["param"] == "max_tokens"
+        assert f"lower max_tokens to {120 - prompt_tokens} or less" in payload["error"]["message"]
+
+        code, payload = post(url, json.dumps({**short, "max_tokens": 120 - prompt_tokens}).encode())
+        assert code == 200, payload
+        # Without max_tokens, the server's default of 256 shrinks to what the context has left.
+        code, payload = post(url, json.dumps({**short, "temperature": 0}).encode())
+        assert code == 200, payload
+        assert payload["usage"]["total_tokens"] <= 120
+
+
+def test_request_errors_name_fields(server):
+    cases = [
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "expected a string or a list of content parts, got 5"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]},
+         "messages[0].content[0].image_url", "expected {'url': URL} or a URL string, got 5"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop", "expected a string or a list of strings"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "Input should be 'system', 'user' or 'assistant'"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}]}]},
+         "messages[0].content[0]", "image"),
+    ]
+    for body, param, message in cases:
+        code, payload = post(server, json.dumps(body).encode())
+        assert code == 400, body
+        assert payload["error"]["param"] == param, payload
+        assert message in payload["error"]["message"], payload
+        assert payload["error"]["code"] is None
+
+
+def test_body_without_json_content_type(server):
+    request = urllib.request.Request(
+        f"{server}/v1/chat/completions", data=b"messages=hi", headers={"Authorization": f"Bearer {API_KEY}"}, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    payload = json.loads(caught.value.read())
+    assert caught.value.code == 400
+    assert "sent with 'Content-Type: application/json'" in payload["error"]["message"]

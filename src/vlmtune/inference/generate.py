@@ -105,6 +105,15 @@ class Generator:
     def layout(self) -> str:
         return self.encoder.layout
 
+    @property
+    def context_length(self) -> int | None:
+        """Maximum sequence length of the language model (max_position_embeddings), if its config sets one."""
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    def prompt_length(self, conversation: Conversation) -> int:
+        """Return the number of tokens the model reads before it starts replying to the conversation."""
+        return self.prepare_inputs(conversation)["input_ids"].shape[1]
+
     def prepare_inputs(self, conversation: Conversation) -> dict[str, torch.Tensor]:
         """Tokenize the conversation with the chat template and a generation prompt."""
         messages = self.encoder.template_messages(conversation, with_images=True)

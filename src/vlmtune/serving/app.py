@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import torch
 from fastapi import FastAPI, Request
@@ -58,7 +59,14 @@ class Part(BaseModel):
     type: str
     """text or image_url; checked in to_conversation, which names the accepted types."""
     text: str | None = None
-    image_url: ImageURL | None = None
+    image_url: ImageURL | str | None = None
+    """{"url": ...} as the OpenAI API sends it; a bare URL string is accepted too."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+    """Send the token counts in a last chunk whose choices list is empty, as the OpenAI API does."""
 
 
 class ChatMessage(BaseModel):
@@ -79,25 +87,73 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1)
+    stream_options: StreamOptions | None = None
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.kind = kind
+        self.code = code
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+def error_response(
+    status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None
+) -> JSONResponse:
+    """Return an error in the OpenAI API's shape; `code` is a string such as "context_length_exceeded", or null."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
+
+
+# Names pydantic adds to an error's location for the member of a union that failed, and what
+# each union field accepts, so that an error names the request's own fields.
+UNION_MEMBERS = {"str", "list[Part]", "list[str]", "ImageURL"}
+UNION_EXPECTED = {
+    "content": "a string or a list of content parts",
+    "image_url": "{'url': URL} or a URL string",
+    "stop": "a string or a list of strings",
+}
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """Return (param, message) for a request that failed validation, named like messages[0].content."""
+    # Of a union's failed members, the one that matched deepest is most likely the one the client meant.
+    error = max(errors, key=lambda item: len(item["loc"]))
+    location = [part for part in error["loc"] if part != "body"]
+    fields = [part for part in location if part not in UNION_MEMBERS]
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in fields).lstrip(".") or None
+    if location and location[-1] in UNION_MEMBERS and fields and fields[-1] in UNION_EXPECTED:
+        return param, f"{param}: expected {UNION_EXPECTED[fields[-1]]}, got {repr(error.get('input'))[:80]}"
+    return param, f"{param or 'body'}: {error['msg']}"
+
+
+def _image_params(request: ChatRequest) -> list[str]:
+    """Return the param of each image part in request order, which is the order of Conversation.images."""
+    return [
+        f"messages[{number}].content[{index}]"
+        for number, message in enumerate(request.messages)
+        if not isinstance(message.content, str)
+        for index, part in enumerate(message.content)
+        if part.type == "image_url"
+    ]
 
 
 def _image_part(url: str, settings: ServerSettings, param: str) -> ImagePart:
     if url.startswith("data:"):
         return ImagePart(url)
+    if ".." in unquote(urlsplit(url).path).split("/"):
+        # A ".." segment would climb out of an allowed prefix such as file:///srv/images/.
+        raise APIError(400, f"image URL {url[:80]!r} is not allowed: its path contains a '..' segment", param)
     if any(url.startswith(prefix) for prefix in settings.allowed_image_prefixes):
         return ImagePart(url)
     raise APIError(
@@ -131,7 +187,8 @@ def to_conversation(request: ChatRequest, settings: ServerSettings) -> Conversat
                 elif part.image_url is None:
                     raise APIError(400, "an image_url part needs 'image_url': {'url': ...}", param)
                 else:
-                    parts.append(_image_part(part.image_url.url, settings, param))
+                    url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+                    parts.append(_image_part(url, settings, param))
         if message.role != "user" and any(isinstance(part, ImagePart) for part in parts):
             raise APIError(400, f"images are accepted in user messages only, not {message.role}", f"messages[{number}]")
         messages.append(Message(message.role, parts))
@@ -160,6 +217,33 @@ def _generation_settings(request: ChatRequest, settings: ServerSettings, base: G
     )
 
 
+def _fit_context(generator: Generator, prompt_tokens: int, requested: int | None) -> Generator:
+    """Check that the prompt and max_tokens fit the model's context; a default max_tokens shrinks to fit."""
+    limit = generator.context_length
+    if limit is None:
+        return generator
+    room = limit - prompt_tokens
+    if room <= 0:
+        raise APIError(
+            400,
+            f"the messages have {prompt_tokens} tokens, and this model's maximum context length is {limit} tokens: "
+            "shorten the messages",
+            "messages",
+            code="context_length_exceeded",
+        )
+    if generator.settings.max_new_tokens <= room:
+        return generator
+    if requested is not None:
+        raise APIError(
+            400,
+            f"max_tokens {requested} and the messages' {prompt_tokens} tokens exceed this model's maximum context "
+            f"length of {limit} tokens: lower max_tokens to {room} or less, or shorten the messages",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+    return generator.with_settings(generator.settings.model_copy(update={"max_new_tokens": room}))
+
+
 def _cut_at_stop(answer: str, stops: list[str]) -> tuple[str, bool]:
     positions = [answer.find(stop) for stop in stops if stop and stop in answer]
     return (answer[: min(positions)], True) if positions else (answer, False)
@@ -179,6 +263,7 @@ def _streamable_answer(answer: str, stops: list[str]) -> str:
 def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="vlmtune OpenAI-compatible server")
     lock = asyncio.Lock()
+    started_at = int(time.time())
 
     @app.middleware("http")
     async def limit_and_authorize(request: Request, call_next):
@@ -196,7 +281,10 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         if settings.api_key is not None and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization") != f"Bearer {settings.api_key}":
                 logger.info("request %s rejected: missing or wrong API key", request_id)
-                return error_response(401, "missing or invalid API key: send 'Authorization: Bearer KEY'", kind="authentication_error")
+                return error_response(
+                    401, "missing or invalid API key: send 'Authorization: Bearer KEY'", kind="authentication_error",
+                    code="invalid_api_key",
+                )
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -204,16 +292,17 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         first = error.errors()[0]
         if first["type"] == "json_invalid":
             message, param = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+        elif tuple(first["loc"]) == ("body",):
+            message, param = "the request body must be a JSON object, sent with 'Content-Type: application/json'", None
         else:
-            param = ".".join(str(part) for part in first["loc"] if part != "body") or None
-            message = f"{param or 'body'}: {first['msg']}"
+            param, message = _validation_message(error.errors())
         logger.info("request %s rejected (400): %s", request.state.request_id, message)
         return error_response(400, message, param)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
         logger.info("request %s rejected (%d): %s", request.state.request_id, error.status, error.message)
-        return error_response(error.status, error.message, error.param, error.kind)
+        return error_response(error.status, error.message, error.param, error.kind, error.code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -222,23 +311,25 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "vlmtune"}]}
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": started_at, "owned_by": "vlmtune"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         if body.model is not None and body.model != settings.model_name:
             raise APIError(
                 404, f"model {body.model!r} not found: this server serves {settings.model_name!r} (see GET /v1/models)",
-                "model", kind="not_found_error",
+                "model", kind="not_found_error", code="model_not_found",
             )
         conversation = to_conversation(body, settings)
-        for image in conversation.images:
+        for image, param in zip(conversation.images, _image_params(body)):
             try:
                 load_image(image.source, "image_url")
             except VlmtuneError as error:
-                raise APIError(400, str(error)) from None
+                raise APIError(400, str(error), param) from None
 
         request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
+        prompt_tokens = await asyncio.to_thread(request_generator.prompt_length, conversation)
+        request_generator = _fit_context(request_generator, prompt_tokens, body.max_completion_tokens or body.max_tokens)
         if body.n != 1:
             raise APIError(400, f"n: only one choice per request is supported, got {body.n}; send the request again for more", "n")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -281,17 +372,22 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         started = time.perf_counter()
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> str:
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
             payload = {
                 "id": request_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": settings.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": choices,
+                **extra,
             }
-            if usage is not None:
-                payload["usage"] = usage
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            return event([{"index": 0, "delta": delta, "finish_reason": finish}])
+
+        def usage_chunk(usage: dict[str, int]) -> str:
+            return event([], usage=usage)
 
         sent = {"reasoning": "", "answer": ""}
 
@@ -336,11 +432,13 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
                         logger.warning("request %s: the streamed reply differs from the finished reply", request_id)
                     finish = "stop" if reply.stopped or stopped_by_string else "length"
                     _log_request(request_id, reply, finish, started)
-                    yield chunk({}, finish, _usage(reply))
+                    yield chunk({}, finish)
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        yield usage_chunk(_usage(reply))
                     break
                 else:
                     logger.error("request %s failed while streaming: %s", request_id, first)
-                    error = {"error": {"message": str(first), "type": "server_error", "param": None, "code": 500}}
+                    error = {"error": {"message": str(first), "type": "server_error", "param": None, "code": None}}
                     yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
                     break
         yield "data: [DONE]\n\n"
