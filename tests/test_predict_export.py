@@ -108,6 +108,30 @@ def test_export_refuses_non_empty_folder(adapter_dir, tiny_model_dir, tmp_path):
         export_merged(str(adapter_dir), str(tmp_path), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
 
 
+def test_export_arguments_checked_before_loading(adapter_dir, tmp_path):
+    # A base model that does not exist: loading it would fail with another error.
+    base = ModelSettings(name_or_path=str(tmp_path / "no-model"), device="cpu")
+    with pytest.raises(ModelError, match=r"--max-shard-size: invalid size 'lots'; give a number and a unit, e\.g\. 5GB"):
+        export_merged(str(adapter_dir), str(tmp_path / "out"), base, max_shard_size="lots")
+    with pytest.raises(ModelError, match=r"--dtype: invalid value 'fp16'; choose one of auto, bfloat16, float16, float32"):
+        export_merged(str(adapter_dir), str(tmp_path / "out"), base, dtype="fp16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_export_leaves_no_folder(adapter_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """A disk that fills up after the weights are written: the folder goes, so the same export can run again."""
+    import vlmtune.inference.export as export
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export.shutil, "copy2", disk_full)
+    output = tmp_path / "merged"
+    with pytest.raises(OSError, match="No space left"):
+        export_merged(str(adapter_dir), str(output), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
+    assert not output.exists()
+
+
 def test_adapter_only_export_with_card(adapter_dir, tmp_path):
     output = export_adapter_only(str(adapter_dir), str(tmp_path / "adapter"))
     assert (output / "adapter_model.safetensors").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECK_PROMPTS = ("你是谁？", "Hello, who are you?", "1+1等于几？")
 # Largest allowed |merged - (base + adapter)| logit difference, by the dtype the check ran in.
+EXPORT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
 
@@ -84,10 +86,18 @@ def export_merged(
     max_shard_size: str = "5GB",
     dtype: str = "auto",
 ) -> ExportCheck:
-    """Merge the adapter into the base model, save it, reload it and compare logits."""
+    """Merge the adapter into the base model, save it, reload it and compare logits.
+
+    The arguments are checked before the model loads. A save that fails leaves no half-written folder.
+    """
     output = Path(output_dir)
     if output.exists() and any(output.iterdir()):
         raise ModelError(f"--output: {output} is not empty; choose a new folder so no earlier export is overwritten")
+    # The units huggingface_hub's split_torch_state_dict_into_shards accepts, which save_pretrained uses.
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", max_shard_size, re.IGNORECASE):
+        raise ModelError(f"--max-shard-size: invalid size {max_shard_size!r}; give a number and a unit, e.g. 5GB or 500MB")
+    if dtype not in EXPORT_DTYPES:
+        raise ModelError(f"--dtype: invalid value {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
     base_path = resolve_model_path(base)
     config = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
     saved_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -97,14 +107,12 @@ def export_merged(
     adapted = load_adapter(load_model(settings), adapter_dir)
     expected = _check_logits(adapted, CHECK_PROMPTS)
     merged = adapted.model.merge_and_unload()
-    merged.save_pretrained(str(output), max_shard_size=max_shard_size, safe_serialization=True)
-    for path in base_path.iterdir():
-        if path.is_file() and not _is_weight_file(path) and not (output / path.name).exists():
-            shutil.copy2(path, output / path.name)
-    training_config = Path(adapter_dir) / "config.yaml"
-    if training_config.is_file():
-        # `vlmtune chat/serve/predict --model` read the system prompt, reply layout and pixel limits from it.
-        shutil.copy2(training_config, output / MERGED_CONFIG_NAME)
+    try:
+        _save_merged(merged, base_path, Path(adapter_dir), output, max_shard_size)
+    except BaseException:  # Ctrl-C included: a partial folder would block the next export to it
+        logger.error("export to %s failed; removing what was written there", output)
+        shutil.rmtree(output, ignore_errors=True)
+        raise
     logger.info("merged %s into %s and wrote %s", adapter_dir, base_path, output)
 
     reloaded = load_model(settings.model_copy(update={"name_or_path": str(output)}))
@@ -126,6 +134,17 @@ def export_merged(
         )
     logger.info("export check passed: max logit difference %.2e on %d prompts", difference, len(CHECK_PROMPTS))
     return check
+
+
+def _save_merged(merged, base_path: Path, adapter_dir: Path, output: Path, max_shard_size: str) -> None:
+    merged.save_pretrained(str(output), max_shard_size=max_shard_size, safe_serialization=True)
+    for path in base_path.iterdir():
+        if path.is_file() and not _is_weight_file(path) and not (output / path.name).exists():
+            shutil.copy2(path, output / path.name)
+    training_config = adapter_dir / "config.yaml"
+    if training_config.is_file():
+        # `vlmtune chat/serve/predict --model` read the system prompt, reply layout and pixel limits from it.
+        shutil.copy2(training_config, output / MERGED_CONFIG_NAME)
 
 
 def export_adapter_only(adapter_dir: str, output_dir: str) -> Path:
