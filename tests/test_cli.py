@@ -124,6 +124,19 @@ def test_interactive_chat_with_image(tiny_model_dir):
     assert result.stdout.count("reply cut off") == 1
 
 
+def test_interactive_commands_without_argument(tiny_model_dir):
+    script = "/image\n/image 'unclosed\n/system\n/system 你是小橘。\n/system\n/system ''\n/system\n/exit\n"
+    result = run("chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "usage: /image PATH_OR_URL" in result.stdout
+    assert "cannot read the image path" in result.stdout
+    assert "image(s) attached" not in result.stdout
+    assert result.stdout.count("system prompt: none.") == 2
+    assert "system prompt: '你是小橘。'." in result.stdout
+    assert "system prompt set; history cleared" in result.stdout
+    assert "system prompt removed; history cleared" in result.stdout
+
+
 def test_chat_argument_errors_before_loading(tiny_model_dir, tmp_path):
     missing_adapter = run("chat", "--adapter", str(tmp_path / "nope"), "--message", "hi")
     assert missing_adapter.returncode == 2
@@ -137,6 +150,28 @@ def test_chat_argument_errors_before_loading(tiny_model_dir, tmp_path):
     interactive = run("chat", "--model", str(tiny_model_dir), stdin="/image nosuch.png\n/exit\n")
     assert "error: image not found: nosuch.png" in interactive.stdout
     assert "attached" not in interactive.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["chat", "--top-p", "0", "--sample"], "--top-p: Input should be greater than 0"),
+        (["chat", "--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
+        (["chat", "--thinking", "bogus"], "'bogus' is not one of 'auto', 'think_answer', 'none'"),
+        (["chat", "--hub", "hf"], "'hf' is not one of 'auto', 'local', 'modelscope', 'huggingface'"),
+        (["chat", "--device", "cuda:99"], "device 'cuda:99':"),
+        (["chat", "--device", "gpu"], "device 'gpu' is invalid: use auto, cpu, cuda or cuda:N"),
+        (["predict", "--batch-size", "0", "--data", "x.json", "--output", "p.jsonl"], "Invalid value for '--batch-size'"),
+        (["serve", "--port", "99999"], "Invalid value for '--port'"),
+    ],
+)
+def test_option_errors_before_loading(tiny_model_dir, arguments, message):
+    result = run(*arguments, "--model", str(tiny_model_dir), *(["--message", "hi"] if arguments[0] == "chat" else []))
+    output = " ".join(result.stderr.replace("│", " ").split())  # rich boxes and wraps usage errors
+    assert result.returncode in (1, 2), output
+    assert message in output
+    assert "Traceback" not in result.stderr
+    assert "loaded" not in result.stderr
 
 
 def test_config_error_is_one_clear_message(config_file):

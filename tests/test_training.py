@@ -210,13 +210,18 @@ def test_resume_checks_saved_settings(tiny_model_dir, tmp_path, caplog):
         LoraRecipe(build_config(other_rank), resume=True).setup()
 
     tree["data"]["max_length"] = 256
+    tree["train"]["save_steps"] = 2
     resumed = LoraRecipe(build_config(tree), resume=True)
     with caplog.at_level(logging.WARNING, logger="vlmtune"):
         resumed.setup()
+    assert "the new values apply from here on" in caplog.text
     assert "data.max_length: 128 then, 256 now" in caplog.text
     assert "train.num_train_epochs: 1.0 then, 2.0 now" in caplog.text
     resumed.train()
     assert resumed.metrics["global_step"] == 4
+    # Saved every 2 steps now, not every step as the checkpoint's trainer_state.json recorded.
+    assert (tmp_path / "out" / "checkpoint-4").is_dir()
+    assert not (tmp_path / "out" / "checkpoint-3").exists()
 
 
 def test_resume_with_fewer_steps_rejected(tiny_model_dir, tmp_path):

@@ -10,7 +10,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -36,7 +36,10 @@ ModelOption = Annotated[
     typer.Option("--model", help="Base or merged model: local folder, ModelScope or Hugging Face id. Default: the adapter's base."),
 ]
 AdapterOption = Annotated[Optional[str], typer.Option("--adapter", help="LoRA adapter folder from `vlmtune train`.")]
-HubOption = Annotated[str, typer.Option("--hub", help="Where --model lives: auto, local, modelscope or huggingface.")]
+HubOption = Annotated[
+    Literal["auto", "local", "modelscope", "huggingface"],
+    typer.Option("--hub", help="Where --model lives. auto: a local folder if one exists at that path, else the Hugging Face Hub."),
+]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, ...")]
 
 
@@ -248,8 +251,8 @@ def predict(
     model: ModelOption = None,
     adapter: AdapterOption = None,
     hub: HubOption = "auto",
-    batch_size: Annotated[int, typer.Option(help="Conversations generated together (left-padded).")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Conversations generated together (left-padded).")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Maximum tokens per reply.")] = 512,
     system: Annotated[Optional[str], typer.Option(help="System prompt for examples without one. Default: the training run's (adapter or merged model); '' for none.")] = None,
     device: DeviceOption = "auto",
 ) -> None:
@@ -301,13 +304,13 @@ def serve(
     adapter: AdapterOption = None,
     hub: HubOption = "auto",
     host: Annotated[str, typer.Option(help="Address to bind. 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 requests.")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(help="Model id in /v1/models. Default: the adapter or model folder name.")] = None,
     allow_image_url: Annotated[
         Optional[list[str]], typer.Option(help="Allow image URLs starting with this http(s):// or file:// prefix; repeat for several.")
     ] = None,
-    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 4096,
+    max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 4096,
     max_request_mb: Annotated[float, typer.Option(help="Largest request body in MB (images included).")] = 20.0,
     system: Annotated[
         Optional[str],
@@ -426,15 +429,19 @@ def chat(
     message: Annotated[Optional[str], typer.Option("--message", "-m", help="Ask once, print the reply and exit.")] = None,
     image: Annotated[Optional[list[str]], typer.Option(help="Image path or URL for --message; repeat for several.")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt. Default: the training run's (adapter or merged model); '' for none.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Maximum tokens per reply.")] = 1024,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Maximum tokens per reply.")] = 1024,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (with --sample).")] = 0.9,
+    temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature (with --sample); 0 decodes greedily.")] = 0.7,
+    top_p: Annotated[float, typer.Option(max=1, help="Nucleus sampling mass, above 0 and at most 1 (with --sample).")] = 0.9,
     show_thinking: Annotated[bool, typer.Option(help="Also print the reasoning of thinking models.")] = False,
-    thinking: Annotated[str, typer.Option(help="Reply layout: auto, think_answer or none.")] = "auto",
+    thinking: Annotated[
+        Literal["auto", "think_answer", "none"],
+        typer.Option(help="Reply layout. auto: the adapter's, else detected from the tokenizer."),
+    ] = "auto",
     device: DeviceOption = "auto",
 ) -> None:
     """Chat with a model and optional adapter: interactive, or one-shot with --message."""
+    from vlmtune.config import GenerationSettings
     from vlmtune.inference.cli_chat import run_chat
 
     run_chat(
@@ -446,8 +453,9 @@ def chat(
         system=system,
         generation={
             "max_new_tokens": max_new_tokens,
-            "do_sample": sample,
-            "temperature": temperature,
+            "do_sample": sample and temperature > 0,
+            # Sampling at temperature 0 is greedy decoding, which ignores the temperature.
+            "temperature": temperature if temperature > 0 else GenerationSettings().temperature,
             "top_p": top_p,
             "show_thinking": show_thinking,
         },
@@ -465,10 +473,10 @@ def webui(
     outputs: Annotated[Path, typer.Option(help="Folder searched for adapters and used for new runs.")] = Path("outputs"),
     presets: Annotated[Path, typer.Option(help="Folder of YAML presets for the Train tab.")] = Path("configs"),
     host: Annotated[str, typer.Option(help="Address to bind. 0.0.0.0 exposes the page to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 7860,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 7860,
     auth: Annotated[Optional[str], typer.Option(help="Require a login, given as USER:PASSWORD.")] = None,
     share: Annotated[bool, typer.Option(help="Also publish the page through a public Gradio share link.")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Starting value of the Chat tab's max new tokens per reply.")] = 512,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Starting value of the Chat tab's max new tokens per reply.")] = 512,
     device: DeviceOption = "auto",
 ) -> None:
     """Open a web page to chat with a model and adapter, and to start and follow training runs."""

@@ -9,21 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
+from pydantic import ValidationError
 from rich.console import Console
 
 from vlmtune.config import GenerationSettings, ModelSettings
-from vlmtune.errors import DataError, ModelError, VlmtuneError
+from vlmtune.errors import ConfigError, DataError, ModelError, VlmtuneError
 from vlmtune.inference.chat import ChatSession
 from vlmtune.inference.export import MERGED_CONFIG_NAME
 from vlmtune.inference.generate import Generator, Reply
-from vlmtune.model.loading import adapter_base_model, check_adapter_folder, load_adapter, load_model
+from vlmtune.model.loading import adapter_base_model, check_adapter_folder, load_adapter, load_model, resolve_device
 
 logger = logging.getLogger(__name__)
 
 HELP = """commands:
   /image PATH_OR_URL   attach an image to your next message (repeat for several)
-  /system TEXT         set the system prompt (clears the history)
+  /system [TEXT]       show the system prompt, or set it ('' for none; clears the history)
   /clear               forget the conversation so far
   /exit                quit (Ctrl-D works too)"""
 
@@ -75,12 +75,18 @@ def load_generator(
     With an adapter, or a merged model that `vlmtune export` wrote, the reply layout and image
     pixel limits of the training run are reused, so chat renders prompts exactly as training did.
     """
+    try:
+        settings = GenerationSettings(**generation)
+    except ValidationError as error:
+        problems = [f"--{str(item['loc'][0]).replace('_', '-')}: {item['msg']}" for item in error.errors()]
+        raise ConfigError("invalid generation options: " + "; ".join(problems)) from None
     if adapter:
         check_adapter_folder(adapter)
     if model is None:
         model = adapter_base_model(adapter) if adapter else None
         if model is None:
             raise ModelError("--model is required unless --adapter names a folder whose adapter_config.json records its base model")
+    resolve_device(device)  # an unavailable device fails here, before the model loads
     loaded = load_model(ModelSettings(name_or_path=model, hub=hub, device=device))
     if adapter:
         loaded = load_adapter(loaded, adapter)
@@ -89,7 +95,7 @@ def load_generator(
         thinking = trained["thinking"]
     return Generator(
         loaded,
-        GenerationSettings(**generation),
+        settings,
         thinking=thinking,
         min_pixels=trained.get("min_pixels"),
         max_pixels=trained.get("max_pixels"),
@@ -156,13 +162,21 @@ def run_chat(
         elif command == "/clear":
             session.clear()
             console.print("history cleared")
+        elif command == "/system" and not argument.strip():
+            current = repr(session.system_prompt) if session.system_prompt else "none"
+            console.print(f"system prompt: {current}. /system TEXT replaces it, /system '' removes it", markup=False)
         elif command == "/system":
-            session.system_prompt = argument or None
+            session.system_prompt = None if argument.strip() in ("''", '""') else argument
             session.clear()
-            console.print("system prompt set; history cleared")
+            console.print(f"system prompt {'set' if session.system_prompt else 'removed'}; history cleared")
+        elif command == "/image" and not argument.strip():
+            console.print("usage: /image PATH_OR_URL (quote a path that has spaces)", markup=False)
         elif command == "/image":
             try:
                 attached = [check_image_argument(image) for image in shlex.split(argument)]
+            except ValueError as error:  # unbalanced quotes
+                console.print(f"error: cannot read the image path {argument!r}: {error}", markup=False, soft_wrap=True)
+                continue
             except VlmtuneError as error:
                 console.print(f"error: {error}", markup=False, soft_wrap=True)
                 continue

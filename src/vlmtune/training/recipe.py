@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.config import RunConfig, config_to_dict, save_config
@@ -106,6 +106,17 @@ class _Trainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return LengthGroupedSampler(dataset.lengths, self.args.per_device_train_batch_size, seed=seed)
+
+
+class CurrentIntervalsCallback(TrainerCallback):
+    """Applies this run's logging, eval and save steps to a resumed run.
+
+    transformers (5.25) restores them from the checkpoint's trainer_state.json, so a resume with
+    another train.save_steps would otherwise keep saving at the old interval.
+    """
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        state.compute_steps(args, state.max_steps)
 
 
 class LoraRecipe:
@@ -317,7 +328,7 @@ class LoraRecipe:
         # it. They go in before the sample generations, so a stop during the baseline samples is handled.
         progress = ProgressFileCallback(self.output_dir)
         self.stop_on_signal = StopOnSignalCallback(progress)
-        callbacks = [progress, *self.tracking.callbacks, self.stop_on_signal]
+        callbacks = [CurrentIntervalsCallback(), progress, *self.tracking.callbacks, self.stop_on_signal]
         self.sampling = self._sample_generation_callback()
         if self.sampling is not None:
             callbacks.append(self.sampling)
@@ -432,7 +443,11 @@ class LoraRecipe:
                 f"--resume: {self.output_dir} was trained with other LoRA or quantization settings ({show(fixed)}). {fix}"
             )
         if changed:
-            logger.warning("--resume: settings differ from the run saved in %s: %s", self.output_dir, show(list(changed)))
+            logger.warning(
+                "--resume: settings differ from the run saved in %s, and the new values apply from here on: %s",
+                self.output_dir,
+                show(list(changed)),
+            )
 
         # A finished run has nothing to continue unless the new settings train for longer.
         state_path = checkpoint / "trainer_state.json"
