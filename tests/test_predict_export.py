@@ -13,7 +13,7 @@ import torch
 from conftest import PERSONA_DATA, write_json
 from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings
 from vlmtune.data.loading import load_dataset_file
-from vlmtune.errors import ModelError
+from vlmtune.errors import DataError, ModelError
 from vlmtune.inference import Generator
 from vlmtune.inference.cli_chat import system_prompt_for, trained_data_settings
 from vlmtune.inference.export import MERGED_CONFIG_NAME, export_adapter_only, export_merged, tensor_names
@@ -50,6 +50,32 @@ def test_predict_fields_and_resume(adapter_dir, tiny_model_dir, tmp_path):
     ids = [json.loads(line)["id"] for line in output.read_text(encoding="utf-8").splitlines()]
     assert len(ids) == 5
     assert len(set(ids)) == 5
+
+
+def test_predict_reads_prompts_without_replies(adapter_dir, tmp_path):
+    alpaca = write_json(tmp_path / "prompts.json", [{"instruction": "你是谁？"}, {"instruction": "你好", "output": ""}])
+    messages = write_json(tmp_path / "chat.json", [{"messages": [{"role": "user", "content": "你好"}]}])
+    assert [len(c.messages) for c in load_dataset_file(DatasetSpec(path=str(alpaca)), prompts_only=True)] == [1, 1]
+    assert [c.messages[-1].role for c in load_dataset_file(DatasetSpec(path=str(messages)), prompts_only=True)] == ["user"]
+    with pytest.raises(DataError, match="field 'output' is missing"):
+        load_dataset_file(DatasetSpec(path=str(alpaca)))  # training data needs the reply
+
+    vlmtune = str(Path(sys.executable).parent / "vlmtune")
+    output = tmp_path / "p.jsonl"
+    result = subprocess.run(
+        [vlmtune, "predict", "--adapter", str(adapter_dir), "--data", str(alpaca), "--output", str(output), "--max-new-tokens", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [row["prompt"] for row in rows] == ["你是谁？", "你好"]
+    assert [row["reference"] for row in rows] == [None, None]
+
+    wrong_role = write_json(tmp_path / "bad.json", [{"messages": [{"role": "assistant", "content": "喵"}]}])
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(DatasetSpec(path=str(wrong_role)), prompts_only=True)
+    assert "where 'user' was expected" in str(caught.value)
+    assert "data.on_invalid" not in str(caught.value)  # no training config to set it in
 
 
 def test_batched_replies_match_single_replies(adapter_dir, tiny_model_dir):

@@ -246,7 +246,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    data: Annotated[str, typer.Option(help="Dataset file or folder, in any layout vlmtune reads.")],
+    data: Annotated[str, typer.Option(help="Dataset file or folder, in any layout vlmtune reads; replies are optional.")],
     output: Annotated[Path, typer.Option(help="JSONL file to write; ids already in it are skipped.")],
     model: ModelOption = None,
     adapter: AdapterOption = None,
@@ -262,7 +262,7 @@ def predict(
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
     from vlmtune.inference.predict import predict as run_predict
 
-    conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter, model))
+    conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter, model), prompts_only=True)
     generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
     written = run_predict(generator, conversations, output, batch_size=batch_size)
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)

@@ -47,13 +47,17 @@ def _history_pairs(record: Record) -> list[tuple[str, str]]:
     return pairs
 
 
-def alpaca_to_conversation(record: Record, default_system: str | None = None) -> Conversation:
-    """Convert one Alpaca example; raises DataError naming the file, record and field."""
+def alpaca_to_conversation(record: Record, default_system: str | None = None, reply_required: bool = True) -> Conversation:
+    """Convert one Alpaca example; raises DataError naming the file, record and field.
+
+    Without reply_required (prompts to generate from), a missing or empty `output` gives a
+    conversation that ends with the user message.
+    """
     if not isinstance(record.data, dict):
         raise DataError(f"{record.location}: an example must be a JSON object, got {type(record.data).__name__}", "wrong type")
     instruction = string_field(record, "instruction", required=True)
     extra_input = string_field(record, "input", required=False)
-    output = string_field(record, "output", required=True)
+    output = string_field(record, "output", required=reply_required)
     system = string_field(record, "system", required=False) or default_system
     images = images_field(record)
 
@@ -69,5 +73,6 @@ def alpaca_to_conversation(record: Record, default_system: str | None = None) ->
     parts, used = split_placeholders(user_text, images, used, record, "instruction")
     check_all_images_used(record, images, used)
     messages.append(Message("user", parts))
-    messages.append(Message("assistant", [TextPart(output)]))
+    if output.strip():
+        messages.append(Message("assistant", [TextPart(output)]))
     return Conversation(messages, source=record.location)

@@ -122,7 +122,7 @@ def _mixed_layout_note(item: Record | ReadProblem, layout: str | None, spec: Dat
 
 
 def _read_one_file(
-    spec: DatasetSpec, path, default_system: str | None, on_invalid: str, report: SkipReport
+    spec: DatasetSpec, path, default_system: str | None, on_invalid: str, report: SkipReport, prompts_only: bool
 ) -> list[Conversation]:
     columns = {**DEFAULT_COLUMNS.get(spec.layout, {}), **spec.columns}
     layout = spec.layout if spec.layout != "auto" else None
@@ -136,12 +136,18 @@ def _read_one_file(
             if layout is None:
                 layout = detect_layout(_rename_columns(item, spec.columns))
                 columns = {**DEFAULT_COLUMNS.get(layout, {}), **spec.columns}
-            conversation = CONVERTERS[layout](_rename_columns(item, columns), default_system)
-            check_conversation(conversation)
+            record = _rename_columns(item, columns)
+            if prompts_only and CONVERTERS[layout] is alpaca_to_conversation:
+                conversation = alpaca_to_conversation(record, default_system, reply_required=False)
+            else:
+                conversation = CONVERTERS[layout](record, default_system)
+            check_conversation(conversation, reply_required=not prompts_only)
         except DataError as error:
             if on_invalid == "error":
                 mixed = _mixed_layout_note(item, layout, spec) if spec.layout == "auto" else ""
-                raise DataError(f"{error}{mixed} (set data.on_invalid: skip to skip such examples)", error.reason) from None
+                # Prompt files are read outside a training config, where data.on_invalid cannot be set.
+                hint = "" if prompts_only else " (set data.on_invalid: skip to skip such examples)"
+                raise DataError(f"{error}{mixed}{hint}", error.reason) from None
             report.add(error.reason, item.location, str(error))
             skipped += 1
             continue
@@ -154,13 +160,20 @@ def _read_one_file(
 
 
 def load_dataset_file(
-    spec: DatasetSpec, default_system: str | None = None, on_invalid: str = "error", report: SkipReport | None = None
+    spec: DatasetSpec,
+    default_system: str | None = None,
+    on_invalid: str = "error",
+    report: SkipReport | None = None,
+    prompts_only: bool = False,
 ) -> list[Conversation]:
-    """Read and convert one dataset path (a file, a folder of files or a saved dataset)."""
+    """Read and convert one dataset path (a file, a folder of files or a saved dataset).
+
+    With prompts_only (prompts to generate from), examples need no final assistant reply.
+    """
     report = report if report is not None else SkipReport()
     conversations = []
     for path in dataset_files(spec.path):
-        conversations.extend(_read_one_file(spec, path, default_system, on_invalid, report))
+        conversations.extend(_read_one_file(spec, path, default_system, on_invalid, report, prompts_only))
     return conversations
 
 

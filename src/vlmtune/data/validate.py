@@ -10,8 +10,11 @@ from vlmtune.data.conversation import Conversation
 from vlmtune.errors import DataError
 
 
-def check_roles(conversation: Conversation) -> None:
-    """Require: an optional system message, then user/assistant turns alternating, ending with assistant."""
+def check_roles(conversation: Conversation, reply_required: bool = True) -> None:
+    """Require: an optional system message, then user/assistant turns alternating, ending with assistant.
+
+    Without reply_required (prompts to generate from), the last message may also be a user message.
+    """
     messages = conversation.messages
     start = 1 if messages and messages[0].role == "system" else 0
     turns = messages[start:]
@@ -27,7 +30,7 @@ def check_roles(conversation: Conversation) -> None:
             )
         if not message.text.strip() and not message.images:
             raise DataError(f"{conversation.source}: message {number + start} ({message.role}) is empty", "empty field")
-    if turns[-1].role != "assistant":
+    if turns[-1].role != "assistant" and reply_required:
         raise DataError(
             f"{conversation.source}: the conversation ends with a {turns[-1].role} message; it must end with "
             "the assistant reply to train on",
@@ -50,8 +53,8 @@ def check_local_images(conversation: Conversation) -> None:
             raise DataError(f"{conversation.source}: corrupt or unreadable image {path}: {error}", "corrupt image") from None
 
 
-def check_conversation(conversation: Conversation) -> None:
-    check_roles(conversation)
+def check_conversation(conversation: Conversation, reply_required: bool = True) -> None:
+    check_roles(conversation, reply_required)
     check_local_images(conversation)
 
 

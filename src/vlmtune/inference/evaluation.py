@@ -39,7 +39,10 @@ def build_prompts(
     """Return the prompts (data conversations without their last reply, then the extra
     prompts) and each prompt's reference reply (None for the extra prompts)."""
     prompts = [conversation_for_generation(conversation) for conversation in conversations[:count]]
-    references: list[str | None] = [conversation.messages[-1].text for conversation in conversations[:count]]
+    references: list[str | None] = [
+        conversation.messages[-1].text if conversation.messages[-1].role == "assistant" else None
+        for conversation in conversations[:count]
+    ]
     for number, prompt in enumerate(extra):
         content = [ImagePart(image) for image in prompt.images] + [TextPart(prompt.text)]
         messages = [Message("system", [TextPart(system)])] if system else []
@@ -174,7 +177,9 @@ def evaluate_against_base(
     elif not Path(merged).is_dir():
         raise ModelError(f"--merged: folder not found: {merged}")
     if data_path is not None:
-        conversations = load_dataset_file(DatasetSpec(path=data_path), config.data.system_prompt, config.data.on_invalid)
+        conversations = load_dataset_file(
+            DatasetSpec(path=data_path), config.data.system_prompt, config.data.on_invalid, prompts_only=True
+        )
     else:
         data = load_data(config.data)
         conversations = data.validation or data.train
