@@ -119,12 +119,27 @@ def test_unknown_layout_lists_keys(tmp_path):
     with pytest.raises(DataError, match=r"cannot tell the dataset layout from the keys \['completion', 'prompt'\]") as caught:
         load_dataset_file(DatasetSpec(path=str(path)))
     assert "columns: {instruction: question, output: answer}" in str(caught.value)
+    assert "data.on_invalid" not in str(caught.value)  # skipping would skip every example of the file
 
 
 def test_renamed_columns_fix_unknown_layout(tmp_path):
     path = write_json(tmp_path / "a.json", [{"prompt": "问", "completion": "答"}])
     [conversation] = load_dataset_file(DatasetSpec(path=str(path), columns={"instruction": "prompt", "output": "completion"}))
     assert [message.text for message in conversation.messages] == ["问", "答"]
+
+
+def test_errors_name_the_file_columns(tmp_path):
+    renamed = write_json(tmp_path / "a.json", [{"prompt": "问", "completion": " "}])
+    with pytest.raises(DataError, match=r"field 'completion' is empty"):
+        load_dataset_file(DatasetSpec(path=str(renamed), columns={"instruction": "prompt", "output": "completion"}))
+    query_only = write_json(tmp_path / "b.json", [{"query": "你好"}])
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(DatasetSpec(path=str(query_only)))
+    assert "field 'response' is missing (the example has ['query'])" in str(caught.value)
+    assert "columns: {output: COLUMN}" in str(caught.value)  # the hint names the layout's field
+    sharegpt = write_json(tmp_path / "c.json", [{"dialog": [{"from": "robot", "value": "hi"}]}])
+    with pytest.raises(DataError, match=r"field 'dialog\[0\].from' is 'robot'"):
+        load_dataset_file(DatasetSpec(path=str(sharegpt), layout="sharegpt", columns={"conversations": "dialog"}))
 
 
 def test_empty_array_and_non_object_examples(tmp_path):

@@ -22,10 +22,10 @@ _REMOTE = re.compile(r"^(https?://|data:)")
 
 def _missing_field(record: Record, name: str) -> DataError:
     """Return the error for a missing field, with the example's keys, since a misspelt column is a common cause."""
-    keys = sorted(record.data) if isinstance(record.data, dict) else []
+    keys = sorted(record.field_name(key) for key in record.data) if isinstance(record.data, dict) else []
     return DataError(
-        f"{record.location}: field '{name}' is missing (the example has {keys}); add it or remove the example. "
-        f"If a column of another name holds it, map it in the data.train entry: columns: {{{name}: COLUMN}}",
+        f"{record.location}: field '{record.field_name(name)}' is missing (the example has {keys}); add it or remove "
+        f"the example. If a column of another name holds it, map it in the data.train entry: columns: {{{name}: COLUMN}}",
         "missing field",
     )
 
@@ -41,14 +41,14 @@ def string_field(record: Record, name: str, *, required: bool, value: Any = None
     if value is None and not required:
         return ""
     if value is None:
-        raise DataError(f"{record.location}: field '{name}' is null; it must be a string", "wrong type")
+        raise DataError(f"{record.location}: field '{record.field_name(name)}' is null; it must be a string", "wrong type")
     if not isinstance(value, str):
         raise DataError(
-            f"{record.location}: field '{name}' must be a string, got {type(value).__name__} {value!r:.60}",
+            f"{record.location}: field '{record.field_name(name)}' must be a string, got {type(value).__name__} {value!r:.60}",
             "wrong type",
         )
     if required and not allow_empty and not value.strip():
-        raise DataError(f"{record.location}: field '{name}' is empty; fill it in or remove the example", "empty field")
+        raise DataError(f"{record.location}: field '{record.field_name(name)}' is empty; fill it in or remove the example", "empty field")
     return value
 
 
@@ -68,7 +68,7 @@ def list_field(record: Record, name: str, *, required: bool) -> list[Any]:
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
         raise DataError(
-            f"{record.location}: field '{name}' must be a list, got {type(value).__name__} {value!r:.60}", "wrong type"
+            f"{record.location}: field '{record.field_name(name)}' must be a list, got {type(value).__name__} {value!r:.60}", "wrong type"
         )
     return list(value)
 
@@ -78,7 +78,7 @@ def image_source(record: Record, value: Any, field: str) -> str:
     if isinstance(value, dict):
         value = value.get("url") or value.get("path") or value.get("image")
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{record.location}: field '{field}' must be an image path or URL, got {value!r:.60}", "wrong type")
+        raise DataError(f"{record.location}: field '{record.field_name(field)}' must be an image path or URL, got {value!r:.60}", "wrong type")
     if _REMOTE.match(value):
         return value
     path = Path(value.removeprefix("file://")).expanduser()
@@ -86,7 +86,7 @@ def image_source(record: Record, value: Any, field: str) -> str:
         path = record.path.parent / path
     if not path.is_file():
         raise DataError(
-            f"{record.location}: field '{field}': image not found: {path} (a relative path is read from the data "
+            f"{record.location}: field '{record.field_name(field)}': image not found: {path} (a relative path is read from the data "
             "file's folder); fix the path or remove the image from the example",
             "missing image",
         )
@@ -94,7 +94,7 @@ def image_source(record: Record, value: Any, field: str) -> str:
 
 
 def reject_videos(record: Record, field: str) -> None:
-    raise DataError(f"{record.location}: field '{field}' contains a video; {VIDEO_MESSAGE}", "unsupported video")
+    raise DataError(f"{record.location}: field '{record.field_name(field)}' contains a video; {VIDEO_MESSAGE}", "unsupported video")
 
 
 def images_field(record: Record, name: str = "images") -> list[str]:
@@ -113,7 +113,7 @@ def split_placeholders(text: str, images: list[str], cursor: int, record: Record
         if number > 0:
             if cursor >= len(images):
                 raise DataError(
-                    f"{record.location}: field '{field}' has more {IMAGE_PLACEHOLDER} placeholders than the "
+                    f"{record.location}: field '{record.field_name(field)}' has more {IMAGE_PLACEHOLDER} placeholders than the "
                     f"{len(images)} image(s) in 'images'; the counts must be equal",
                     "placeholder/image count mismatch",
                 )

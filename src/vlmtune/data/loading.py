@@ -83,7 +83,7 @@ def _rename_columns(record: Record, columns: dict[str, str]) -> Record:
     for layout_name, file_column in columns.items():
         if file_column in data:
             data[layout_name] = data.pop(file_column)
-    return Record(data, record.path, record.index, record.line)
+    return Record(data, record.path, record.index, record.line, columns=dict(columns))
 
 
 def detect_layout(record: Record) -> str:
@@ -145,8 +145,11 @@ def _read_one_file(
         except DataError as error:
             if on_invalid == "error":
                 mixed = _mixed_layout_note(item, layout, spec) if spec.layout == "auto" else ""
-                # Prompt files are read outside a training config, where data.on_invalid cannot be set.
-                hint = "" if prompts_only else " (set data.on_invalid: skip to skip such examples)"
+                # Prompt files are read outside a training config, where data.on_invalid cannot be set. A
+                # layout that cannot be told from the keys fails every example, so skipping would skip the file.
+                hint = " (set data.on_invalid: skip to skip such examples)"
+                if prompts_only or error.reason == "unknown layout":
+                    hint = ""
                 raise DataError(f"{error}{mixed}{hint}", error.reason) from None
             report.add(error.reason, item.location, str(error))
             skipped += 1

@@ -52,7 +52,7 @@ def _content_parts(record: Record, content: list[Any], field: str) -> list[Conte
             reject_videos(record, part_field)
         else:
             raise DataError(
-                f"{record.location}: field '{part_field}' must be a part with type text, image_url or image, "
+                f"{record.location}: field '{record.field_name(part_field)}' must be a part with type text, image_url or image, "
                 f"got {part!r:.80}",
                 "wrong type",
             )
@@ -71,13 +71,13 @@ def messages_to_conversation(record: Record, default_system: str | None = None) 
         role = item.get("role") if isinstance(item, dict) else None
         if role in TOOL_ROLES:
             raise DataError(
-                f"{record.location}: field '{field}.role' is {role!r}; tool messages are not supported yet, "
+                f"{record.location}: field '{record.field_name(field)}.role' is {role!r}; tool messages are not supported yet, "
                 "remove them or the example",
                 "unsupported role",
             )
         if role not in ROLES:
             raise DataError(
-                f"{record.location}: field '{field}.role' is {role!r}; expected one of {', '.join(ROLES)}", "unknown role"
+                f"{record.location}: field '{record.field_name(field)}.role' is {role!r}; expected one of {', '.join(ROLES)}", "unknown role"
             )
         content = item.get("content")
         if isinstance(content, list):
@@ -87,7 +87,7 @@ def messages_to_conversation(record: Record, default_system: str | None = None) 
             parts, used = split_placeholders(text, images, used, record, f"{field}.content")
         reasoning = item.get("reasoning_content") if role == "assistant" else None
         if reasoning is not None and not isinstance(reasoning, str):
-            raise DataError(f"{record.location}: field '{field}.reasoning_content' must be a string", "wrong type")
+            raise DataError(f"{record.location}: field '{record.field_name(field)}.reasoning_content' must be a string", "wrong type")
         messages.append(Message(role, parts, reasoning=reasoning or None))
     check_all_images_used(record, images, used)
     if default_system and not (messages and messages[0].role == "system"):

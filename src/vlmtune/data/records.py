@@ -10,7 +10,8 @@ import base64
 import csv
 import io
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,11 +30,18 @@ class Record:
     """0-based position in the file; messages count records from 1."""
     line: int | None = None
     """1-based line in text files; None for Parquet and saved datasets, which have rows only."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """The file's column name for each layout field that data.train's `columns` renamed."""
 
     @property
     def location(self) -> str:
         where = f"line {self.line}" if self.line is not None else f"row index {self.index}"
         return f"{self.path}, record {self.index + 1} ({where})"
+
+    def field_name(self, name: str) -> str:
+        """Return a field name as the file spells it, e.g. `answer[0]` for `output[0]` with columns {output: answer}."""
+        head = re.match(r"[^.\[]*", name).group(0)
+        return self.columns.get(head, head) + name[len(head) :]
 
 
 @dataclass(frozen=True)

@@ -38,17 +38,17 @@ def sharegpt_to_conversation(record: Record, default_system: str | None = None) 
     for number, turn in enumerate(turns):
         field = f"conversations[{number}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{record.location}: field '{field}' must be an object with 'from' and 'value'", "wrong type")
+            raise DataError(f"{record.location}: field '{record.field_name(field)}' must be an object with 'from' and 'value'", "wrong type")
         speaker = turn.get("from", turn.get("role"))
         if speaker in TOOL_ROLES:
             raise DataError(
-                f"{record.location}: field '{field}.from' is {speaker!r}; tool turns are not supported yet, "
+                f"{record.location}: field '{record.field_name(field)}.from' is {speaker!r}; tool turns are not supported yet, "
                 "remove them or the example",
                 "unsupported role",
             )
         if speaker not in ROLES:
             raise DataError(
-                f"{record.location}: field '{field}.from' is {speaker!r}; expected one of {', '.join(ROLES)}",
+                f"{record.location}: field '{record.field_name(field)}.from' is {speaker!r}; expected one of {', '.join(ROLES)}",
                 "unknown role",
             )
         text = string_field(record, f"{field}.value", required=True, value=turn.get("value", turn.get("content")))
