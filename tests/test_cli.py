@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shlex
 import shutil
@@ -135,6 +136,12 @@ def test_interactive_commands_without_argument(tiny_model_dir):
     assert "system prompt: '你是小橘。'." in result.stdout
     assert "system prompt set; history cleared" in result.stdout
     assert "system prompt removed; history cleared" in result.stdout
+
+
+def test_version_option():
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"vlmtune {importlib.metadata.version('vlmtune')}"
 
 
 def test_chat_argument_errors_before_loading(tiny_model_dir, tmp_path):

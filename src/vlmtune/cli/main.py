@@ -68,10 +68,21 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        console.print(f"vlmtune {importlib.metadata.version('vlmtune')}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings and errors only.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     _setup_logging(verbose, quiet)
     if quiet:
