@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,10 +161,33 @@ def test_trained_adapter_stops_on_stop_token(run):
 def test_rerun_into_used_folder_needs_a_choice(run, tiny_model_dir):
     tree = training_tree(tiny_model_dir, run["data_path"], run["recipe"].output_dir)
     tree["tracking"] = {"backend": "none"}
-    with pytest.raises(ConfigError, match=r"contains checkpoints of an earlier run \(checkpoint-30\)\. Pass --resume"):
+    with pytest.raises(ConfigError, match=r"contains an earlier run \(checkpoint-15, checkpoint-30, adapter_model.safetensors, \.\.\.\)\. Pass --resume"):
         LoraRecipe(build_config(tree)).setup()
     with pytest.raises(ConfigError, match=r"checkpoint-30 is already at step 30, and train.max_steps is 30"):
         LoraRecipe(build_config(tree), resume=True).setup()
+
+
+def test_finished_run_without_checkpoints_kept(tiny_model_dir, tmp_path, run):
+    """A run whose checkpoints were deleted to save space is still a run: it is not trained over unasked."""
+    tree = training_tree(tiny_model_dir, run["data_path"], tmp_path / "out", max_steps=2, save_steps=1)
+    tree["tracking"] = {"backend": "none"}
+    first = LoraRecipe(build_config(tree))
+    first.setup()
+    first.train()
+    first.save()
+    for checkpoint in (tmp_path / "out").glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    adapter = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"contains an earlier run \(adapter_model.safetensors, .*\)\. Pass --resume"):
+        LoraRecipe(build_config(tree)).setup()
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == adapter
+
+    (tmp_path / "out" / "notes.txt").write_text("mine", encoding="utf-8")
+    replaced = LoraRecipe(build_config(tree), overwrite=True)
+    replaced.setup()
+    for name in ("adapter_model.safetensors", "run_manifest.json", "eval_report.md", "progress.jsonl"):
+        assert not (tmp_path / "out" / name).exists(), name
+    assert (tmp_path / "out" / "notes.txt").is_file()  # not a file of the run
 
 
 def test_overwrite_replaces_earlier_checkpoints(tiny_model_dir, tmp_path, run):

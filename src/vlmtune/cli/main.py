@@ -121,7 +121,7 @@ def train(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint-N in train.output_dir.")] = False,
     overwrite: Annotated[
-        bool, typer.Option(help="Delete an earlier run's checkpoints in train.output_dir and start afresh.")
+        bool, typer.Option(help="Delete an earlier run in train.output_dir (checkpoints, adapter, reports, logs) and start afresh.")
     ] = False,
 ) -> None:
     """LoRA-fine-tune a model on the config's datasets and save the adapter."""

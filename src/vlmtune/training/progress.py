@@ -26,9 +26,10 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from vlmtune.outputs import PROGRESS_FILE
+
 logger = logging.getLogger(__name__)
 
-PROGRESS_FILE = "progress.jsonl"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

@@ -53,6 +53,7 @@ from vlmtune.model.loading import (
 )
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
 from vlmtune.model.packing import PackedPositions
+from vlmtune.outputs import earlier_run_files
 from vlmtune.training.loss import token_mean_loss
 from vlmtune.training.progress import ProgressFileCallback, StopOnSignalCallback
 from vlmtune.training.sampling import SampleGenerationCallback
@@ -415,16 +416,23 @@ class LoraRecipe:
                     "raise train.max_steps to train further"
                 )
             self._check_resumed_settings(Path(checkpoint))
-        elif checkpoint is not None:
+        else:
+            earlier = earlier_run_files(self.output_dir)
+            if not earlier:
+                return
             if not self.overwrite:
+                names = ", ".join(path.name for path in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
                 raise ConfigError(
-                    f"train.output_dir {self.output_dir} contains checkpoints of an earlier run ({Path(checkpoint).name}). "
-                    "Pass --resume to continue it, --overwrite to replace it, or choose another train.output_dir"
+                    f"train.output_dir {self.output_dir} contains an earlier run ({names}). Pass --resume to continue "
+                    "it from its last checkpoint, --overwrite to replace it, or choose another train.output_dir"
                 )
             if self.is_main_process:
-                for old in self.output_dir.glob("checkpoint-*"):
-                    shutil.rmtree(old)
-                logger.info("removed the earlier run's checkpoints from %s (--overwrite)", self.output_dir)
+                for path in earlier:
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                logger.info("removed the earlier run from %s (--overwrite)", self.output_dir)
 
     def _check_resumed_settings(self, checkpoint: Path) -> None:
         """Raise ConfigError for a resume that would mix LoRA settings or re-run a finished run, and warn about other changes."""

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.errors import ConfigError
+from vlmtune.outputs import PROGRESS_FILE
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE_NAME = "train.log"
-PROGRESS_FILE_NAME = "progress.jsonl"  # written by vlmtune.training.progress.ProgressFileCallback
 
 
 @dataclass
@@ -106,7 +106,7 @@ class TrainingJob:
 
     @property
     def progress_path(self) -> Path:
-        return self.output_dir / PROGRESS_FILE_NAME
+        return self.output_dir / PROGRESS_FILE
 
     @property
     def state(self) -> str:
@@ -151,8 +151,14 @@ class JobManager:
         self._lock = threading.Lock()
         self.job: TrainingJob | None = None
 
-    def start(self, command: list[str], shell_command: str, output_dir: str | Path, form: Any = None) -> TrainingJob:
-        """Start the command with its output in OUTPUT_DIR/train.log; fail when a run is active."""
+    def start(
+        self, command: list[str], shell_command: str, output_dir: str | Path, form: Any = None, overwrite: bool = False
+    ) -> TrainingJob:
+        """Start the command with its output in OUTPUT_DIR/train.log; fail when a run is active.
+
+        With overwrite (the command replaces an earlier run), the earlier run's progress.jsonl goes first,
+        so the page shows only the new run's progress.
+        """
         with self._lock:
             if self.job is not None and self.job.return_code is None:
                 raise ConfigError(
@@ -160,7 +166,9 @@ class JobManager:
                 )
             folder = Path(output_dir)
             folder.mkdir(parents=True, exist_ok=True)
-            progress_path = folder / PROGRESS_FILE_NAME
+            progress_path = folder / PROGRESS_FILE
+            if overwrite:
+                progress_path.unlink(missing_ok=True)
             offset = progress_path.stat().st_size if progress_path.is_file() else 0
             log = open(folder / LOG_FILE_NAME, "a", encoding="utf-8")
             log.write(f"\n$ {shell_command}\n")

@@ -13,6 +13,7 @@ import pandas
 
 from vlmtune.config import RunConfig
 from vlmtune.errors import VlmtuneError
+from vlmtune.outputs import earlier_run_files
 from vlmtune.webui.forms import (
     TrainForm,
     build_run_config,
@@ -199,11 +200,11 @@ class TrainTab:
         try:
             config = build_run_config(self._form(*form_values))
             output_dir = Path(config.train.output_dir)
-            if not overwrite and any(output_dir.glob("checkpoint-*")):
+            if not overwrite and earlier_run_files(output_dir):
                 return (
-                    f"**Error:** the output folder {output_dir} contains checkpoints of an earlier run. Click Resume "
-                    "to continue that run, tick 'Replace an earlier run in this folder' under More, or choose another "
-                    "output folder.",
+                    f"**Error:** the output folder {output_dir} contains an earlier run. Click Resume to continue it "
+                    "from its last checkpoint, tick 'Replace an earlier run in this folder' under More, or choose "
+                    "another output folder.",
                     "",
                 )
             return self._run(config, form_values, overwrite=bool(overwrite))
@@ -238,7 +239,7 @@ class TrainTab:
         config_path = write_run_config(config)
         command = train_command(config_path, overwrite=overwrite, resume=resume)
         typed_command = shell_command(command)
-        self.jobs.start(command, typed_command, config.train.output_dir, form=list(form_values))
+        self.jobs.start(command, typed_command, config.train.output_dir, form=list(form_values), overwrite=overwrite)
         return f"{'Resumed' if resume else 'Started'}; the config is {config_path}.", typed_command
 
     def stop_run(self) -> str:
