@@ -200,6 +200,34 @@ def test_split_reply_stray_tags(text, reasoning, answer):
     assert split_reply(text) == ParsedReply(reasoning, answer)
 
 
+@pytest.mark.parametrize(
+    "text, opened_by_prompt, reasoning, answer",
+    [
+        ("喵，你好<think>\n想想", False, "", "喵，你好\n想想"),  # text first: the layout is not followed
+        ("\n<think>\nhmm</think>\n<answer>hi</answer>", False, "hmm", "hi"),  # a tag first: the layout
+        ("想一想</think>\n<answer>好</answer>", True, "想一想", "好"),
+        ("<think>\nhmm</think>\n<answer>hi</answer>", True, "hmm", "hi"),  # opened by the prompt and the reply
+    ],
+)
+def test_split_reply_knows_prompt(text, opened_by_prompt, reasoning, answer):
+    parsed = split_reply(text, opened_by_prompt=opened_by_prompt)
+    assert parsed.reasoning == reasoning
+    assert parsed.answer == answer
+
+
+def test_plain_reply_streams_from_first_piece():
+    from vlmtune.inference.generate import visible_text
+
+    chunks = ["喵", "，你 ", "好", "<think>", "\n想", "<", "/answer> 吧"]
+    texts = ["".join(chunks[:end]) for end in range(1, len(chunks) + 1)]
+    shown = [visible_text(text, "think_answer", False, final=False, opened_by_prompt=False) for text in texts]
+    shown.append(visible_text(texts[-1], "think_answer", False, final=True, opened_by_prompt=False))
+    assert shown[0] == "喵"  # not kept back until the reply ends
+    for earlier, later in zip(shown, shown[1:]):
+        assert later.startswith(earlier), (earlier, later)
+    assert shown[-1] == "喵，你 好\n想 吧"
+
+
 def test_plain_layout_without_thinking(loaded):
     encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids, thinking="none")
     sample = encoder.encode(alpaca(CATGIRL))

@@ -168,7 +168,11 @@ def _find_all(driver, selector: str):
 
 
 def _bot_texts(driver, chatbot: str) -> list[str]:
-    return [element.text for element in _find_all(driver, f"{chatbot} [data-testid='bot']")]
+    """Return the texts of the answer messages; a reasoning block (a thought) is a message of its own after its answer."""
+    from selenium.webdriver.common.by import By
+
+    messages = _find_all(driver, f"{chatbot} [data-testid='bot']")
+    return [element.text for element in messages if not element.find_elements(By.CSS_SELECTOR, ".thought-group")]
 
 
 def _send(driver, text: str, images: list[Path] = ()) -> None:

@@ -28,7 +28,7 @@ class ParsedReply:
     """Whether the reply has reached its answer part (an `<answer>` tag, or the end of a finished reply)."""
 
 
-def split_reply(text: str, final: bool = True) -> ParsedReply:
+def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = None) -> ParsedReply:
     """Split a reply into reasoning and answer, accepting missing, unclosed and stray tags.
 
     The text is read once from the start, tag by tag, so a longer text never changes how
@@ -39,12 +39,17 @@ def split_reply(text: str, final: bool = True) -> ParsedReply:
     extended by the next one and by the final one, so streamed pieces add up to the reply
     that a single call returns.
 
+    `opened_by_prompt` says whether the generation prompt ended with `<think>`. True: the reply
+    starts inside the think block. False: a reply that starts with text, not a tag, does not
+    follow the layout, so all of it is the answer (layout tags in it are dropped), and it can be
+    streamed from the first piece. None (not known): text before the first tag is kept back.
+
     >>> split_reply("<think>\\nhmm</think>\\n<answer>hi</answer>")
     ParsedReply(reasoning='hmm', answer='hi')
     >>> split_reply("plain")
     ParsedReply(reasoning='', answer='plain')
     """
-    state, pending, reasoning, answer = "start", "", "", ""
+    state, pending, reasoning, answer = ("think" if opened_by_prompt else "start"), "", "", ""
     for index, piece in enumerate(_TAG.split(text)):
         is_tag = index % 2 == 1
         if state == "start":
@@ -54,14 +59,19 @@ def split_reply(text: str, final: bool = True) -> ParsedReply:
                 state, reasoning, pending = "between", pending, ""
             elif is_tag and piece == "<answer>":
                 state, pending = "answer", ""
+            elif opened_by_prompt is False and piece.strip():
+                state, answer = "plain", piece
             else:
                 pending += piece
+        elif state == "plain":
+            if not is_tag:
+                answer += piece
         elif state == "think":
             if is_tag and piece == "</think>":
                 state, pending = "between", ""
             elif is_tag and piece == "<answer>":
                 state = "answer"
-            else:
+            elif not (is_tag and piece == "<think>" and not reasoning.strip()):  # the prompt opened it, then the reply
                 reasoning += piece
         elif state == "between":
             if is_tag and piece == "<answer>":
@@ -74,6 +84,10 @@ def split_reply(text: str, final: bool = True) -> ParsedReply:
             else:
                 answer += piece
     reasoning = reasoning.removeprefix("\n")  # the line break the layout puts after <think>
+    if state == "plain":
+        # Stripping both ends keeps streamed results growing: trailing space returns once text follows it.
+        answer = answer.strip() if final else _without_partial_tag(answer).strip()
+        return ParsedReply("", answer, answer_begun=True)
     if state == "think" and not final:
         reasoning = _without_partial_tag(reasoning)
     if state in ("start", "between"):

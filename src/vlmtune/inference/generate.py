@@ -32,7 +32,9 @@ class Reply:
     """True when the reply ended on a stop token, False when it hit max_new_tokens."""
     prompt_tokens: int = 0
 
-def visible_text(text: str, layout: str, show_thinking: bool, final: bool = True) -> str:
+def visible_text(
+    text: str, layout: str, show_thinking: bool, final: bool = True, opened_by_prompt: bool | None = None
+) -> str:
     """Return the part of a reply shown to the user: the answer, plus the reasoning on request.
 
     With `final=False` the reply is still being generated, and the result only grows as more
@@ -40,7 +42,7 @@ def visible_text(text: str, layout: str, show_thinking: bool, final: bool = True
     """
     if layout == "none":
         return text
-    parsed = split_reply(text, final)
+    parsed = split_reply(text, final, opened_by_prompt)
     if not show_thinking:
         return parsed.answer
     # An empty think part gets no header, so a reply without reasoning shows only its answer.
@@ -66,16 +68,17 @@ class AnswerStopCriteria(StoppingCriteria):
     next to a forward pass.
     """
 
-    def __init__(self, generator: Generator, prompt_length: int, stop_strings: list[str]):
+    def __init__(self, generator: Generator, prompt_length: int, stop_strings: list[str], opened_by_prompt: bool):
         self.generator = generator
         self.prompt_length = prompt_length
         self.stop_strings = stop_strings
+        self.opened_by_prompt = opened_by_prompt
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         done = []
         for row in input_ids[:, self.prompt_length :].tolist():
             text = self.generator._strip_control(self.generator.tokenizer.decode(row, skip_special_tokens=False))
-            answer = split_reply(text).answer
+            answer = split_reply(text, opened_by_prompt=self.opened_by_prompt).answer
             done.append(any(stop in answer for stop in self.stop_strings))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -130,7 +133,11 @@ class Generator:
         return copy
 
     def _generate_kwargs(
-        self, max_new_tokens: int | None, stop_strings: list[str] | None = None, prompt_length: int = 0
+        self,
+        max_new_tokens: int | None,
+        stop_strings: list[str] | None = None,
+        prompt_length: int = 0,
+        opened_by_prompt: bool = False,
     ) -> dict[str, Any]:
         """Build generate() arguments. Stop strings end the answer: in a reply with reasoning they are not looked for there."""
         settings = self.settings
@@ -144,7 +151,8 @@ class Generator:
         if stop_strings and self.layout == "none":
             kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         elif stop_strings:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([AnswerStopCriteria(self, prompt_length, stop_strings)])
+            criteria = AnswerStopCriteria(self, prompt_length, stop_strings, opened_by_prompt)
+            kwargs["stopping_criteria"] = StoppingCriteriaList([criteria])
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
         else:
@@ -152,14 +160,18 @@ class Generator:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def _to_reply(self, generated: list[int], prompt_tokens: int = 0) -> Reply:
+    def _opens_think(self, prompt_ids: torch.Tensor) -> bool:
+        """Return whether the prompt ends with <think>, as templates that start the reasoning themselves do."""
+        return self.tokenizer.decode(prompt_ids[-3:].tolist(), skip_special_tokens=False).rstrip().endswith("<think>")
+
+    def _to_reply(self, generated: list[int], prompt_tokens: int = 0, opened_by_prompt: bool | None = None) -> Reply:
         """Build a Reply from generated ids; anything after the first stop id is batch padding."""
         stop_at = next((index for index, token in enumerate(generated) if token in self.stop_ids), None)
         stopped = stop_at is not None
         body = generated[:stop_at] if stopped else generated
         generated = generated[: stop_at + 1] if stopped else generated
         text = self.tokenizer.decode(body, skip_special_tokens=False)
-        parsed = split_reply(text) if self.layout != "none" else None
+        parsed = split_reply(text, opened_by_prompt=opened_by_prompt) if self.layout != "none" else None
         return Reply(
             text=text,
             reasoning=self._strip_control(parsed.reasoning) if parsed else "",
@@ -174,10 +186,11 @@ class Generator:
         self, conversation: Conversation, max_new_tokens: int | None = None, stop_strings: list[str] | None = None
     ) -> Reply:
         inputs = self.prepare_inputs(conversation)
-        kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1])
+        opened = self._opens_think(inputs["input_ids"][0])
+        kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened)
         output = self.model.generate(**inputs, **kwargs)
         prompt_tokens = inputs["input_ids"].shape[1]
-        return self._to_reply(output[0, prompt_tokens:].tolist(), prompt_tokens)
+        return self._to_reply(output[0, prompt_tokens:].tolist(), prompt_tokens, opened)
 
     @torch.inference_mode()
     def generate_batch(self, conversations: list[Conversation], max_new_tokens: int | None = None) -> list[Reply]:
@@ -200,7 +213,10 @@ class Generator:
         kwargs = self._generate_kwargs(max_new_tokens)
         output = self.model.generate(**inputs, **kwargs)
         prompt_length = inputs["input_ids"].shape[1]
-        return [self._to_reply(row[prompt_length:].tolist()) for row in output]
+        opened = [self._opens_think(row) for row in inputs["input_ids"]]
+        return [
+            self._to_reply(row[prompt_length:].tolist(), opened_by_prompt=row_opened) for row, row_opened in zip(output, opened)
+        ]
 
     def stream(
         self,
@@ -215,7 +231,8 @@ class Generator:
         on_parts, if given, receives the whole reasoning and answer so far after each piece.
         """
         inputs = self.prepare_inputs(conversation)
-        kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1])
+        opened = self._opens_think(inputs["input_ids"][0])
+        kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
         result: dict[str, Any] = {}
 
@@ -234,9 +251,9 @@ class Generator:
         def show(text: str, final: bool) -> None:
             nonlocal shown
             if on_parts is not None:
-                parsed = split_reply(text, final) if self.layout != "none" else None
+                parsed = split_reply(text, final, opened) if self.layout != "none" else None
                 on_parts(parsed.reasoning if parsed else "", parsed.answer if parsed else text)
-            visible = visible_text(text, self.layout, self.settings.show_thinking, final)
+            visible = visible_text(text, self.layout, self.settings.show_thinking, final, opened)
             if on_text is not None and visible.startswith(shown) and len(visible) > len(shown):
                 on_text(visible[len(shown) :])
                 shown = visible
@@ -249,7 +266,7 @@ class Generator:
         if "error" in result:
             raise result["error"]
         prompt_tokens = inputs["input_ids"].shape[1]
-        return self._to_reply(result["output"][0, prompt_tokens:].tolist(), prompt_tokens)
+        return self._to_reply(result["output"][0, prompt_tokens:].tolist(), prompt_tokens, opened)
 
     def _strip_control(self, text: str) -> str:
         for token in self._control_tokens:
