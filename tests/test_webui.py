@@ -26,6 +26,7 @@ from vlmtune.webui.forms import (  # noqa: E402
     TrainForm,
     build_run_config,
     list_presets,
+    preset_form_values,
     preview_samples,
     shell_command,
     train_command,
@@ -197,6 +198,19 @@ def test_auth_parsing():
     for bad in ["alice", ":secret", "alice:"]:
         with pytest.raises(ConfigError, match="--auth"):
             parse_auth(bad)
+
+
+def test_form_takes_preset_values(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("data: {max_length: 512, thinking: none}\nlora: {r: 32}\ntrain: {num_train_epochs: 10, learning_rate: 0.003}\n",
+                      encoding="utf-8")
+    assert preset_form_values(str(preset)) == [10, 0.003, 32, 512, "none", -1]  # max_steps: vlmtune's default
+    demo = preset_form_values(str(REPO_ROOT / "configs" / "demo.yaml"))
+    demo_tree = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
+    assert demo[0] == demo_tree["train"]["num_train_epochs"]
+    assert demo[2] == demo_tree["lora"]["r"]
+    with pytest.raises(ConfigError, match="preset not found"):
+        preset_form_values(str(tmp_path / "none.yaml"))
 
 
 def test_preview_marks_supervised_tokens(tiny_model_dir, tmp_path):

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 
-from vlmtune.config import RunConfig, build_config, read_settings_tree, save_config
+from vlmtune.config import (
+    DataSettings,
+    LoraSettings,
+    RunConfig,
+    TrainSettings,
+    build_config,
+    read_settings_tree,
+    save_config,
+)
 from vlmtune.data.loading import load_conversations
 from vlmtune.encoding import ConversationEncoder, encode_with_policy
 from vlmtune.encoding.inspect import SegmentKind, SelfCheck, check_sample, sample_segments
@@ -78,6 +86,27 @@ def _check_form(form: TrainForm) -> list[str]:
     if not form.output_dir.strip():
         problems.append("output folder: empty. Enter a folder for the adapter and checkpoints, e.g. outputs/my-run")
     return problems
+
+
+def preset_form_values(preset: str) -> list[Any]:
+    """Return the preset's epochs, learning rate, LoRA rank, max length, reply layout and max steps, for the form.
+
+    A setting the preset leaves out gets vlmtune's default, which is what training would use.
+    """
+    tree = read_preset(preset)
+    data, lora, train = (tree.get(section) or {} for section in ("data", "lora", "train"))
+
+    def pick(section: dict[str, Any], settings: type, name: str) -> Any:
+        return section.get(name, settings.model_fields[name].default)
+
+    return [
+        pick(train, TrainSettings, "num_train_epochs"),
+        pick(train, TrainSettings, "learning_rate"),
+        pick(lora, LoraSettings, "r"),
+        pick(data, DataSettings, "max_length"),
+        pick(data, DataSettings, "thinking"),
+        pick(train, TrainSettings, "max_steps"),
+    ]
 
 
 def build_run_config(form: TrainForm) -> RunConfig:

@@ -18,6 +18,7 @@ from vlmtune.webui.forms import (
     TrainForm,
     build_run_config,
     list_presets,
+    preset_form_values,
     preview_samples,
     shell_command,
     train_command,
@@ -99,16 +100,17 @@ class TrainTab:
                     choices=presets, value=default_preset, label=t("preset"), allow_custom_value=True, elem_id="train-preset"
                 )
 
+            epochs, learning_rate, rank, max_length, thinking, max_steps = self._preset_values(default_preset)
             with gr.Column():
                 with gr.Row():
-                    self.epochs = gr.Number(value=3, label=t("epochs"), minimum=0.01)
-                    self.learning_rate = gr.Number(value=1e-4, label=t("learning_rate"), minimum=0)
+                    self.epochs = gr.Number(value=epochs, label=t("epochs"), minimum=0.01, elem_id="train-epochs")
+                    self.learning_rate = gr.Number(value=learning_rate, label=t("learning_rate"), minimum=0)
                 with gr.Row():
-                    self.lora_rank = gr.Number(value=8, label=t("lora_rank"), precision=0, minimum=1)
-                    self.max_length = gr.Number(value=1024, label=t("max_length"), precision=0, minimum=1)
-                self.thinking = gr.Dropdown(choices=THINKING_LAYOUTS, value="auto", label=t("thinking"))
+                    self.lora_rank = gr.Number(value=rank, label=t("lora_rank"), precision=0, minimum=1)
+                    self.max_length = gr.Number(value=max_length, label=t("max_length"), precision=0, minimum=1)
+                self.thinking = gr.Dropdown(choices=THINKING_LAYOUTS, value=thinking, label=t("thinking"))
                 with gr.Accordion(t("more_settings"), open=False, elem_id="train-more"):
-                    self.max_steps = gr.Number(value=-1, label=t("max_steps"), precision=0, elem_id="train-max-steps")
+                    self.max_steps = gr.Number(value=max_steps, label=t("max_steps"), precision=0, elem_id="train-max-steps")
                     self.overwrite = gr.Checkbox(label=t("overwrite"), value=False, elem_id="train-overwrite")
                 with gr.Row():
                     self.preview = gr.Button(t("preview"), elem_id="train-preview")
@@ -132,6 +134,19 @@ class TrainTab:
         self.timer = gr.Timer(1.0)
         self._wire()
 
+    @staticmethod
+    def _preset_values(preset: str | None) -> list[Any]:
+        """Return the preset's values for the settings fields, or vlmtune's defaults when it cannot be read."""
+        try:
+            return preset_form_values(preset or "")
+        except VlmtuneError as error:
+            logger.warning("preset %s: %s; the form starts from vlmtune's defaults", preset, error)
+            return [3.0, 1e-4, 8, 1024, "auto", -1]
+
+    def fill_from_preset(self, preset: str) -> list[Any]:
+        """Show the chosen preset's values in the settings fields, which override the preset when a run starts."""
+        return self._preset_values(preset)
+
     def form_inputs(self) -> list:
         return [self.dataset, self.model_box, self.output_dir, self.preset, self.epochs, self.learning_rate,
                 self.lora_rank, self.max_length, self.thinking, self.max_steps]
@@ -139,6 +154,9 @@ class TrainTab:
     def _wire(self) -> None:
         job_views = [self.status, self.command, self.progress, self.loss_plot, self.log]
         self.upload.upload(self.keep_upload, [self.upload], [self.dataset])
+        # .input, not .change: a page that restores a running job's form sets the preset too.
+        settings = [self.epochs, self.learning_rate, self.lora_rank, self.max_length, self.thinking, self.max_steps]
+        self.preset.input(self.fill_from_preset, [self.preset], settings)
         self.preview.click(self.show_preview, self.form_inputs(), [self.status, *self.samples])
         self.start.click(self.start_run, [*self.form_inputs(), self.overwrite], [self.status, self.command])
         self.resume.click(self.resume_run, self.form_inputs(), [self.status, self.command])
