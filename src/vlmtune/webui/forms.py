@@ -190,7 +190,7 @@ class SamplePreview:
     length: int
     max_length: int
     note: str | None = None
-    """What data.on_invalid or data.on_overlength does with the example, if anything."""
+    """The effect of data.on_invalid or data.on_overlength on the example, if any."""
 
 
 @lru_cache(maxsize=4)
