@@ -75,7 +75,7 @@ def test_data_stats_command(tiny_model_dir, tmp_path):
     env = {**os.environ, "COLUMNS": "200"}
     result = subprocess.run([vlmtune, "data", "stats", str(config)], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr
-    assert "encoded sample lengths in tokens (data.max_length=40)" in result.stdout
+    assert "encoded example lengths in tokens, before data.on_overlength (data.max_length=40)" in result.stdout
     assert f"{data} " in result.stdout
     assert "│      29 │" in result.stdout
     png = tmp_path / "out" / "length_histogram.png"
@@ -112,6 +112,10 @@ def test_data_stats_follows_trim_history(tiny_model_dir, tmp_path):
     assert "the oldest turns of 1 example(s) were removed" in result.stderr
     assert "dropped 1 example(s): longer than data.max_length=80 tokens" in result.stderr
     assert "encoded 2 sample(s)" in result.stderr
+    output = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "before data.on_overlength" in output
+    assert ("with data.on_overlength=trim_history, training uses 2 of these 3 examples: 1 with their oldest turns "
+            "removed to fit, 1 dropped as longer than data.max_length=80") in output
 
 
 def test_data_stats_counts_overlength_errors(tiny_model_dir, tmp_path):

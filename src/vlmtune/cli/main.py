@@ -410,6 +410,14 @@ def data_stats(
     else:
         report = encode_conversations(encoder, conversations, run_config.data)
     console.print(stats_table(length_stats(report.lengths, max_length), max_length))
+    examples = sum(len(values) for values in report.lengths.values())
+    too_long_dropped = len(report.dropped.get(overlength_reason(max_length), []))
+    if policy != "error" and (report.trimmed or too_long_dropped):
+        console.print(
+            f"with data.on_overlength={policy}, training uses {len(report.samples)} of these {examples} examples: "
+            f"{report.trimmed} with their oldest turns removed to fit, {too_long_dropped} dropped as longer than "
+            f"data.max_length={max_length}"
+        )
     if policy == "error" and too_long:
         console.print(
             f"{len(too_long)} sample(s) are longer than data.max_length={max_length}, and data.on_overlength=error "

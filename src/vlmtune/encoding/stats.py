@@ -55,7 +55,7 @@ def length_stats(lengths: dict[str, list[int]], max_length: int) -> list[LengthS
 
 
 def stats_table(rows: list[LengthStats], max_length: int) -> Table:
-    table = Table(title=f"encoded sample lengths in tokens (data.max_length={max_length})")
+    table = Table(title=f"encoded example lengths in tokens, before data.on_overlength (data.max_length={max_length})")
     for column in ("dataset", "samples", "min", "median", "p95", "max", f"> {max_length}"):
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for row in rows:
