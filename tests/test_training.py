@@ -343,3 +343,20 @@ def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text(encoding="utf-8"))
     assert [run["label"] for run in report] == ["base", "step 6"]
     assert [sample["answer"] for sample in report[0]["samples"]] == base_replies
+
+
+def test_swanlab_local_mode_needs_dashboard(tmp_path):
+    import importlib.util
+
+    from vlmtune.config import TrackingSettings
+    from vlmtune.training.tracking import Tracking, make_tracking
+
+    if importlib.util.find_spec("swanboard") is not None:
+        pytest.skip("swanboard is installed here, so local mode works")
+    with pytest.raises(ConfigError, match=r"tracking.swanlab_mode=local needs SwanLab's dashboard"):
+        make_tracking(TrackingSettings(swanlab_mode="local"), str(tmp_path), {})
+    (tmp_path / "run-1").mkdir()
+    hint = Tracking("swanlab", tmp_path).describe()
+    assert "swanlab sync" in hint
+    assert "swanlab watch" not in hint
+    assert "tracking.backend=tensorboard" in hint

@@ -6,6 +6,7 @@ network are needed, and `swanlab sync RUN_FOLDER` can upload it later.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from vlmtune.config import TrackingSettings
+from vlmtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +87,12 @@ class Tracking:
     def describe(self) -> str:
         folder = self.run_folder()
         if self.backend == "swanlab" and folder is not None:
-            return (
-                f"SwanLab run folder: {folder}\n"
-                f"  upload it to view in the browser: swanlab sync {folder}\n"
-                f"  or train with tracking.swanlab_mode=local and run: swanlab watch {self.log_dir}"
-            )
+            text = f"SwanLab run folder: {folder}\n  upload it to view in the browser: swanlab sync {folder}"
+            if importlib.util.find_spec("swanboard") is not None:
+                text += f"\n  or train with tracking.swanlab_mode=local and run: swanlab watch {self.log_dir}"
+            else:
+                text += "\n  or, to view runs without an upload, train with tracking.backend=tensorboard"
+            return text
         if self.backend == "tensorboard" and folder is not None:
             return f"TensorBoard logs: {folder}\n  view them with: tensorboard --logdir {folder}"
         return "tracking is off (tracking.backend=none)"
@@ -107,6 +110,12 @@ def make_tracking(settings: TrackingSettings, output_dir: str, run_config: dict[
         writer = SummaryWriter(log_dir=str(log_dir))
         return Tracking("tensorboard", log_dir, callbacks=[TensorBoardCallback(tb_writer=writer)])
 
+    if settings.swanlab_mode == "local" and importlib.util.find_spec("swanboard") is None:
+        raise ConfigError(
+            "tracking.swanlab_mode=local needs SwanLab's dashboard (pip install 'swanlab[dashboard]'), which is not "
+            "installed: its swanboard package requires rich<14, older than vlmtune's pinned rich. Use "
+            "tracking.swanlab_mode=offline and swanlab sync, or tracking.backend=tensorboard to view runs locally"
+        )
     from swanlab.integration.transformers import SwanLabCallback
 
     callback = SwanLabCallback(
