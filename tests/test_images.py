@@ -161,3 +161,20 @@ def test_vision_weights_change_only_with_vision_lora(tiny_model_dir, tmp_path, v
     else:
         assert changed == []
         assert not any("lora_" in name for name in before)
+
+
+def test_image_error_names_whole_path(tmp_path):
+    from vlmtune.encoding.images import load_image
+    from vlmtune.errors import DataError
+
+    folder = tmp_path / ("a-long-folder-name-" * 5)
+    folder.mkdir()
+    fake = folder / "fake.png"
+    fake.write_text("not a picture", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        load_image(str(fake))
+    assert f"cannot load image {str(fake)!r}: not a recognised image format" in str(caught.value)
+    with pytest.raises(DataError) as caught:
+        load_image("data:image/png;base64," + "A" * 200)
+    assert "data:image/png;base64,AAAA" in str(caught.value)
+    assert "A" * 100 not in str(caught.value)  # a data: URL is cut to its start

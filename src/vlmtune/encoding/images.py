@@ -60,7 +60,12 @@ def load_image(source: str, where: str = "") -> Image.Image:
     except DataError:
         raise
     except UnidentifiedImageError:
-        raise DataError(f"{prefix}cannot load image {source[:80]!r}: not a recognised image format", "corrupt image") from None
+        raise DataError(f"{prefix}cannot load image {_shown(source)}: not a recognised image format", "corrupt image") from None
     except (OSError, ValueError, binascii.Error) as error:
-        raise DataError(f"{prefix}cannot load image {source[:80]!r}: {error}", "corrupt image") from None
+        raise DataError(f"{prefix}cannot load image {_shown(source)}: {error}", "corrupt image") from None
     return image.convert("RGB")
+
+
+def _shown(source: str) -> str:
+    """Return an image source for a message: paths and URLs whole, a data: URL cut to its start."""
+    return repr(source[:80] + "...") if source.startswith("data:") and len(source) > 80 else repr(source)
