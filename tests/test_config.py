@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from vlmtune.config import load_config, parse_override, save_config
@@ -179,3 +181,14 @@ def test_missing_prompt_image_named(tmp_path):
     message = str(caught.value)
     assert message.startswith("evaluation.prompts[0].images[0]: image not found: img/none.png (looked in the working")
     assert f"next to the config file, in {tmp_path.resolve()}" in message
+
+
+def test_same_name_in_working_folder_warned(tmp_path, monkeypatch, caplog):
+    (tmp_path / "configs").mkdir()
+    config_file = write(tmp_path / "configs", MINIMAL)  # train.json next to the config
+    (tmp_path / "train.json").write_text("[]", encoding="utf-8")  # and another in the working folder
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        config = load_config(config_file)
+    assert config.data.train[0].path == "train.json"
+    assert "data.train[0].path: train.json exists in the working folder and next to the config file" in caplog.text

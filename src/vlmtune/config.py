@@ -15,6 +15,7 @@ naming the key as the user wrote it.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -24,6 +25,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlmtune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 # Names of the vision tower and its merger in GLM-4.1V and Qwen2-VL, as modules_to_save entries.
@@ -585,9 +588,17 @@ def _find_beside_config(
     raise a ConfigError that starts with `label`, or return the value unchanged if label is None.
     """
     path = Path(value).expanduser()
-    if exists(path):
-        return str(path)
     candidate = Path(os.path.normpath(config_path.parent / path))
+    if exists(path):
+        if not path.is_absolute() and exists(candidate) and candidate.resolve() != path.resolve():
+            logger.warning(
+                "%s: %s exists in the working folder and next to the config file (%s); using the one in the working "
+                "folder. Give an absolute path to choose",
+                label.partition(":")[0] if label else "model.name_or_path",
+                value,
+                candidate,
+            )
+        return str(path)
     if not path.is_absolute() and exists(candidate):
         return str(candidate)
     if label is None:
