@@ -102,3 +102,13 @@ def test_report_shows_earlier_turns(tiny_model_dir, tmp_path):
     markdown = markdown_path.read_text(encoding="utf-8")
     assert "| (after 1 earlier turn) 有什么记忆方法？ |" in markdown
     assert "| 你是谁？ |" in markdown
+
+
+def test_report_prompt_marks_images():
+    from vlmtune.data import Conversation, ImagePart, Message, TextPart
+    from vlmtune.inference.evaluation import _prompt_text
+
+    text_only = Conversation([Message("user", [TextPart("你好")])])
+    with_images = Conversation([Message("user", [ImagePart("a.png"), ImagePart("b.png"), TextPart("哪个好看？")])])
+    assert _prompt_text(text_only) == "你好"
+    assert _prompt_text(with_images) == "[2 images] 哪个好看？"

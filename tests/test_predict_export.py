@@ -21,7 +21,7 @@ from vlmtune.inference.predict import predict
 from vlmtune.model.loading import load_adapter, load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
-FIELDS = {"id", "prompt", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
+FIELDS = {"id", "prompt", "images", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,12 @@ def build_prompts(
 
 
 def _prompt_text(conversation: Conversation) -> str:
-    return conversation.messages[-1].text
+    """Return the last user message's text, marked when images came with it, e.g. `[1 image] 这是什么？`."""
+    message = conversation.messages[-1]
+    count = len(message.images)
+    if not count:
+        return message.text
+    return f"[{count} image{'s' if count > 1 else ''}] {message.text}"
 
 
 def run_evaluation(

@@ -2,7 +2,7 @@
 
 Each output line:
 
-    {"id": "test.json, record 3 (line 9)", "prompt": "你是谁？", "reference": "我是小橘喵~",
+    {"id": "test.json, record 3 (line 9)", "prompt": "你是谁？", "images": [], "reference": "我是小橘喵~",
      "answer": "...", "reasoning": "", "generated_tokens": 17, "stopped": true,
      "finish_reason": "stop"}
 
@@ -81,6 +81,7 @@ def predict(
                 row = {
                     "id": example_id(conversation),
                     "prompt": prompt.messages[-1].text if prompt.messages else "",
+                    "images": [image.source for image in prompt.messages[-1].images] if prompt.messages else [],
                     "reference": _last_reply(conversation),
                     "answer": reply.answer,
                     "reasoning": reply.reasoning,
