@@ -178,3 +178,16 @@ def test_image_error_names_whole_path(tmp_path):
         load_image("data:image/png;base64," + "A" * 200)
     assert "data:image/png;base64,AAAA" in str(caught.value)
     assert "A" * 100 not in str(caught.value)  # a data: URL is cut to its start
+
+
+def test_pixel_limit_against_processor_limit(loaded, tiny_model_dir):
+    from vlmtune.errors import DataError
+    from vlmtune.model.loading import load_processor
+
+    processor = load_processor(str(tiny_model_dir))
+    largest = processor.image_processor.size["longest_edge"]
+    with pytest.raises(DataError) as caught:
+        ConversationEncoder(processor, loaded.stop_token_ids, min_pixels=largest + 1)
+    message = str(caught.value)
+    assert f"the smallest image area ({largest + 1} pixels, data.min_pixels) is larger than the largest ({largest} pixels, the processor limit)" in message
+    ConversationEncoder(processor, loaded.stop_token_ids, min_pixels=largest + 1, max_pixels=largest + 1)  # both set: fine

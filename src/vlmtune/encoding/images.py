@@ -33,6 +33,14 @@ def apply_image_limits(processor: Any, min_pixels: int | None, max_pixels: int |
         size["shortest_edge"] = min_pixels
     if max_pixels is not None:
         size["longest_edge"] = max_pixels
+    if size["shortest_edge"] > size["longest_edge"]:
+        # One setting against the processor's own other limit, which resizes images inconsistently.
+        raise DataError(
+            f"image pixel limits conflict: the smallest image area ({size['shortest_edge']} pixels"
+            f"{', data.min_pixels' if min_pixels is not None else ', the processor limit'}) is larger than the largest "
+            f"({size['longest_edge']} pixels{', data.max_pixels' if max_pixels is not None else ', the processor limit'}). "
+            "Set data.min_pixels at most data.max_pixels, setting both when you change one"
+        )
     image_processor.size = size
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if value is not None and hasattr(image_processor, name):
