@@ -285,3 +285,14 @@ def test_parameter_count_text(count, text):
     from vlmtune.model.loading import parameter_count_text
 
     assert parameter_count_text(count) == text
+
+
+def test_image_size_from_processor_limit(tiny_model_dir, tmp_path):
+    from vlmtune.config import build_config
+    from vlmtune.model.estimate_report import run_estimate
+
+    processor_limit = json.loads((tiny_model_dir / "processor_config.json").read_text())["image_processor"]["size"]["longest_edge"]
+    config = build_config({"model": {"name_or_path": str(tiny_model_dir), "hub": "local"}, "data": {"train": ["x.json"]}})
+    report = run_estimate(config, images_per_sample=1)
+    assert report.workload.image_pixels == processor_limit
+    assert any("the image processor's limit" in note for note in report.assumptions)

@@ -89,8 +89,19 @@ def run_estimate(config: RunConfig, *, images_per_sample: int = 1, device: str =
     if vision_config is None:
         images_per_sample = 0
     elif images_per_sample and pixels is None:
-        pixels = vision_config.image_size**2
-        assumptions.append(f"data.max_pixels is unset: {pixels:,} pixels per image (vision image_size squared)")
+        pixels = _processor_max_pixels(config.model.name_or_path)
+        if pixels is not None:
+            assumptions.append(
+                f"data.max_pixels is unset: {pixels:,} pixels per image, the image processor's limit (an upper "
+                "bound: smaller images take fewer)"
+            )
+        else:
+            pixels = vision_config.image_size**2
+            assumptions.append(
+                f"data.max_pixels is unset: {pixels:,} pixels per image (vision image_size squared, because no local "
+                "processor file gives the processor's limit); larger images need more. Set "
+                "data.max_pixels to bound them"
+            )
     workload = Workload(
         batch_size=config.train.per_device_train_batch_size,
         sequence_length=config.data.max_length,
@@ -102,6 +113,26 @@ def run_estimate(config: RunConfig, *, images_per_sample: int = 1, device: str =
     if estimate.fits is False:
         report.lever = suggest_lever(config, model_config, workload, estimate)
     return report
+
+
+def _processor_max_pixels(name_or_path: str) -> int | None:
+    """Return the largest image area (size.longest_edge) of a local model's image processor, if its files give one.
+
+    transformers 5 saves the image processor inside processor_config.json; older folders have
+    preprocessor_config.json.
+    """
+    folder = Path(name_or_path).expanduser()
+    candidates = [
+        (folder / "processor_config.json", lambda tree: tree.get("image_processor") or {}),
+        (folder / "preprocessor_config.json", lambda tree: tree),
+    ]
+    for path, image_processor in candidates:
+        if path.is_file():
+            size = image_processor(json.loads(path.read_text(encoding="utf-8"))).get("size") or {}
+            value = size.get("longest_edge") if isinstance(size, dict) else None
+            if isinstance(value, int):
+                return value
+    return None
 
 
 def estimate_table(report: EstimateReport):
