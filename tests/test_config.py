@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +193,15 @@ def test_same_name_in_working_folder_warned(tmp_path, monkeypatch, caplog):
         config = load_config(config_file)
     assert config.data.train[0].path == "train.json"
     assert "data.train[0].path: train.json exists in the working folder and next to the config file" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "glm4v_9b_persona.yaml"])
+def test_bundled_config_from_any_folder(name, tmp_path, monkeypatch):
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    config = load_config(repo / "configs" / name)
+    for spec in config.data.train:
+        assert Path(spec.path).is_file(), spec.path
+        assert ".." not in Path(spec.path).parts
+    for prompt in config.evaluation.prompts:
+        assert all(Path(image).is_file() for image in prompt.images)
