@@ -167,13 +167,19 @@ def test_rerun_into_used_folder_needs_a_choice(run, tiny_model_dir):
         LoraRecipe(build_config(tree), resume=True).setup()
 
 
+def _two_step_run(tiny_model_dir, data_path, output_dir) -> tuple[dict, LoraRecipe]:
+    """Train two steps into output_dir, saving a checkpoint at each; return the settings tree and the recipe."""
+    tree = training_tree(tiny_model_dir, data_path, output_dir, max_steps=2, save_steps=1)
+    tree["tracking"] = {"backend": "none"}
+    recipe = LoraRecipe(build_config(tree))
+    recipe.setup()
+    recipe.train()
+    return tree, recipe
+
+
 def test_finished_run_without_checkpoints_kept(tiny_model_dir, tmp_path, run):
     """A run whose checkpoints were deleted to save space is still a run: it is not trained over unasked."""
-    tree = training_tree(tiny_model_dir, run["data_path"], tmp_path / "out", max_steps=2, save_steps=1)
-    tree["tracking"] = {"backend": "none"}
-    first = LoraRecipe(build_config(tree))
-    first.setup()
-    first.train()
+    tree, first = _two_step_run(tiny_model_dir, run["data_path"], tmp_path / "out")
     first.save()
     for checkpoint in (tmp_path / "out").glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
@@ -182,20 +188,19 @@ def test_finished_run_without_checkpoints_kept(tiny_model_dir, tmp_path, run):
         LoraRecipe(build_config(tree)).setup()
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == adapter
 
+    run_files = ("adapter_model.safetensors", "run_manifest.json", "progress.jsonl", "config.yaml")
+    for name in run_files:
+        assert (tmp_path / "out" / name).exists(), name
     (tmp_path / "out" / "notes.txt").write_text("mine", encoding="utf-8")
     replaced = LoraRecipe(build_config(tree), overwrite=True)
     replaced.setup()
-    for name in ("adapter_model.safetensors", "run_manifest.json", "eval_report.md", "progress.jsonl"):
+    for name in run_files[:3]:  # config.yaml is written again by the new run's setup
         assert not (tmp_path / "out" / name).exists(), name
     assert (tmp_path / "out" / "notes.txt").is_file()  # not a file of the run
 
 
 def test_overwrite_replaces_earlier_checkpoints(tiny_model_dir, tmp_path, run):
-    tree = training_tree(tiny_model_dir, run["data_path"], tmp_path / "out", max_steps=2, save_steps=1)
-    tree["tracking"] = {"backend": "none"}
-    first = LoraRecipe(build_config(tree))
-    first.setup()
-    first.train()
+    tree, _ = _two_step_run(tiny_model_dir, run["data_path"], tmp_path / "out")
     tree["train"]["max_steps"] = 1
     second = LoraRecipe(build_config(tree), overwrite=True)
     second.setup()

@@ -146,7 +146,7 @@ def _read_one_file(
             if on_invalid == "error":
                 mixed = _mixed_layout_note(item, layout, spec) if spec.layout == "auto" else ""
                 # Prompt files are read outside a training config, where data.on_invalid cannot be set. A
-                # layout that cannot be told from the keys fails every example, so skipping would skip the file.
+                # layout that cannot be detected from the keys fails every example, so skipping would skip the file.
                 hint = " (set data.on_invalid: skip to skip such examples)"
                 if prompts_only or error.reason == "unknown layout":
                     hint = ""
