@@ -152,6 +152,11 @@ def test_chat_argument_errors_before_loading(tiny_model_dir, tmp_path):
     assert missing_image.returncode == 2
     assert "image not found: nosuch.png" in missing_image.stderr
     assert "loaded" not in missing_image.stderr
+    (tmp_path / "fake.png").write_text("not a picture", encoding="utf-8")
+    fake_image = run("chat", "--model", str(tiny_model_dir), "--image", str(tmp_path / "fake.png"), "--message", "hi")
+    assert fake_image.returncode == 2
+    assert "not a recognised image format" in fake_image.stderr
+    assert "loaded" not in fake_image.stderr
     not_an_adapter = run("chat", "--adapter", str(tmp_path), "--message", "hi")
     assert f"--adapter: no adapter_config.json in {tmp_path}" in not_an_adapter.stderr
     interactive = run("chat", "--model", str(tiny_model_dir), stdin="/image nosuch.png\n/exit\n")

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from vlmtune.config import GenerationSettings, ModelSettings
+from vlmtune.encoding.images import load_image
 from vlmtune.errors import ConfigError, DataError, ModelError, VlmtuneError
 from vlmtune.inference.chat import ChatSession
 from vlmtune.inference.export import MERGED_CONFIG_NAME
@@ -29,12 +30,13 @@ HELP = """commands:
 
 
 def check_image_argument(image: str) -> str:
-    """Fail early for a local image that does not exist; URLs are checked when loaded."""
+    """Fail early for a local image that does not exist or is not a picture; URLs are checked when loaded."""
     if image.startswith(("http://", "https://", "data:")):
         return image
     path = Path(image.removeprefix("file://")).expanduser()
     if not path.is_file():
         raise DataError(f"image not found: {path}")
+    load_image(str(path))
     return str(path)
 
 
