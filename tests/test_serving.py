@@ -292,7 +292,8 @@ def test_context_length_checked(tiny_model_dir):
     loaded.model.config.get_text_config().max_position_embeddings = 120
     generator = Generator(loaded, GenerationSettings(max_new_tokens=64))
     short = {"messages": [{"role": "user", "content": "你好"}]}
-    prompt_tokens = generator.prompt_length(to_conversation(ChatRequest(**short), ServerSettings(model_name="m")))
+    prompt = to_conversation(ChatRequest(**short), ServerSettings(model_name="m"))
+    prompt_tokens = generator.prepare_inputs(prompt)["input_ids"].shape[1]
     long_text = "喵" * 400
     for url in start_server(generator, ServerSettings(model_name="m", max_tokens_limit=256)):
         code, payload = post(url, json.dumps({"messages": [{"role": "user", "content": long_text}]}).encode())

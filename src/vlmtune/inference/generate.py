@@ -113,10 +113,6 @@ class Generator:
         """Maximum sequence length of the language model (max_position_embeddings), if its config sets one."""
         return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
 
-    def prompt_length(self, conversation: Conversation) -> int:
-        """Return the number of tokens the model reads before it starts replying to the conversation."""
-        return self.prepare_inputs(conversation)["input_ids"].shape[1]
-
     def prepare_inputs(self, conversation: Conversation) -> dict[str, torch.Tensor]:
         """Tokenize the conversation with the chat template and a generation prompt."""
         messages = self.encoder.template_messages(conversation, with_images=True)
@@ -183,9 +179,14 @@ class Generator:
 
     @torch.inference_mode()
     def generate(
-        self, conversation: Conversation, max_new_tokens: int | None = None, stop_strings: list[str] | None = None
+        self,
+        conversation: Conversation,
+        max_new_tokens: int | None = None,
+        stop_strings: list[str] | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> Reply:
-        inputs = self.prepare_inputs(conversation)
+        """Generate one reply. `inputs`, if given, is prepare_inputs(conversation), already computed by the caller."""
+        inputs = inputs if inputs is not None else self.prepare_inputs(conversation)
         opened = self._opens_think(inputs["input_ids"][0])
         kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened)
         output = self.model.generate(**inputs, **kwargs)
@@ -225,12 +226,14 @@ class Generator:
         max_new_tokens: int | None = None,
         on_parts: Callable[[str, str], None] | None = None,
         stop_strings: list[str] | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> Reply:
         """Generate while calling on_text with each new piece of visible text.
 
         on_parts, if given, receives the whole reasoning and answer so far after each piece.
+        `inputs`, if given, is prepare_inputs(conversation), already computed by the caller.
         """
-        inputs = self.prepare_inputs(conversation)
+        inputs = inputs if inputs is not None else self.prepare_inputs(conversation)
         opened = self._opens_think(inputs["input_ids"][0])
         kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)

@@ -328,20 +328,21 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
                 raise APIError(400, str(error), param) from None
 
         request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
-        prompt_tokens = await asyncio.to_thread(request_generator.prompt_length, conversation)
+        inputs = await asyncio.to_thread(request_generator.prepare_inputs, conversation)
+        prompt_tokens = inputs["input_ids"].shape[1]
         request_generator = _fit_context(request_generator, prompt_tokens, body.max_completion_tokens or body.max_tokens)
         if body.n != 1:
             raise APIError(400, f"n: only one choice per request is supported, got {body.n}; send the request again for more", "n")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         request_id = request.state.request_id
         if body.stream:
-            stream = _stream(request_generator, conversation, stops, body, request_id)
+            stream = _stream(request_generator, conversation, inputs, stops, body, request_id)
             return StreamingResponse(stream, media_type="text/event-stream")
 
         started = time.perf_counter()
         async with lock:
             try:
-                reply = await asyncio.to_thread(_generate, request_generator, conversation, stops, body.seed)
+                reply = await asyncio.to_thread(_generate, request_generator, conversation, inputs, stops, body.seed)
             except VlmtuneError as error:
                 raise APIError(400, str(error)) from None
 
@@ -363,6 +364,7 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
     async def _stream(
         request_generator: Generator,
         conversation: Conversation,
+        inputs: dict[str, torch.Tensor],
         stops: list[str],
         body: ChatRequest,
         request_id: str,
@@ -407,7 +409,7 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
         def run() -> None:
             try:
-                reply = _generate(request_generator, conversation, stops, body.seed, on_parts)
+                reply = _generate(request_generator, conversation, inputs, stops, body.seed, on_parts)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", reply, None))
             except Exception as error:  # reported to the client as a final error event
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", error, None))
@@ -446,12 +448,19 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
     return app
 
 
-def _generate(generator: Generator, conversation: Conversation, stops: list[str], seed: int | None, on_parts=None) -> Reply:
+def _generate(
+    generator: Generator,
+    conversation: Conversation,
+    inputs: dict[str, torch.Tensor],
+    stops: list[str],
+    seed: int | None,
+    on_parts=None,
+) -> Reply:
     if seed is not None:
         torch.manual_seed(seed)
     if on_parts is None:
-        return generator.generate(conversation, stop_strings=stops or None)
-    return generator.stream(conversation, on_parts=on_parts, stop_strings=stops or None)
+        return generator.generate(conversation, stop_strings=stops or None, inputs=inputs)
+    return generator.stream(conversation, on_parts=on_parts, stop_strings=stops or None, inputs=inputs)
 
 
 def _usage(reply: Reply) -> dict[str, int]:
