@@ -71,7 +71,9 @@ def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = N
                 state, pending = "between", ""
             elif is_tag and piece == "<answer>":
                 state = "answer"
-            elif not (is_tag and piece == "<think>" and not reasoning.strip()):  # the prompt opened it, then the reply
+            elif is_tag and piece == "<think>" and not reasoning.strip():
+                pass  # the prompt opened the block and the reply opened it again
+            else:
                 reasoning += piece
         elif state == "between":
             if is_tag and piece == "<answer>":
