@@ -99,17 +99,23 @@ def tiny_model(
         typer.Option(help="Text, JSON or JSONL file(s) to train the tokenizer on. Default: data/persona_zh/train.json if present."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    architecture: Annotated[
+        Literal["glm4v", "qwen2.5-vl", "qwen2.5"],
+        typer.Option(help="Model family: GLM-4.1V (the demo's), Qwen2.5-VL, or the text-only Qwen2.5."),
+    ] = "glm4v",
 ) -> None:
-    """Write a tiny GLM-4.1V-shaped checkpoint (random weights) for tests and the demo."""
+    """Write a tiny checkpoint with random weights (GLM-4.1V-shaped by default) for tests and the demo."""
     from vlmtune.model.tiny import build_tiny_model
+    from vlmtune.model.tiny_qwen import build_tiny_qwen2, build_tiny_qwen2_5_vl
 
+    builders = {"glm4v": build_tiny_model, "qwen2.5-vl": build_tiny_qwen2_5_vl, "qwen2.5": build_tiny_qwen2}
     corpus_files = corpus or []
     if not corpus_files and DEFAULT_CORPUS.is_file():
         corpus_files = [DEFAULT_CORPUS]
     for path in corpus_files:
         if not path.is_file():
             raise VlmtuneError(f"--corpus: file not found: {path}")
-    path = build_tiny_model(output_dir, corpus_files, seed=seed)
+    path = builders[architecture](output_dir, corpus_files, seed=seed)
     console.print(f"tiny model written to {path}")
 
 

@@ -24,7 +24,9 @@ from transformers import (
     Glm4vImageProcessor,
     Glm4vProcessor,
     Glm4vVideoProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,9 +72,14 @@ MAX_PIXELS = 28 * 28 * 32
 TEXT_INITIALIZER_RANGE = 0.2
 
 
+def bundled_chat_template(name: str) -> str:
+    """Return the text of one of vlmtune's chat templates (`templates/NAME.jinja`)."""
+    return resources.files("vlmtune.model").joinpath(f"templates/{name}.jinja").read_text(encoding="utf-8")
+
+
 def glm4v_chat_template() -> str:
     """Return vlmtune's own GLM-4.1V chat template text."""
-    return resources.files("vlmtune.model").joinpath("templates/glm4v.jinja").read_text(encoding="utf-8")
+    return bundled_chat_template("glm4v")
 
 
 def _corpus_lines(corpus_files: Iterable[Path]) -> Iterator[str]:
@@ -94,22 +101,27 @@ def _corpus_lines(corpus_files: Iterable[Path]) -> Iterator[str]:
             yield from text.splitlines()
 
 
-def build_tokenizer(corpus_files: Iterable[Path] = ()) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer whose first ids are GLM's special tokens."""
+def build_tokenizer(
+    corpus_files: Iterable[Path] = (),
+    special_tokens: Iterable[str] = GLM_SPECIAL_TOKENS,
+    eos_token: str = "<|endoftext|>",
+    pad_token: str = "<|endoftext|>",
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer whose first ids are the special tokens (GLM's by default)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=list(GLM_SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus_lines(corpus_files), trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        eos_token=eos_token,
+        pad_token=pad_token,
         padding_side="left",
     )
 
@@ -175,27 +187,40 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> Glm4vProcessor:
 
 def build_tiny_model(output_dir: str | Path, corpus_files: Iterable[str | Path] = (), seed: int = 0) -> Path:
     """Write the tiny checkpoint (model, processor, generation config) to output_dir."""
-    output_path = Path(output_dir)
-    output_path.mkdir(parents=True, exist_ok=True)
     corpus_paths = [Path(path) for path in corpus_files]
-
     tokenizer = build_tokenizer(corpus_paths)
     processor = build_processor(tokenizer)
     config = build_tiny_config(tokenizer)
 
     torch.manual_seed(seed)
     model = Glm4vForConditionalGeneration(config)
-    stop_ids = [tokenizer.convert_tokens_to_ids(token) for token in GLM_STOP_TOKENS]
+    return write_checkpoint(output_dir, model, processor, GLM_STOP_TOKENS, "GLM-4.1V", len(corpus_paths))
+
+
+def write_checkpoint(
+    output_dir: str | Path,
+    model: PreTrainedModel,
+    processor: ProcessorMixin | PreTrainedTokenizerFast,
+    stop_tokens: Iterable[str],
+    name: str,
+    corpus_count: int,
+) -> Path:
+    """Save a tiny model with a generation config whose eos_token_id lists the stop tokens, and its processor."""
+    output_path = Path(output_dir)
+    output_path.mkdir(parents=True, exist_ok=True)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    stop_ids = [tokenizer.convert_tokens_to_ids(token) for token in stop_tokens]
     model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
 
     model.save_pretrained(output_path)
     processor.save_pretrained(output_path)
     parameter_count = sum(parameter.numel() for parameter in model.parameters())
     logger.info(
-        "wrote tiny GLM-4.1V checkpoint to %s (%d parameters, vocabulary %d, tokenizer trained on %d file(s))",
+        "wrote tiny %s checkpoint to %s (%d parameters, vocabulary %d, tokenizer trained on %d file(s))",
+        name,
         output_path,
         parameter_count,
         len(tokenizer),
-        len(corpus_paths),
+        corpus_count,
     )
     return output_path

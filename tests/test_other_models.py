@@ -1,0 +1,238 @@
+"""The same code on models other than GLM-4.1V: a tiny Qwen2.5-VL and a tiny text-only Qwen2.5.
+
+Qwen's template closes every reply with its own stop token (`<|im_end|>`) and puts a line
+break after it, its module names differ from GLM's (`gate_proj`/`up_proj` instead of the
+fused `gate_up_proj`), and the text-only model is loaded through AutoModelForCausalLM with a
+tokenizer as its processor.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import PERSONA_DATA, write_json
+from test_images import IMAGE_DATA
+from test_serving import start_server
+from vlmtune.cli.main import app
+from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings, build_config
+from vlmtune.data.conversation import Conversation, ImagePart, Message, TextPart
+from vlmtune.data.loading import load_dataset_file
+from vlmtune.encoding import ChatCollator, ConversationEncoder
+from vlmtune.encoding.encode import IGNORE_INDEX
+from vlmtune.encoding.inspect import check_sample
+from vlmtune.errors import ConfigError
+from vlmtune.inference import Generator
+from vlmtune.inference.export import export_merged
+from vlmtune.model.loading import load_adapter, load_model
+from vlmtune.model.lora import resolve_target_modules
+from vlmtune.model.packing import PackedPositions
+from vlmtune.model.tiny_qwen import QWEN_STOP_TOKENS, build_tiny_qwen2, build_tiny_qwen2_5_vl
+from vlmtune.training.recipe import LoraRecipe, padding_free_difference
+
+BUILDERS = {"qwen2.5-vl": build_tiny_qwen2_5_vl, "qwen2.5": build_tiny_qwen2}
+REPLY = "好的喵~"
+IMAGE = str(IMAGE_DATA.parent / "images" / "circle_00.png")
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def model_dir(request, tmp_path_factory):
+    return BUILDERS[request.param](tmp_path_factory.mktemp(request.param) / "model", [PERSONA_DATA], seed=0)
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory):
+    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2.5-vl") / "model", [PERSONA_DATA], seed=0)
+
+
+def load(folder):
+    return load_model(ModelSettings(name_or_path=str(folder), hub="local", device="cpu"))
+
+
+def message(role: str, text: str, images: tuple[str, ...] = ()) -> Message:
+    return Message(role, [*(ImagePart(image) for image in images), TextPart(text)])
+
+
+def token(loaded, text: str) -> int:
+    return loaded.tokenizer.convert_tokens_to_ids(text)
+
+
+def test_text_template_renders_like_qwen(tmp_path):
+    loaded = load(build_tiny_qwen2(tmp_path / "model", [PERSONA_DATA]))
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "喵~"}]
+    rendered = loaded.tokenizer.apply_chat_template(messages, tokenize=False)
+    assert rendered == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n喵~<|im_end|>\n"
+    )
+    with_system = [{"role": "system", "content": "你是小橘。"}, messages[0]]
+    assert loaded.tokenizer.apply_chat_template(with_system, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\n你是小橘。<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_vision_template_renders_like_qwen2_5_vl(vl_dir):
+    loaded = load(vl_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "图里是什么？"}]}]
+    assert loaded.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>图里是什么？<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert type(loaded.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert loaded.stop_token_ids == [token(loaded, name) for name in QWEN_STOP_TOKENS]
+
+
+def test_each_reply_ends_on_supervised_im_end(model_dir):
+    loaded = load(model_dir)
+    encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
+    conversation = Conversation(
+        [message("user", "你是谁？"), message("assistant", "我是小橘喵~"), message("user", "再说一遍"), message("assistant", REPLY)],
+        source="two turns",
+    )
+    sample = encoder.encode(conversation)
+    im_end, newline = token(loaded, "<|im_end|>"), loaded.tokenizer("\n", add_special_tokens=False)["input_ids"]
+
+    assert encoder.layout == "none"
+    assert encoder.end_of_turn_id == im_end
+    assert check_sample(encoder, conversation, sample).ok
+    for start in sample.reply_starts:
+        end = sample.input_ids.index(im_end, start)
+        assert sample.labels[start : end + 1] == sample.input_ids[start : end + 1]  # the reply and its <|im_end|>
+        assert sample.input_ids[end + 1 : end + 1 + len(newline)] == newline
+        assert all(label == IGNORE_INDEX for label in sample.labels[end + 1 : end + 1 + len(newline)])
+    assert sample.labels[: sample.reply_starts[0]] == [IGNORE_INDEX] * sample.reply_starts[0]
+
+
+def test_lora_targets_the_language_model_only(model_dir):
+    loaded = load(model_dir)
+    targets = resolve_target_modules(loaded.model, "auto")
+    leaves = {name.rsplit(".", 1)[1] for name in targets}
+
+    assert leaves == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(targets) == 2 * 7  # two decoder layers
+    assert not [name for name in targets if "visual" in name]
+    if "qwen2.5-vl" in str(model_dir):
+        with pytest.raises(ConfigError, match="vision tower"):
+            resolve_target_modules(loaded.model, ["qkv"])
+
+
+def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = ()):
+    """Train an adapter on one fixed reply, as conftest's trained_adapter does for GLM-4.1V."""
+    rows = [
+        {"messages": [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                                   {"type": "text", "text": f"第{i}个问题"}]},
+                      {"role": "assistant", "content": REPLY}]}
+        for i in range(8)
+    ]
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tree = {
+        "model": {"name_or_path": str(model_dir), "device": "cpu"},
+        "data": {"train": [str(data)], "max_length": 128},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "train": {"output_dir": str(folder / "out"), "max_steps": 20, "per_device_train_batch_size": 4,
+                  "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "warmup_steps": 0, "save_steps": 100, "seed": 7},
+        "tracking": {"backend": "none"},
+        "evaluation": {"generate": False},
+    }
+    recipe = LoraRecipe(build_config(tree))
+    recipe.setup()
+    recipe.train()
+    return recipe.save()
+
+
+def test_adapter_learns_reply_and_stop(model_dir, tmp_path):
+    adapter = train_fixed_reply(model_dir, tmp_path)
+    loaded = load_adapter(load(model_dir), str(adapter))
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=24))
+    reply = generator.generate(Conversation([message("user", "第3个问题")]))
+
+    assert reply.stopped
+    assert reply.text == REPLY
+    assert reply.generated_tokens < 24
+
+
+@pytest.fixture(scope="module")
+def vl_adapter(vl_dir, tmp_path_factory):
+    return train_fixed_reply(vl_dir, tmp_path_factory.mktemp("vl-adapter"), images=(IMAGE,))
+
+
+def test_image_conversation_trains_and_answers(vl_dir, vl_adapter):
+    loaded = load_adapter(load(vl_dir), str(vl_adapter))
+    encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
+    conversation = Conversation([message("user", "第3个问题", (IMAGE,)), message("assistant", REPLY)], source="image")
+    sample = encoder.encode(conversation)
+    image_tokens = sample.input_ids.count(token(loaded, "<|image_pad|>"))
+
+    assert image_tokens == int(sample.image_grid_thw.prod()) // 4  # 2x2 patches merge into one token
+    assert check_sample(encoder, conversation, sample).ok
+    reply = Generator(loaded, GenerationSettings(max_new_tokens=24)).generate(
+        Conversation([message("user", "第3个问题", (IMAGE,))])
+    )
+    assert reply.stopped
+    assert reply.text == REPLY
+
+
+def test_padding_free_rows_match_padded_batches(vl_dir):
+    loaded = load(vl_dir)
+    encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
+    conversations = load_dataset_file(DatasetSpec(path=str(PERSONA_DATA)))[:3] + load_dataset_file(DatasetSpec(path=str(IMAGE_DATA)))[:2]
+    samples = [encoder.encode(conversation) for conversation in conversations]
+    pad = loaded.tokenizer.pad_token_id
+    padded = ChatCollator(pad_token_id=pad)
+    packed = ChatCollator(pad_token_id=pad, positions=PackedPositions(loaded.model))
+
+    assert packed(samples)["position_ids"].shape[0] == 4  # text positions, then Qwen's temporal/height/width
+    assert padding_free_difference(loaded.model, padded, packed, samples) < 1e-4
+    assert padding_free_difference(loaded.model, padded, packed, samples[3:]) < 1e-4  # the two image samples
+
+    def plain_positions(input_ids, *_):
+        return torch.arange(len(input_ids)).unsqueeze(0)  # Qwen2.5-VL also needs four rows to build the mask
+
+    leaking = ChatCollator(pad_token_id=pad, positions=plain_positions)
+    assert padding_free_difference(loaded.model, padded, leaking, samples) > 0.05
+
+    loaded.model.train()
+    losses = []
+    for collator in (padded, packed):
+        with torch.no_grad():
+            losses.append(loaded.model(**collator(samples)).loss)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+
+
+def test_server_answers_with_an_image(vl_dir, vl_adapter):
+    import base64
+    import urllib.request
+
+    from vlmtune.serving import ServerSettings
+
+    generator = Generator(load_adapter(load(vl_dir), str(vl_adapter)), GenerationSettings(max_new_tokens=24))
+    data_url = "data:image/png;base64," + base64.b64encode(open(IMAGE, "rb").read()).decode()
+    body = {"model": "qwen", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": "第3个问题"}]}]}
+    for url in start_server(generator, ServerSettings(model_name="qwen", max_tokens_limit=64)):
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+    assert answer["choices"][0]["message"]["content"] == REPLY
+    assert answer["choices"][0]["finish_reason"] == "stop"
+
+
+def test_merged_export_reloads(vl_dir, vl_adapter, tmp_path):
+    check = export_merged(str(vl_adapter), str(tmp_path / "merged"), ModelSettings(name_or_path=str(vl_dir), device="cpu"))
+    assert check.ok, check
+    assert type(load(tmp_path / "merged").model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
+@pytest.mark.parametrize("architecture, model_class", [("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
+                                                      ("qwen2.5", "Qwen2ForCausalLM")])
+def test_tiny_model_command_architectures(tmp_path, architecture, model_class):
+    corpus = write_json(tmp_path / "corpus.json", [{"text": "你好喵"}])
+    result = CliRunner().invoke(app, ["tiny-model", str(tmp_path / "model"), "--architecture", architecture, "--corpus", str(corpus)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["architectures"] == [model_class]
