@@ -1,14 +1,16 @@
-"""The same code on models other than GLM-4.1V: a tiny Qwen2.5-VL and a tiny text-only Qwen2.5.
+"""The same code on models other than GLM-4.1V: tiny Qwen2.5-VL, text-only Qwen2.5 and GLM-4.5V.
 
 Qwen's template closes every reply with its own stop token (`<|im_end|>`) and puts a line
 break after it, its module names differ from GLM's (`gate_proj`/`up_proj` instead of the
 fused `gate_up_proj`), and the text-only model is loaded through AutoModelForCausalLM with a
-tokenizer as its processor.
+tokenizer as its processor. GLM-4.5V keeps its routed experts as fused tensors, which peft
+adapts in place of Linear layers.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -30,6 +32,7 @@ from vlmtune.inference.export import export_merged
 from vlmtune.model.loading import load_adapter, load_model
 from vlmtune.model.lora import resolve_target_modules
 from vlmtune.model.packing import PackedPositions
+from vlmtune.model.tiny import build_tiny_glm4v_moe
 from vlmtune.model.tiny_qwen import QWEN_STOP_TOKENS, build_tiny_qwen2, build_tiny_qwen2_5_vl
 from vlmtune.training.recipe import LoraRecipe, padding_free_difference
 
@@ -119,7 +122,7 @@ def test_lora_targets_the_language_model_only(model_dir):
             resolve_target_modules(loaded.model, ["qkv"])
 
 
-def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = ()):
+def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = (), **lora):
     """Train an adapter on one fixed reply, as conftest's trained_adapter does for GLM-4.1V."""
     rows = [
         {"messages": [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
@@ -132,7 +135,7 @@ def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = ()):
     tree = {
         "model": {"name_or_path": str(model_dir), "device": "cpu"},
         "data": {"train": [str(data)], "max_length": 128},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, **lora},
         "train": {"output_dir": str(folder / "out"), "max_steps": 20, "per_device_train_batch_size": 4,
                   "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "warmup_steps": 0, "save_steps": 100, "seed": 7},
         "tracking": {"backend": "none"},
@@ -229,8 +232,39 @@ def test_merged_export_reloads(vl_dir, vl_adapter, tmp_path):
     assert type(load(tmp_path / "merged").model).__name__ == "Qwen2_5_VLForConditionalGeneration"
 
 
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return build_tiny_glm4v_moe(tmp_path_factory.mktemp("glm4.5v") / "model", [PERSONA_DATA], seed=0)
+
+
+def test_moe_dropout_rejected_before_wrapping(moe_dir, tmp_path):
+    with pytest.raises(ConfigError, match="set lora.dropout: 0") as error:
+        train_fixed_reply(moe_dir, tmp_path, dropout=0.05)
+    assert "gate_up_proj" in str(error.value)
+    assert "Glm4vMoeForConditionalGeneration" in str(error.value)
+
+
+def test_moe_adapter_targets_and_learns(moe_dir, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        adapter = train_fixed_reply(moe_dir, tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    logged = caplog.text
+
+    assert set(config["target_parameters"]) == {"gate_up_proj", "down_proj"}  # the fused routed experts
+    assert "LoRA on 16 Linear layers of the language model: k_proj, o_proj, q_proj, v_proj" in logged
+    assert "LoRA on 6 fused MoE expert tensors: down_proj, gate_up_proj" in logged
+    # peft 0.21.2 drops the dense layer's and the shared experts' MLP Linear layers; the log says so.
+    assert "did not adapt 12 of the 28 Linear layers" in logged
+    reply = Generator(load_adapter(load(moe_dir), str(adapter)), GenerationSettings(max_new_tokens=24)).generate(
+        Conversation([message("user", "第3个问题")])
+    )
+    assert reply.stopped
+    assert reply.answer == REPLY
+
+
 @pytest.mark.parametrize("architecture, model_class", [("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
-                                                      ("qwen2.5", "Qwen2ForCausalLM")])
+                                                      ("qwen2.5", "Qwen2ForCausalLM"),
+                                                      ("glm4.5v", "Glm4vMoeForConditionalGeneration")])
 def test_tiny_model_command_architectures(tmp_path, architecture, model_class):
     corpus = write_json(tmp_path / "corpus.json", [{"text": "你好喵"}])
     result = CliRunner().invoke(app, ["tiny-model", str(tmp_path / "model"), "--architecture", architecture, "--corpus", str(corpus)])

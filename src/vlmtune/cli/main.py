@@ -100,15 +100,20 @@ def tiny_model(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
     architecture: Annotated[
-        Literal["glm4v", "qwen2.5-vl", "qwen2.5"],
-        typer.Option(help="Model family: GLM-4.1V (the demo's), Qwen2.5-VL, or the text-only Qwen2.5."),
+        Literal["glm4v", "glm4.5v", "qwen2.5-vl", "qwen2.5"],
+        typer.Option(help="Model family: GLM-4.1V (the demo's), GLM-4.5V (mixture of experts), Qwen2.5-VL, or the text-only Qwen2.5."),
     ] = "glm4v",
 ) -> None:
     """Write a tiny checkpoint with random weights (GLM-4.1V-shaped by default) for tests and the demo."""
-    from vlmtune.model.tiny import build_tiny_model
+    from vlmtune.model.tiny import build_tiny_glm4v_moe, build_tiny_model
     from vlmtune.model.tiny_qwen import build_tiny_qwen2, build_tiny_qwen2_5_vl
 
-    builders = {"glm4v": build_tiny_model, "qwen2.5-vl": build_tiny_qwen2_5_vl, "qwen2.5": build_tiny_qwen2}
+    builders = {
+        "glm4v": build_tiny_model,
+        "glm4.5v": build_tiny_glm4v_moe,
+        "qwen2.5-vl": build_tiny_qwen2_5_vl,
+        "qwen2.5": build_tiny_qwen2,
+    }
     corpus_files = corpus or []
     if not corpus_files and DEFAULT_CORPUS.is_file():
         corpus_files = [DEFAULT_CORPUS]

@@ -11,11 +11,13 @@ unless lora.vision is on:
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
 
+import peft
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
@@ -190,10 +192,6 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, log: bool = True)
     several adapters on meta models).
     """
     targets = resolve_target_modules(model, settings.target_modules, vision=settings.vision)
-    short_names = sorted({name.rsplit(".", 1)[-1] for name in targets})
-    where = "language model and vision tower" if settings.vision else "language model"
-    if log:
-        logger.info("LoRA on %d Linear layers of the %s: %s", len(targets), where, ", ".join(short_names))
     modules_to_save = [*settings.modules_to_save, *([MERGER_NAME] if settings.train_merger else [])]
     _check_modules_exist(model, settings.modules_to_save)
     lora_config = LoraConfig(
@@ -209,10 +207,66 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, log: bool = True)
         alpha_pattern=settings.alpha_pattern,
         task_type="CAUSAL_LM",
     )
+    _check_fused_experts(model, lora_config, settings)
     peft_model = get_peft_model(model, lora_config)
     if log:
+        _log_targets(peft_model, targets, settings)
         _log_trainable(peft_model, settings)
     return peft_model
+
+
+def _short_names(names) -> str:
+    return ", ".join(sorted({name.rsplit(".", 1)[-1] for name in names}))
+
+
+def _fused_expert_targets(model: PreTrainedModel, lora_config: LoraConfig) -> set[str]:
+    """Return the fused MoE expert tensors that peft adapts for this config, found by its own conversion.
+
+    With transformers 5, MoE models such as GLM-4.5V keep their routed experts as stacked
+    tensors (`mlp.experts.gate_up_proj`), not Linear layers. peft (0.21.2 here) moves every
+    `gate_proj`/`up_proj`/`down_proj` target to those tensors when it wraps such a model.
+    """
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a peft without this module converts no targets
+        return set()
+    probe = copy.deepcopy(lora_config)
+    convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    return set(probe.target_parameters or ())
+
+
+def _check_fused_experts(model: PreTrainedModel, lora_config: LoraConfig, settings: LoraSettings) -> None:
+    """Raise ConfigError, before anything is wrapped, for options that peft cannot apply to fused expert tensors."""
+    fused = _fused_expert_targets(model, lora_config)
+    if not fused:
+        return
+    unsupported = [text for text, used in (("lora.dropout: 0", settings.dropout), ("lora.use_dora: false", settings.use_dora)) if used]
+    if unsupported:
+        raise ConfigError(
+            f"{type(model).__name__} keeps its MoE experts as fused tensors ({', '.join(sorted(fused))}), and peft "
+            f"{peft.__version__} adapts those only without dropout and without DoRA (lora.dropout={settings.dropout}, "
+            f"lora.use_dora={settings.use_dora}); set {' and '.join(unsupported)}"
+        )
+
+
+def _log_targets(peft_model: PeftModel, targets: list[str], settings: LoraSettings) -> None:
+    """Log what peft adapted, which for MoE models differs from the resolved Linear layers."""
+    tuner = peft_model.base_model
+    adapted = set(tuner.targeted_module_names)
+    tensors = sorted(getattr(tuner, "targeted_parameter_names", []))
+    where = "language model and vision tower" if settings.vision else "language model"
+    logger.info("LoRA on %d Linear layers of the %s: %s", len(adapted), where, _short_names(adapted))
+    if tensors:
+        logger.info("LoRA on %d fused MoE expert tensors: %s", len(tensors), _short_names(tensors))
+    # NOTE: peft 0.21.2 also moves dense and shared-expert MLP targets (full names ending in
+    # gate_proj/up_proj/down_proj) to the routed experts' tensors, so those Linear layers train no adapter.
+    left_out = sorted(set(targets) - adapted)
+    if left_out:
+        logger.warning(
+            "peft %s did not adapt %d of the %d Linear layers resolved from lora.target_modules (%s; first: %s): "
+            "its MoE conversion for transformers 5 replaces them with the fused expert tensors",
+            peft.__version__, len(left_out), len(targets), _short_names(left_out), left_out[0],
+        )
 
 
 def _log_trainable(peft_model: PeftModel, settings: LoraSettings) -> None:

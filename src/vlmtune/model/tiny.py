@@ -22,8 +22,11 @@ from transformers import (
     Glm4vConfig,
     Glm4vForConditionalGeneration,
     Glm4vImageProcessor,
+    Glm4vMoeConfig,
+    Glm4vMoeForConditionalGeneration,
     Glm4vProcessor,
     Glm4vVideoProcessor,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
@@ -126,8 +129,19 @@ def build_tokenizer(
     )
 
 
-def build_tiny_config(tokenizer: PreTrainedTokenizerFast) -> Glm4vConfig:
-    """Build a Glm4vConfig a few MB in size with the 9B model's structure.
+# GLM-4.5V's mixture of experts, scaled down: layer 0 keeps a dense MLP, the others route each
+# token to 2 of 4 experts and add one shared expert.
+MOE_TEXT_CONFIG = {
+    "moe_intermediate_size": 64,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+}
+
+
+def build_tiny_config(tokenizer: PreTrainedTokenizerFast, config_class: type[PretrainedConfig] = Glm4vConfig, **text_extra):
+    """Build a Glm4vConfig (or Glm4vMoeConfig) a few MB in size with the 9B model's structure.
 
     Shape rules of Glm4v: the vision tower's out_hidden_size equals the text hidden
     size, and mrope_section sums to head_dim * partial_rotary_factor / 2
@@ -151,6 +165,7 @@ def build_tiny_config(tokenizer: PreTrainedTokenizerFast) -> Glm4vConfig:
             "partial_rotary_factor": 0.5,
             "mrope_section": [4, 2, 2],
         },
+        **text_extra,
     }
     vision_config = {
         "depth": 2,
@@ -163,7 +178,7 @@ def build_tiny_config(tokenizer: PreTrainedTokenizerFast) -> Glm4vConfig:
         "temporal_patch_size": 2,
         "image_size": 56,
     }
-    return Glm4vConfig(
+    return config_class(
         text_config=text_config,
         vision_config=vision_config,
         image_token_id=token_id("<|image|>"),
@@ -195,6 +210,21 @@ def build_tiny_model(output_dir: str | Path, corpus_files: Iterable[str | Path] 
     torch.manual_seed(seed)
     model = Glm4vForConditionalGeneration(config)
     return write_checkpoint(output_dir, model, processor, GLM_STOP_TOKENS, "GLM-4.1V", len(corpus_paths))
+
+
+def build_tiny_glm4v_moe(output_dir: str | Path, corpus_files: Iterable[str | Path] = (), seed: int = 0) -> Path:
+    """Write a tiny GLM-4.5V-shaped checkpoint: the GLM-4.1V tokenizer, processor and template, MoE layers.
+
+    GLM-4.5V (Glm4vMoeForConditionalGeneration) shares GLM-4.1V's processor and chat template.
+    """
+    corpus_paths = [Path(path) for path in corpus_files]
+    tokenizer = build_tokenizer(corpus_paths)
+    processor = build_processor(tokenizer)
+    config = build_tiny_config(tokenizer, Glm4vMoeConfig, **MOE_TEXT_CONFIG)
+
+    torch.manual_seed(seed)
+    model = Glm4vMoeForConditionalGeneration(config)
+    return write_checkpoint(output_dir, model, processor, GLM_STOP_TOKENS, "GLM-4.5V", len(corpus_paths))
 
 
 def write_checkpoint(
