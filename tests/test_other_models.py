@@ -9,8 +9,11 @@ adapts in place of Linear layers.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -26,13 +29,14 @@ from vlmtune.data.loading import load_dataset_file
 from vlmtune.encoding import ChatCollator, ConversationEncoder
 from vlmtune.encoding.encode import IGNORE_INDEX
 from vlmtune.encoding.inspect import check_sample
-from vlmtune.errors import ConfigError
+from vlmtune.errors import ConfigError, DataError
 from vlmtune.inference import Generator
 from vlmtune.inference.export import export_merged
 from vlmtune.model.loading import load_adapter, load_model
 from vlmtune.model.lora import resolve_target_modules
 from vlmtune.model.packing import PackedPositions
 from vlmtune.model.tiny import build_tiny_glm4v_moe
+from vlmtune.serving import ServerSettings
 from vlmtune.model.tiny_qwen import QWEN_STOP_TOKENS, build_tiny_qwen2, build_tiny_qwen2_5_vl
 from vlmtune.training.recipe import LoraRecipe, padding_free_difference
 
@@ -51,6 +55,11 @@ def vl_dir(tmp_path_factory):
     return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2.5-vl") / "model", [PERSONA_DATA], seed=0)
 
 
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    return build_tiny_qwen2(tmp_path_factory.mktemp("qwen2.5") / "model", [PERSONA_DATA], seed=0)
+
+
 def load(folder):
     return load_model(ModelSettings(name_or_path=str(folder), hub="local", device="cpu"))
 
@@ -59,12 +68,17 @@ def message(role: str, text: str, images: tuple[str, ...] = ()) -> Message:
     return Message(role, [*(ImagePart(image) for image in images), TextPart(text)])
 
 
+def data_url(path: str) -> str:
+    with open(path, "rb") as image:
+        return "data:image/png;base64," + base64.b64encode(image.read()).decode()
+
+
 def token(loaded, text: str) -> int:
     return loaded.tokenizer.convert_tokens_to_ids(text)
 
 
-def test_text_template_renders_like_qwen(tmp_path):
-    loaded = load(build_tiny_qwen2(tmp_path / "model", [PERSONA_DATA]))
+def test_text_template_renders_like_qwen(text_dir):
+    loaded = load(text_dir)
     messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "喵~"}]
     rendered = loaded.tokenizer.apply_chat_template(messages, tokenize=False)
     assert rendered == (
@@ -120,6 +134,29 @@ def test_lora_targets_the_language_model_only(model_dir):
     if "qwen2.5-vl" in str(model_dir):
         with pytest.raises(ConfigError, match="vision tower"):
             resolve_target_modules(loaded.model, ["qkv"])
+
+
+def test_text_model_rejects_images(text_dir):
+    generator = Generator(load(text_dir), GenerationSettings(max_new_tokens=4))
+    with_image = Conversation([message("user", "图里是什么？", (IMAGE,)), message("assistant", REPLY)], source="data.jsonl, record 1")
+
+    with pytest.raises(DataError, match=r"data.jsonl, record 1: 1 image\(s\) given, but the model is text-only"):
+        generator.encoder.encode(with_image)
+    with pytest.raises(DataError, match="text-only"):
+        generator.prepare_inputs(Conversation([message("user", "图里是什么？", (IMAGE,))]))
+
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "图里是什么？"}, {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]}]}
+    for url in start_server(generator, ServerSettings(model_name="text")):
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as failure:
+            urllib.request.urlopen(request, timeout=60)
+    error = json.loads(failure.value.read())["error"]
+    assert failure.value.code == 400
+    assert error["param"] == "messages[0].content[1]"
+    assert "text-only" in error["message"]
 
 
 def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = (), **lora):
@@ -207,15 +244,9 @@ def test_padding_free_rows_match_padded_batches(vl_dir):
 
 
 def test_server_answers_with_an_image(vl_dir, vl_adapter):
-    import base64
-    import urllib.request
-
-    from vlmtune.serving import ServerSettings
-
     generator = Generator(load_adapter(load(vl_dir), str(vl_adapter)), GenerationSettings(max_new_tokens=24))
-    data_url = "data:image/png;base64," + base64.b64encode(open(IMAGE, "rb").read()).decode()
     body = {"model": "qwen", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": "第3个问题"}]}]}
+        {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}, {"type": "text", "text": "第3个问题"}]}]}
     for url in start_server(generator, ServerSettings(model_name="qwen", max_tokens_limit=64)):
         request = urllib.request.Request(
             f"{url}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}

@@ -94,12 +94,26 @@ class ConversationEncoder:
 
     # -- rendering ---------------------------------------------------------------------
 
+    @property
+    def accepts_images(self) -> bool:
+        """Whether the processor has an image processor and an image token (False for text-only models)."""
+        return self.image_token is not None and hasattr(self.processor, "image_processor")
+
+    def check_images(self, conversation: Conversation) -> None:
+        """Raise DataError for a conversation with images when the model takes none."""
+        if conversation.images and not self.accepts_images:
+            raise DataError(
+                f"{conversation.source or 'the conversation'}: {len(conversation.images)} image(s) given, but the "
+                "model is text-only (its processor takes no images); remove the images or use a vision-language model"
+            )
+
     def template_messages(self, conversation: Conversation, *, with_images: bool = False) -> list[dict[str, Any]]:
         """Convert the conversation to chat-template messages, with replies laid out for the model.
 
         A reply that ends the conversation (the one being trained) keeps its reasoning;
         replies followed by more messages drop it, as chat history does.
         """
+        self.check_images(conversation)
         final_index = len(conversation.messages) - 1
         messages = []
         for index, message in enumerate(conversation.messages):
@@ -177,8 +191,6 @@ class ConversationEncoder:
         images = conversation.images
         if not images:
             return {}, [], 0
-        if self.image_token is None or not hasattr(self.processor, "image_processor"):
-            raise DataError(f"{conversation.source}: the example has images but the model's processor takes none")
         loaded = [load_image(image.source, conversation.source) for image in images]
         resized = 0
         if self.pixel_limits is not None:

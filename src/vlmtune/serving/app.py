@@ -321,6 +321,8 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
                 "model", kind="not_found_error", code="model_not_found",
             )
         conversation = to_conversation(body, settings)
+        if conversation.images and not generator.encoder.accepts_images:
+            raise APIError(400, f"this server's model {settings.model_name!r} is text-only and takes no images", _image_params(body)[0])
         for image, param in zip(conversation.images, _image_params(body)):
             try:
                 load_image(image.source, "image_url")
