@@ -213,9 +213,11 @@ def build_tiny_model(output_dir: str | Path, corpus_files: Iterable[str | Path] 
 
 
 def build_tiny_glm4v_moe(output_dir: str | Path, corpus_files: Iterable[str | Path] = (), seed: int = 0) -> Path:
-    """Write a tiny GLM-4.5V-shaped checkpoint: the GLM-4.1V tokenizer, processor and template, MoE layers.
+    """Write a tiny GLM-4.5V-shaped checkpoint: Glm4vMoeForConditionalGeneration with mixture-of-experts layers.
 
-    GLM-4.5V (Glm4vMoeForConditionalGeneration) shares GLM-4.1V's processor and chat template.
+    transformers maps GLM-4.5V to GLM-4.1V's processor class (Glm4vProcessor), so the tokenizer
+    and processor are the tiny GLM-4.1V ones. NOTE: so is the chat template, which has not been
+    compared with GLM-4.5V's published one; the checkpoint tests the model side (fused experts).
     """
     corpus_paths = [Path(path) for path in corpus_files]
     tokenizer = build_tokenizer(corpus_paths)
