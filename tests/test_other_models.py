@@ -123,6 +123,46 @@ def test_each_reply_ends_on_supervised_im_end(model_dir):
     assert sample.labels[: sample.reply_starts[0]] == [IGNORE_INDEX] * sample.reply_starts[0]
 
 
+# A ChatML template that renders reasoning the way Qwen3's does: in a think block before the answer.
+REASONING_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' and message.get('reasoning_content') %}"
+    "<think>\n{{ message['reasoning_content'] }}\n</think>\n\n{% endif %}"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_reasoning_content_template_trains_reasoning(text_dir, caplog):
+    loaded = load(text_dir)
+    loaded.tokenizer.chat_template = REASONING_TEMPLATE
+    encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
+    reply = Message("assistant", [TextPart("2喵")], reasoning="一加一等于二。")
+    conversation = Conversation([message("user", "1+1=?"), reply], source="reasoning")
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        sample = encoder.encode(conversation)
+    supervised = [token_id for token_id, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+
+    assert encoder.renders_reasoning_content
+    assert loaded.tokenizer.decode(supervised) == "<think>\n一加一等于二。\n</think>\n\n2喵<|im_end|>"
+    assert check_sample(encoder, conversation, sample).ok
+    assert "reasoning" not in caplog.text
+
+
+def test_unrendered_reasoning_is_warned(text_dir, caplog):
+    loaded = load(text_dir)
+    encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
+    inline = Conversation([message("user", "2+2=?"), message("assistant", "<think>二加二等于四。</think>4喵")], source="inline")
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        sample = encoder.encode(inline)
+    supervised = [token_id for token_id, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+
+    assert not encoder.renders_reasoning_content
+    assert loaded.tokenizer.decode(supervised) == "4喵<|im_end|>"
+    assert "replies with reasoning are trained on their answers only" in caplog.text
+    assert "(first: inline)" in caplog.text
+
+
 def test_lora_targets_the_language_model_only(model_dir):
     loaded = load(model_dir)
     targets = resolve_target_modules(loaded.model, "auto")

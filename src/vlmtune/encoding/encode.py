@@ -24,7 +24,7 @@ import torch
 from vlmtune.config import DataSettings
 from vlmtune.data.conversation import Conversation, Message, TextPart
 from vlmtune.encoding.images import apply_image_limits, load_image
-from vlmtune.encoding.thinking import LayoutName, build_reply, detect_layout
+from vlmtune.encoding.thinking import LayoutName, build_reply, detect_layout, split_reply
 from vlmtune.errors import DataError, TemplateError
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class ConversationEncoder:
         self.image_token: str | None = getattr(processor, "image_token", None)
         self.pixel_limits = apply_image_limits(processor, min_pixels, max_pixels)
         self._warned_dropped_reasoning = False
+        self._warned_unrendered_reasoning = False
 
     @classmethod
     def from_settings(cls, processor: Any, stop_ids: list[int], settings: DataSettings) -> ConversationEncoder:
@@ -119,12 +120,37 @@ class ConversationEncoder:
         for index, message in enumerate(conversation.messages):
             if message.role == "assistant":
                 reasoning = (message.reasoning or "") if index == final_index else ""
-                messages.append({"role": "assistant", "content": build_reply(self.layout, message.text, reasoning)})
+                messages.append(self._assistant_message(message.text, reasoning, conversation))
             elif message.role == "system":
                 messages.append({"role": "system", "content": message.text})
             else:
                 messages.append({"role": "user", "content": self._user_content(message, conversation, with_images)})
         return messages
+
+    def _assistant_message(self, text: str, reasoning: str, conversation: Conversation) -> dict[str, Any]:
+        """Lay out a reply: in vlmtune's think/answer layout, or with `reasoning_content` for templates that render it."""
+        message = {"role": "assistant", "content": build_reply(self.layout, text, reasoning)}
+        # build_reply also splits reasoning written as <think>...</think> inside the text.
+        reasoning = reasoning or (split_reply(text).reasoning if "<think>" in text else "")
+        if self.layout != "none" or not reasoning:
+            return message
+        if self.renders_reasoning_content:
+            message["reasoning_content"] = reasoning
+        elif not self._warned_unrendered_reasoning:
+            self._warned_unrendered_reasoning = True
+            logger.warning(
+                "replies with reasoning are trained on their answers only: the chat template has no think/answer "
+                "tokens and does not render `reasoning_content` (first: %s)",
+                conversation.source,
+            )
+        return message
+
+    @functools.cached_property
+    def renders_reasoning_content(self) -> bool:
+        """Whether the chat template renders an assistant message's `reasoning_content` (Qwen3, DeepSeek-R1 style)."""
+        marker = "vlmtune-reasoning-probe"
+        probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": marker}]
+        return marker in self.render(probe, add_generation_prompt=False)
 
     def _user_content(self, message: Message, conversation: Conversation, with_images: bool) -> Any:
         if not message.images:
