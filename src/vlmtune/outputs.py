@@ -26,6 +26,7 @@ RUN_OUTPUTS = (
     "swanlog",
     "tensorboard",
     "eval",
+    "eval_merged",
 )
 # Files that only a run that started training leaves; config.yaml alone is a run that failed to set up.
 RUN_MARKERS = ("adapter_model.safetensors", "run_manifest.json", PROGRESS_FILE)

@@ -239,18 +239,24 @@ def evaluate(
     merged: Annotated[Optional[str], typer.Option(help="Merged model folder to compare with the base model.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Dataset file to take prompts from. Default: the config's validation data, else its training data.")] = None,
     count: Annotated[Optional[int], typer.Option(help="Number of dataset prompts. Default: evaluation.num_data_prompts.")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Folder for eval_report.json and .md. Default: an eval folder inside the adapter or merged folder.")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder for eval_report.json and .md. Default: ADAPTER/eval; for --merged, eval_merged/NAME in the "
+            "training run's folder it was exported from, else in the working folder.",
+        ),
+    ] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
 ) -> None:
     """Compare the base model with an adapter or merged model on sample generations."""
     from vlmtune.config import load_config
 
     run_config = load_config(config, overrides)
-    from vlmtune.inference.evaluation import comparison_table, evaluate_against_base, write_report
+    from vlmtune.inference.evaluation import comparison_table, default_report_dir, evaluate_against_base, write_report
 
     runs = evaluate_against_base(run_config, adapter=adapter, merged=merged, data_path=data, count=count)
     console.print(comparison_table(runs))
-    folder = output or Path(adapter or merged) / "eval"
+    folder = output or default_report_dir(adapter, merged)
     json_path, markdown_path = write_report(runs, folder)
     console.print(f"report written to {json_path} and {markdown_path}", soft_wrap=True)
 
