@@ -390,7 +390,13 @@ app.add_typer(data_app, name="data")
 def data_stats(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
-    png: Annotated[Optional[Path], typer.Option(help="Histogram PNG path. Default: OUTPUT_DIR/length_histogram.png.")] = None,
+    png: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Histogram PNG path. Default: length_histogram.png in train.output_dir, where training neither "
+            "counts it as an earlier run nor deletes it with --overwrite.",
+        ),
+    ] = None,
 ) -> None:
     """Print token-length statistics per dataset, with a histogram in the terminal and as a PNG."""
     from vlmtune.config import load_config
@@ -401,6 +407,7 @@ def data_stats(
     conversations = load_data(run_config.data).train
     from vlmtune.encoding.encode import encode_conversations, overlength_reason
     from vlmtune.encoding.stats import length_stats, stats_table, text_histogram, write_histogram_png
+    from vlmtune.outputs import LENGTH_HISTOGRAM
 
     encoder = _encoder_for(run_config)
     # data.on_overlength as in training (trimmed examples are counted as trimmed), except that `error`
@@ -432,9 +439,9 @@ def data_stats(
         )
     every_length = [length for values in report.lengths.values() for length in values]
     console.print(text_histogram(every_length), markup=False, highlight=False)
-    target = png or Path(run_config.train.output_dir) / "length_histogram.png"
+    target = png or Path(run_config.train.output_dir) / LENGTH_HISTOGRAM
     target.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"histogram written to {write_histogram_png(report.lengths, max_length, target)}")
+    console.print(f"histogram written to {write_histogram_png(report.lengths, max_length, target)}", soft_wrap=True)
 
 
 def _encoder_for(run_config):
