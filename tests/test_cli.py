@@ -145,6 +145,34 @@ def test_eval_merged_report_beside_run(config_file, tiny_model_dir, tmp_path):
     assert (chosen / "eval_report.json").is_file()
 
 
+def test_cli_hides_kernel_lookup_warning(tiny_model_dir):
+    # bitsandbytes 0.50.2 logs this at import on CPUs with AVX512-BF16 when its optional kernel is not cached.
+    chat = run("chat", "--model", str(tiny_model_dir), "--message", "你好", "--max-new-tokens", "2")
+    assert chat.returncode == 0, chat.stderr
+    assert "gemm_4bit_forward" not in chat.stderr
+    assert "publisher trust check" not in chat.stderr
+
+
+def test_kernel_lookup_filter_keeps_other_warnings():
+    script = (
+        "import logging\n"
+        "from vlmtune.cli.main import _setup_logging\n"
+        "_setup_logging(verbose=False, quiet=False)\n"
+        "ops = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+        "ops.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s', 'not cached')\n"
+        "ops.warning('bitsandbytes warning that stays')\n"
+        "hub = logging.getLogger('kernels._internals.hf_hub')\n"
+        "hub.warning(\"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because offline\")\n"
+        "hub.warning(\"Skipping publisher trust check for 'someone/other-kernel' because offline\")\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "gemm_4bit_forward" not in result.stderr
+    assert "quantization-bitsandbytes" not in result.stderr
+    assert "bitsandbytes warning that stays" in result.stderr
+    assert "someone/other-kernel" in result.stderr
+
+
 def test_interactive_chat_with_image(tiny_model_dir):
     image = Path(__file__).resolve().parents[1] / "data" / "images" / "orange_cat.png"
     script = f"/image {image}\n这只猫怎么样？\n/clear\n/unknown\n/exit\n"

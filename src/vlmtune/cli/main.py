@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.text import Text
 
+from vlmtune.cli.logs import hide_kernel_lookup_warnings
 from vlmtune.errors import VlmtuneError
 
 app = typer.Typer(
@@ -62,10 +63,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
-        # bitsandbytes, when installed, warns at every model load that it could not fetch an
-        # optional CPU kernel from the Hugging Face Hub. vlmtune works without that kernel.
-        for noisy in ("kernels", "bitsandbytes.backends.cpu.ops"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+        hide_kernel_lookup_warnings()
 
 
 def _print_version(value: bool) -> None:
