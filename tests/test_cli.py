@@ -114,6 +114,65 @@ def test_eval_checks_its_folders_before_loading(config_file, tmp_path):
     assert f"--merged: folder not found: {tmp_path / 'gone'}" in missing_merged.stderr
 
 
+def test_eval_merged_report_beside_run(config_file, tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_config = f"train:\n  output_dir: {run_dir}\n"
+    (run_dir / "config.yaml").write_text(run_config, encoding="utf-8")
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    (merged / MERGED_CONFIG_NAME).write_text(run_config, encoding="utf-8")
+
+    result = run("eval", str(config_file), "--merged", str(merged), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report_dir = run_dir / "eval_merged" / "merged"
+    assert (report_dir / "eval_report.json").is_file()
+    assert (report_dir / "eval_report.md").is_file()
+    assert f"report written to {report_dir / 'eval_report.json'}" in result.stdout.replace("\n", "")
+    assert not (merged / "eval").exists()
+    assert sorted(path.name for path in merged.iterdir()) == sorted([*(p.name for p in tiny_model_dir.iterdir()), MERGED_CONFIG_NAME])
+
+    # Once the run's folder contains another run, the report goes under the working folder.
+    (run_dir / "config.yaml").write_text(run_config + "lora: {r: 4}\n", encoding="utf-8")
+    result = run("eval", str(config_file), "--merged", str(merged), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "eval_merged" / "merged" / "eval_report.json").is_file()
+    assert "contains another run now" in result.stderr
+
+    chosen = tmp_path / "chosen"
+    result = run("eval", str(config_file), "--merged", str(merged), "--output", str(chosen), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (chosen / "eval_report.json").is_file()
+
+
+def test_cli_hides_kernel_lookup_warning(tiny_model_dir):
+    # bitsandbytes 0.50.2 logs this at import on CPUs with AVX512-BF16 when its optional kernel is not cached.
+    chat = run("chat", "--model", str(tiny_model_dir), "--message", "你好", "--max-new-tokens", "2")
+    assert chat.returncode == 0, chat.stderr
+    assert "gemm_4bit_forward" not in chat.stderr
+    assert "publisher trust check" not in chat.stderr
+
+
+def test_kernel_lookup_filter_keeps_other_warnings():
+    script = (
+        "import logging\n"
+        "from vlmtune.cli.main import _setup_logging\n"
+        "_setup_logging(verbose=False, quiet=False)\n"
+        "ops = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+        "ops.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s', 'not cached')\n"
+        "ops.warning('bitsandbytes warning that stays')\n"
+        "hub = logging.getLogger('kernels._internals.hf_hub')\n"
+        "hub.warning(\"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because offline\")\n"
+        "hub.warning(\"Skipping publisher trust check for 'someone/other-kernel' because offline\")\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "gemm_4bit_forward" not in result.stderr
+    assert "quantization-bitsandbytes" not in result.stderr
+    assert "bitsandbytes warning that stays" in result.stderr
+    assert "someone/other-kernel" in result.stderr
+
+
 def test_interactive_chat_with_image(tiny_model_dir):
     image = Path(__file__).resolve().parents[1] / "data" / "images" / "orange_cat.png"
     script = f"/image {image}\n这只猫怎么样？\n/clear\n/unknown\n/exit\n"

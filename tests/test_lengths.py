@@ -82,6 +82,34 @@ def test_data_stats_command(tiny_model_dir, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_histogram_survives_training_runs(tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "train.json", [{"instruction": f"第{n}个问题", "output": "好的喵"} for n in range(4)])
+    config = tmp_path / "run.yaml"
+    output_dir = tmp_path / "out"
+    config.write_text(
+        f"model: {{name_or_path: {tiny_model_dir}, hub: local, device: cpu}}\ndata: {{train: [{data}], max_length: 64}}\n"
+        f"train: {{output_dir: {output_dir}, max_steps: 1, per_device_train_batch_size: 2, save_steps: 100}}\n"
+        "tracking: {backend: none}\nevaluation: {generate: false}\n",
+        encoding="utf-8",
+    )
+    stats = _vlmtune("data", "stats", str(config))
+    assert stats.returncode == 0, stats.stderr
+    png = output_dir / "length_histogram.png"
+    assert f"histogram written to {png}" in stats.stdout
+    written = png.read_bytes()
+
+    # The histogram alone is no earlier run, so training starts in that folder.
+    first = _vlmtune("train", str(config))
+    assert first.returncode == 0, first.stderr
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    assert png.read_bytes() == written
+
+    second = _vlmtune("train", str(config), "--overwrite")
+    assert second.returncode == 0, second.stderr
+    assert "removed the earlier run" in second.stderr
+    assert png.read_bytes() == written
+
+
 def _long_history_config(tiny_model_dir: Path, tmp_path: Path, on_overlength: str) -> Path:
     """Write a config over three examples: one short, one fitting after trimming its history, one never fitting."""
     history = [[f"第{number}个问题" + "喵" * 40, "好的喵"] for number in range(3)]

@@ -141,6 +141,31 @@ def test_image_as_data_url(client):
     assert response.choices[0].finish_reason in ("stop", "length")
 
 
+def test_each_image_decoded_once(client, monkeypatch):
+    opened = []
+    real_open = Image.open
+
+    def counting_open(*args, **kwargs):
+        opened.append(args[0])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    image = {"type": "image_url", "image_url": {"url": png_data_url()}}
+    messages = [{"role": "user", "content": [image, image, {"type": "text", "text": "这两张是什么颜色？"}]}]
+    response = client.chat.completions.create(model="persona", messages=messages, max_tokens=4)
+    assert len(opened) == 2
+    text_only = client.chat.completions.create(
+        model="persona", messages=[{"role": "user", "content": messages[0]["content"][2:]}], max_tokens=1
+    )
+    # Both images reached the model: 6 prompt tokens each, as in test_image_as_data_url.
+    assert response.usage.prompt_tokens - text_only.usage.prompt_tokens == 12
+
+    opened.clear()
+    chunks = list(client.chat.completions.create(model="persona", messages=messages, max_tokens=4, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert len(opened) == 2
+
+
 def test_max_tokens_cut_reports_length(client):
     response = client.chat.completions.create(
         model="persona", messages=[{"role": "user", "content": "第3个问题"}], max_tokens=2

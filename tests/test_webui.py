@@ -16,11 +16,12 @@ pytest.importorskip("gradio", reason="the web UI tests need gradio: pip install 
 from conftest import PERSONA_DATA, REPO_ROOT, write_json  # noqa: E402
 from vlmtune.config import GenerationSettings, load_config  # noqa: E402
 from vlmtune.errors import ConfigError  # noqa: E402
+from vlmtune.inference import Generator  # noqa: E402
 from vlmtune.inference.export import MERGED_CONFIG_NAME  # noqa: E402
 from vlmtune.webui.adapters import find_adapters  # noqa: E402
 from vlmtune.webui.app import parse_auth  # noqa: E402
 from vlmtune.webui.chat import ADAPTER_SIDE, BASE_SIDE, ChatBackend, SideReply, Turn, side_history  # noqa: E402
-from vlmtune.webui.chat_tab import chat_messages, reply_messages  # noqa: E402
+from vlmtune.webui.chat_tab import ChatTab, chat_messages, reply_messages  # noqa: E402
 from vlmtune.webui.forms import (  # noqa: E402
     CONFIG_FILE_NAME,
     TrainForm,
@@ -326,6 +327,34 @@ def test_web_chat_merged_model_system_prompt(tiny_model_dir, tmp_path):
     backend = ChatBackend(str(merged), hub="local", device="cpu")
     assert backend.trained_system_prompt() == "你是小橘。"
     assert backend.generator(GenerationSettings()).layout == "none"
+
+
+def test_web_chat_without_system_prompt(tiny_model_dir, tmp_path, monkeypatch):
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    (merged / MERGED_CONFIG_NAME).write_text("data:\n  system_prompt: 你是小橘。\n", encoding="utf-8")
+    backend = ChatBackend(str(merged), hub="local", device="cpu")
+    tab = ChatTab(backend, outputs_dir=None, adapter=None, max_new_tokens=2, i18n=str)
+    prompts = []
+    real_prepare_inputs = Generator.prepare_inputs
+
+    def recording_prepare_inputs(generator, conversation):
+        first = conversation.messages[0]
+        prompts.append(first.text if first.role == "system" else None)
+        return real_prepare_inputs(generator, conversation)
+
+    # The system message of the conversation that the model encodes.
+    monkeypatch.setattr(Generator, "prepare_inputs", recording_prepare_inputs)
+    # Settings in the order of the page's inputs: adapter, compare, system, no_system, temperature, top_p, max_new_tokens.
+    cases = [("", False, "你是小橘。"), ("你是沐雪。", False, "你是沐雪。"), ("", True, None), ("你是沐雪。", True, None)]
+    for system, no_system, expected in cases:
+        prompts.clear()
+        views = list(tab.send({"text": "你好"}, [], "", False, system, no_system, 0.0, 0.9, 2))
+        main_chat, _, turns, error = views[-1][:4]
+        assert error == "", (system, no_system)
+        assert turns[-1].replies[ADAPTER_SIDE].done, (system, no_system)
+        assert main_chat[-1]["role"] == "assistant", (system, no_system)
+        assert prompts == [expected], (system, no_system)
 
 
 @pytest.mark.slow

@@ -11,6 +11,13 @@ from pathlib import Path
 PROGRESS_FILE = "progress.jsonl"
 """Steps, losses and checkpoints as they happen, one JSON object per line."""
 
+LENGTH_HISTOGRAM = "length_histogram.png"
+"""The PNG that `vlmtune data stats` writes into train.output_dir by default.
+
+It describes the config's data rather than one run, and is often written before the first run.
+So it is not in RUN_OUTPUTS, which means it does not count as an earlier run and --overwrite keeps it.
+"""
+
 # The run's own files in train.output_dir, besides the processor files that the next run rewrites.
 # train_config.yaml and train.log belong to the web UI, which starts the run with them.
 RUN_OUTPUTS = (
@@ -26,6 +33,7 @@ RUN_OUTPUTS = (
     "swanlog",
     "tensorboard",
     "eval",
+    "eval_merged",
 )
 # Files that only a run that started training leaves; config.yaml alone is a run that failed to set up.
 RUN_MARKERS = ("adapter_model.safetensors", "run_manifest.json", PROGRESS_FILE)

@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.text import Text
 
+from vlmtune.cli.logs import hide_kernel_lookup_warnings
 from vlmtune.errors import VlmtuneError
 
 app = typer.Typer(
@@ -62,10 +63,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
-        # bitsandbytes, when installed, warns at every model load that it could not fetch an
-        # optional CPU kernel from the Hugging Face Hub. vlmtune works without that kernel.
-        for noisy in ("kernels", "bitsandbytes.backends.cpu.ops"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+        hide_kernel_lookup_warnings()
 
 
 def _print_version(value: bool) -> None:
@@ -250,18 +248,24 @@ def evaluate(
     merged: Annotated[Optional[str], typer.Option(help="Merged model folder to compare with the base model.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Dataset file to take prompts from. Default: the config's validation data, else its training data.")] = None,
     count: Annotated[Optional[int], typer.Option(help="Number of dataset prompts. Default: evaluation.num_data_prompts.")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Folder for eval_report.json and .md. Default: an eval folder inside the adapter or merged folder.")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder for eval_report.json and .md. Default: ADAPTER/eval; for --merged, eval_merged/NAME in the "
+            "training run's folder it was exported from, else in the working folder.",
+        ),
+    ] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
 ) -> None:
     """Compare the base model with an adapter or merged model on sample generations."""
     from vlmtune.config import load_config
 
     run_config = load_config(config, overrides)
-    from vlmtune.inference.evaluation import comparison_table, evaluate_against_base, write_report
+    from vlmtune.inference.evaluation import comparison_table, default_report_dir, evaluate_against_base, write_report
 
     runs = evaluate_against_base(run_config, adapter=adapter, merged=merged, data_path=data, count=count)
     console.print(comparison_table(runs))
-    folder = output or Path(adapter or merged) / "eval"
+    folder = output or default_report_dir(adapter, merged)
     json_path, markdown_path = write_report(runs, folder)
     console.print(f"report written to {json_path} and {markdown_path}", soft_wrap=True)
 
@@ -395,7 +399,13 @@ app.add_typer(data_app, name="data")
 def data_stats(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
-    png: Annotated[Optional[Path], typer.Option(help="Histogram PNG path. Default: OUTPUT_DIR/length_histogram.png.")] = None,
+    png: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Histogram PNG path. Default: length_histogram.png in train.output_dir, where training neither "
+            "counts it as an earlier run nor deletes it with --overwrite.",
+        ),
+    ] = None,
 ) -> None:
     """Print token-length statistics per dataset, with a histogram in the terminal and as a PNG."""
     from vlmtune.config import load_config
@@ -406,6 +416,7 @@ def data_stats(
     conversations = load_data(run_config.data).train
     from vlmtune.encoding.encode import encode_conversations, overlength_reason
     from vlmtune.encoding.stats import length_stats, stats_table, text_histogram, write_histogram_png
+    from vlmtune.outputs import LENGTH_HISTOGRAM
 
     encoder = _encoder_for(run_config)
     # data.on_overlength as in training (trimmed examples are counted as trimmed), except that `error`
@@ -437,9 +448,9 @@ def data_stats(
         )
     every_length = [length for values in report.lengths.values() for length in values]
     console.print(text_histogram(every_length), markup=False, highlight=False)
-    target = png or Path(run_config.train.output_dir) / "length_histogram.png"
+    target = png or Path(run_config.train.output_dir) / LENGTH_HISTOGRAM
     target.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"histogram written to {write_histogram_png(report.lengths, max_length, target)}")
+    console.print(f"histogram written to {write_histogram_png(report.lengths, max_length, target)}", soft_wrap=True)
 
 
 def _encoder_for(run_config):

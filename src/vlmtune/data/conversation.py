@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 Role = Literal["system", "user", "assistant"]
 
@@ -22,9 +25,11 @@ class TextPart:
 
 @dataclass(frozen=True)
 class ImagePart:
-    """An image given as a local path or an http(s) URL; loaded only when encoded."""
+    """An image given as a local path, a file://, http(s):// or data: URL; opened when encoded unless `decoded` is set."""
 
     source: str
+    decoded: Image.Image | None = field(default=None, compare=False, repr=False)
+    """The image already opened from `source` (RGB), which encoding then uses in place of opening it again."""
 
 
 ContentPart = Union[TextPart, ImagePart]

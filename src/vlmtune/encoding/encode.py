@@ -23,7 +23,7 @@ import torch
 
 from vlmtune.config import DataSettings
 from vlmtune.data.conversation import Conversation, Message, TextPart
-from vlmtune.encoding.images import apply_image_limits, load_image
+from vlmtune.encoding.images import apply_image_limits, load_image_part
 from vlmtune.encoding.thinking import LayoutName, build_reply, detect_layout, split_reply
 from vlmtune.errors import DataError, TemplateError
 
@@ -160,7 +160,7 @@ class ConversationEncoder:
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
             elif with_images:
-                parts.append({"type": "image", "image": load_image(part.source, conversation.source)})
+                parts.append({"type": "image", "image": load_image_part(part, conversation.source)})
             else:
                 parts.append({"type": "image"})
         return parts
@@ -217,7 +217,7 @@ class ConversationEncoder:
         images = conversation.images
         if not images:
             return {}, [], 0
-        loaded = [load_image(image.source, conversation.source) for image in images]
+        loaded = [load_image_part(image, conversation.source) for image in images]
         resized = 0
         if self.pixel_limits is not None:
             low, high = self.pixel_limits

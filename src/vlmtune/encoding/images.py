@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from vlmtune.data.conversation import ImagePart
 from vlmtune.errors import DataError
 
 URL_TIMEOUT_SECONDS = 30
@@ -72,6 +73,11 @@ def load_image(source: str, where: str = "") -> Image.Image:
     except (OSError, ValueError, binascii.Error) as error:
         raise DataError(f"{prefix}cannot load image {_shown(source)}: {error}", "corrupt image") from None
     return image.convert("RGB")
+
+
+def load_image_part(part: ImagePart, where: str = "") -> Image.Image:
+    """Return the part's already decoded image, or open its source with load_image."""
+    return part.decoded if part.decoded is not None else load_image(part.source, where)
 
 
 def _shown(source: str) -> str:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
 from rich.table import Table
 
 from vlmtune.config import DatasetSpec, EvalPrompt, GenerationSettings, RunConfig
@@ -14,6 +15,7 @@ from vlmtune.data.conversation import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.loading import load_data, load_dataset_file
 from vlmtune.encoding.encode import conversation_for_generation
 from vlmtune.errors import ConfigError, ModelError
+from vlmtune.inference.export import MERGED_CONFIG_NAME
 from vlmtune.inference.generate import Generator
 from vlmtune.inference.metrics import ReplyMetrics, compute_metrics
 from vlmtune.model.loading import LoadedModel, check_adapter_folder, load_adapter, load_model
@@ -21,6 +23,10 @@ from vlmtune.model.loading import LoadedModel, check_adapter_folder, load_adapte
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "eval_report"
+ADAPTER_REPORTS = "eval"
+"""Folder inside an adapter folder for `vlmtune eval --adapter` reports."""
+MERGED_REPORTS = "eval_merged"
+"""Folder, inside the training run's output folder or else the working folder, for `vlmtune eval --merged` reports."""
 
 
 @dataclass
@@ -165,6 +171,52 @@ def write_report(runs: list[EvalRun], folder: str | Path) -> tuple[Path, Path]:
     markdown_path = output / f"{REPORT_NAME}.md"
     markdown_path.write_text("\n".join(lines), encoding="utf-8")
     return json_path, markdown_path
+
+
+def default_report_dir(adapter: str | None, merged: str | None) -> Path:
+    """Return where `vlmtune eval` writes its report when --output is not given.
+
+    An adapter's report goes into ADAPTER/eval. A merged model folder stays free of reports,
+    because users copy and upload it: its report goes beside the training run it came from,
+    RUN/eval_merged/NAME, else into eval_merged/NAME under the working folder. The run is the
+    folder named by train.output_dir in the merged model's vlmtune_config.yaml, and it counts
+    only while its config.yaml is still that same file.
+    """
+    if adapter is not None:
+        return Path(adapter) / ADAPTER_REPORTS
+    merged_dir = Path(merged)
+    name = merged_dir.resolve().name
+    run_dir = _training_run_of(merged_dir)
+    if run_dir is not None:
+        logger.info("the merged model was exported from the training run in %s; writing the report there", run_dir)
+        return run_dir / MERGED_REPORTS / name
+    return Path(MERGED_REPORTS) / name
+
+
+def _training_run_of(merged_dir: Path) -> Path | None:
+    """Return the output folder of the training run that the merged model was exported from, if it still contains that run."""
+    saved = merged_dir / MERGED_CONFIG_NAME
+    if not saved.is_file():
+        return None
+    text = saved.read_text(encoding="utf-8")
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    train = tree.get("train") if isinstance(tree, dict) else None
+    output_dir = train.get("output_dir") if isinstance(train, dict) else None
+    if not isinstance(output_dir, str):
+        return None
+    # A relative train.output_dir is relative to the folder training ran in, assumed to be the working folder.
+    run_config = Path(output_dir) / "config.yaml"
+    if not run_config.is_file() or run_config.read_text(encoding="utf-8") != text:
+        logger.info(
+            "the merged model's training run was not found: train.output_dir %s is missing or contains another run now; "
+            "writing the report under the working folder",
+            output_dir,
+        )
+        return None
+    return Path(output_dir)
 
 
 def evaluate_against_base(

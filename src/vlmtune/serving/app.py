@@ -199,6 +199,27 @@ def to_conversation(request: ChatRequest, settings: ServerSettings) -> Conversat
     return Conversation(messages, source="request")
 
 
+def _with_decoded_images(conversation: Conversation, params: list[str]) -> Conversation:
+    """Open each image once, so a bad one is reported by its param, and keep it for encoding.
+
+    `params` names the image parts in the order of `conversation.images`.
+    """
+    image_params = iter(params)
+    messages = []
+    for message in conversation.messages:
+        content: list[ContentPart] = []
+        for part in message.content:
+            if isinstance(part, ImagePart):
+                param = next(image_params)
+                try:
+                    part = ImagePart(part.source, decoded=load_image(part.source, "image_url"))
+                except VlmtuneError as error:
+                    raise APIError(400, str(error), param) from None
+            content.append(part)
+        messages.append(Message(message.role, content, message.reasoning))
+    return Conversation(messages, conversation.source, conversation.metadata)
+
+
 def _generation_settings(request: ChatRequest, settings: ServerSettings, base: GenerationSettings) -> GenerationSettings:
     default = min(settings.default_max_tokens, settings.max_tokens_limit)
     requested = request.max_completion_tokens or request.max_tokens or default
@@ -323,11 +344,7 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         conversation = to_conversation(body, settings)
         if conversation.images and not generator.encoder.accepts_images:
             raise APIError(400, f"this server's model {settings.model_name!r} is text-only and takes no images", _image_params(body)[0])
-        for image, param in zip(conversation.images, _image_params(body)):
-            try:
-                load_image(image.source, "image_url")
-            except VlmtuneError as error:
-                raise APIError(400, str(error), param) from None
+        conversation = _with_decoded_images(conversation, _image_params(body))
 
         request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
         inputs = await asyncio.to_thread(request_generator.prepare_inputs, conversation)

@@ -89,7 +89,11 @@ class ChatTab:
             )
             self.refresh = gr.Button(t("refresh_adapters"), scale=1, elem_id="chat-refresh")
             self.compare = gr.Checkbox(label=t("compare"), value=False, scale=1, elem_id="chat-compare")
-        self.system = gr.Textbox(label=t("system_prompt"), info=t("system_prompt_info"), lines=2, elem_id="chat-system")
+        with gr.Row():
+            self.system = gr.Textbox(
+                label=t("system_prompt"), info=t("system_prompt_info"), lines=2, scale=4, elem_id="chat-system"
+            )
+            self.no_system = gr.Checkbox(label=t("no_system_prompt"), value=False, scale=1, elem_id="chat-no-system")
         with gr.Accordion(t("generation_settings"), open=False, elem_id="chat-settings"):
             with gr.Row():
                 self.temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label=t("temperature"))
@@ -111,7 +115,7 @@ class ChatTab:
         self._wire()
 
     def _wire(self) -> None:
-        settings = [self.adapter, self.compare, self.system, self.temperature, self.top_p, self.max_new_tokens]
+        settings = [self.adapter, self.compare, self.system, self.no_system, self.temperature, self.top_p, self.max_new_tokens]
         views = [self.main_chat, self.base_chat, self.turns, self.error]
         self.message.submit(
             self.send, [self.message, self.turns, *settings], [*views, self.message], concurrency_id="generation",
@@ -123,6 +127,7 @@ class ChatTab:
         self.undo.click(self.undo_last, [self.turns], views)
         self.clear.click(self.clear_all, None, views)
         self.compare.change(self.toggle_compare, [self.compare], views)
+        self.no_system.change(lambda off: gr.Textbox(interactive=not off), [self.no_system], [self.system])
         self.refresh.click(lambda: gr.Dropdown(choices=self.adapter_choices()), None, [self.adapter])
 
     def _views(self, turns: list[Turn], error: str = "") -> tuple:
@@ -157,8 +162,8 @@ class ChatTab:
         return gr.Chatbot(value=[], label=label), gr.Chatbot(value=[], visible=compare), [], ""
 
     def _answer(
-        self, turns: list[Turn], adapter: str, compare: bool, system: str, temperature: float, top_p: float,
-        max_new_tokens: float,
+        self, turns: list[Turn], adapter: str, compare: bool, system: str, no_system: bool, temperature: float,
+        top_p: float, max_new_tokens: float,
     ) -> Iterator[tuple]:
         """Stream the last turn's reply on the adapter side, then on the base side in compare mode."""
         adapter = (adapter or "").strip() or None
@@ -170,7 +175,7 @@ class ChatTab:
         try:
             self.backend.use_adapter(adapter)
             # Both sides get the same system prompt, so compare mode differs in the weights alone.
-            prompt = system.strip() or self.backend.trained_system_prompt()
+            prompt = None if no_system else (system.strip() or self.backend.trained_system_prompt())
             for side in sides:
                 for _ in self.backend.stream_turn(turns, side, settings, prompt):
                     yield self._views(turns)

@@ -17,9 +17,10 @@ LABELS: dict[str, tuple[str, str]] = {
     "compare": ("Compare with the base model", "与基础模型对比"),
     "system_prompt": ("System prompt", "系统提示词"),
     "system_prompt_info": (
-        "Empty: the adapter's trained system prompt, if it has one.",
-        "留空：使用适配器训练时的系统提示词（如有）。",
+        "Empty: the adapter's trained system prompt, if it has one. Tick 'No system prompt' to send none.",
+        "留空：使用适配器训练时的系统提示词（如有）。勾选“不用系统提示词”则不发送系统提示词。",
     ),
+    "no_system_prompt": ("No system prompt", "不用系统提示词"),
     "generation_settings": ("Generation settings", "生成参数"),
     "temperature": ("Temperature (0: greedy decoding)", "温度（0：贪心解码）"),
     "top_p": ("Top-p (with temperature above 0)", "Top-p（温度大于 0 时生效）"),
