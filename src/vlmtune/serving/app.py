@@ -344,7 +344,8 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         conversation = to_conversation(body, settings)
         if conversation.images and not generator.encoder.accepts_images:
             raise APIError(400, f"this server's model {settings.model_name!r} is text-only and takes no images", _image_params(body)[0])
-        conversation = _with_decoded_images(conversation, _image_params(body))
+        # Decoding (and downloading an allowed http(s) image) runs off the event loop, so other requests go on.
+        conversation = await asyncio.to_thread(_with_decoded_images, conversation, _image_params(body))
 
         request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
         inputs = await asyncio.to_thread(request_generator.prepare_inputs, conversation)
