@@ -228,7 +228,7 @@ def test_chat_argument_errors_before_loading(tiny_model_dir, tmp_path):
     [
         (["chat", "--top-p", "0", "--sample"], "--top-p: Input should be greater than 0"),
         (["chat", "--max-new-tokens", "0"], "Invalid value for '--max-new-tokens'"),
-        (["chat", "--thinking", "bogus"], "'bogus' is not one of 'auto', 'think_answer', 'none'"),
+        (["chat", "--thinking", "bogus"], "'bogus' is not one of 'auto', 'think_answer', 'think', 'none'"),
         (["chat", "--hub", "hf"], "'hf' is not one of 'auto', 'local', 'modelscope', 'huggingface'"),
         (["chat", "--device", "cuda:99"], "device 'cuda:99':"),
         (["chat", "--device", "gpu"], "device 'gpu' is invalid: use auto, cpu, cuda or cuda:N"),

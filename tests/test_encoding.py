@@ -228,6 +228,33 @@ def test_plain_reply_streams_from_first_piece():
     assert shown[-1] == "喵，你 好\n想 吧"
 
 
+@pytest.mark.parametrize(
+    "text, opened_by_prompt, reasoning, answer",
+    [
+        ("<think>\n一加一等于二。\n</think>\n\n2喵", False, "一加一等于二。\n", "2喵"),
+        ("一加一等于二。</think>\n\n2喵", True, "一加一等于二。", "2喵"),  # the prompt opened the block
+        ("2喵", False, "", "2喵"),
+    ],
+)
+def test_split_reply_think_layout(text, opened_by_prompt, reasoning, answer):
+    parsed = split_reply(text, opened_by_prompt=opened_by_prompt, answer_tags=False)
+    assert parsed.reasoning == reasoning
+    assert parsed.answer == answer
+
+
+def test_think_layout_answer_streams_after_think():
+    from vlmtune.inference.generate import visible_text
+
+    chunks = ["<think>", "\n想", "一想\n", "</think>", "\n\n", "好", "的喵", "<", "br>"]
+    texts = ["".join(chunks[:end]) for end in range(1, len(chunks) + 1)]
+    shown = [visible_text(text, "think", False, final=False, opened_by_prompt=False) for text in texts]
+    shown.append(visible_text(texts[-1], "think", False, final=True, opened_by_prompt=False))
+    assert shown[5] == "好"  # the answer streams without waiting for an <answer> tag
+    for earlier, later in zip(shown, shown[1:]):
+        assert later.startswith(earlier), (earlier, later)
+    assert shown[-1] == "好的喵<br>"
+
+
 def test_plain_layout_without_thinking(loaded):
     encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids, thinking="none")
     sample = encoder.encode(alpaca(CATGIRL))

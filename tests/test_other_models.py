@@ -1,8 +1,8 @@
 """The same code on models other than GLM-4.1V: tiny Qwen2.5-VL, text-only Qwen2.5 and GLM-4.5V.
 
 Qwen's template closes every reply with its own stop token (`<|im_end|>`) and puts a line
-break after it, its module names differ from GLM's (`gate_proj`/`up_proj` instead of the
-fused `gate_up_proj`), and the text-only model is loaded through AutoModelForCausalLM with a
+break after it. Its module names differ from GLM's (`gate_proj`/`up_proj` instead of the
+fused `gate_up_proj`). The text-only model loads through AutoModelForCausalLM with a
 tokenizer as its processor. GLM-4.5V keeps its routed experts as fused tensors, which peft
 adapts in place of Linear layers.
 """
@@ -143,10 +143,30 @@ def test_reasoning_content_template_trains_reasoning(text_dir, caplog):
         sample = encoder.encode(conversation)
     supervised = [token_id for token_id, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
 
-    assert encoder.renders_reasoning_content
+    assert encoder.layout == "think"
     assert loaded.tokenizer.decode(supervised) == "<think>\n一加一等于二。\n</think>\n\n2喵<|im_end|>"
     assert check_sample(encoder, conversation, sample).ok
     assert "reasoning" not in caplog.text
+
+
+def test_think_layout_reply_split_after_training(text_dir, tmp_path):
+    loaded = load(text_dir)
+    loaded.tokenizer.chat_template = REASONING_TEMPLATE
+    loaded.tokenizer.save_pretrained(tmp_path / "model")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (tmp_path / "model" / name).write_bytes((text_dir / name).read_bytes())
+    rows = [{"messages": [{"role": "user", "content": f"第{i}个问题"},
+                          {"role": "assistant", "content": REPLY, "reasoning_content": "想一想"}]} for i in range(8)]
+    adapter = train_fixed_reply(tmp_path / "model", tmp_path, rows=rows)
+    generator = Generator(load_adapter(load(tmp_path / "model"), str(adapter)), GenerationSettings(max_new_tokens=24))
+    pieces = []
+    reply = generator.stream(Conversation([message("user", "第3个问题")]), on_text=pieces.append)
+
+    assert generator.layout == "think"
+    assert reply.stopped
+    assert reply.reasoning.strip() == "想一想"
+    assert reply.answer == REPLY
+    assert "".join(pieces) == REPLY  # the reasoning is not shown by default
 
 
 def test_unrendered_reasoning_is_warned(text_dir, caplog):
@@ -157,7 +177,7 @@ def test_unrendered_reasoning_is_warned(text_dir, caplog):
         sample = encoder.encode(inline)
     supervised = [token_id for token_id, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
 
-    assert not encoder.renders_reasoning_content
+    assert encoder.layout == "none"
     assert loaded.tokenizer.decode(supervised) == "4喵<|im_end|>"
     assert "replies with reasoning are trained on their answers only" in caplog.text
     assert "(first: inline)" in caplog.text
@@ -199,9 +219,9 @@ def test_text_model_rejects_images(text_dir):
     assert "text-only" in error["message"]
 
 
-def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = (), **lora):
+def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = (), rows: list | None = None, **lora):
     """Train an adapter on one fixed reply, as conftest's trained_adapter does for GLM-4.1V."""
-    rows = [
+    rows = rows or [
         {"messages": [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
                                                    {"type": "text", "text": f"第{i}个问题"}]},
                       {"role": "assistant", "content": REPLY}]}
@@ -324,7 +344,7 @@ def test_moe_adapter_targets_and_learns(moe_dir, tmp_path, caplog):
     assert set(config["target_parameters"]) == {"gate_up_proj", "down_proj"}  # the fused routed experts
     assert "LoRA on 16 Linear layers of the language model: k_proj, o_proj, q_proj, v_proj" in logged
     assert "LoRA on 6 fused MoE expert tensors: down_proj, gate_up_proj" in logged
-    # peft 0.21.2 drops the dense layer's and the shared experts' MLP Linear layers; the log says so.
+    # peft 0.21.2 drops the dense layer's and the shared experts' MLP Linear layers, and the log warns about it.
     assert "did not adapt 12 of the 28 Linear layers" in logged
     reply = Generator(load_adapter(load(moe_dir), str(adapter)), GenerationSettings(max_new_tokens=24)).generate(
         Conversation([message("user", "第3个问题")])

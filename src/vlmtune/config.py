@@ -107,11 +107,12 @@ class DataSettings(_Section):
         description="Supervise every assistant turn, or only the last one. A reply before the last that has "
         "reasoning is never supervised, because the chat template drops reasoning from earlier turns.",
     )
-    thinking: Literal["auto", "think_answer", "none"] = Field(
+    thinking: Literal["auto", "think_answer", "think", "none"] = Field(
         "auto",
         description="Assistant reply layout. think_answer: <think>\\n{reasoning}</think>\\n<answer>{answer}</answer> "
-        "(GLM-4.1V-Thinking). none: the answer alone, without reasoning or tags. auto: think_answer when the tokenizer has "
-        "<think> and <answer> tokens.",
+        "(GLM-4.1V-Thinking). think: the reasoning goes to the chat template as reasoning_content, which renders it "
+        "(Qwen3 style). none: the answer alone, without reasoning or tags. auto: think_answer when the tokenizer has "
+        "<think> and <answer> tokens, else think when the template renders reasoning_content, else none.",
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many examples (for quick runs).")
     cache: bool = Field(

@@ -476,8 +476,8 @@ def chat(
     top_p: Annotated[float, typer.Option(max=1, help="Nucleus sampling mass, above 0 and at most 1 (with --sample).")] = 0.9,
     show_thinking: Annotated[bool, typer.Option(help="Also print the reasoning of thinking models.")] = False,
     thinking: Annotated[
-        Literal["auto", "think_answer", "none"],
-        typer.Option(help="Reply layout. auto: the adapter's, else detected from the tokenizer."),
+        Literal["auto", "think_answer", "think", "none"],
+        typer.Option(help="Reply layout. auto: the adapter's, else detected from the tokenizer and chat template."),
     ] = "auto",
     device: DeviceOption = "auto",
 ) -> None:

@@ -76,7 +76,12 @@ class ConversationEncoder:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.stop_ids = list(stop_ids)
         self.train_on = train_on
-        self.layout: LayoutName = detect_layout(self.tokenizer) if thinking == "auto" else thinking
+        self.layout: LayoutName = self._detect_layout() if thinking == "auto" else thinking
+        if self.layout == "think" and not self.renders_reasoning_content:
+            raise TemplateError(
+                "data.thinking=think: the chat template does not render an assistant message's reasoning_content; "
+                "use auto, think_answer or none"
+            )
         self.image_token: str | None = getattr(processor, "image_token", None)
         self.pixel_limits = apply_image_limits(processor, min_pixels, max_pixels)
         self._warned_dropped_reasoning = False
@@ -127,20 +132,29 @@ class ConversationEncoder:
                 messages.append({"role": "user", "content": self._user_content(message, conversation, with_images)})
         return messages
 
+    def _detect_layout(self) -> LayoutName:
+        """think_answer when the tokenizer has GLM's layout tags, think when the template renders reasoning_content."""
+        layout = detect_layout(self.tokenizer)
+        if layout == "none" and self.renders_reasoning_content:
+            return "think"
+        return layout
+
     def _assistant_message(self, text: str, reasoning: str, conversation: Conversation) -> dict[str, Any]:
         """Lay out a reply: in vlmtune's think/answer layout, or with `reasoning_content` for templates that render it."""
         message = {"role": "assistant", "content": build_reply(self.layout, text, reasoning)}
+        if self.layout == "think_answer":
+            return message
         # build_reply also splits reasoning written as <think>...</think> inside the text.
         reasoning = reasoning or (split_reply(text).reasoning if "<think>" in text else "")
-        if self.layout != "none" or not reasoning:
+        if not reasoning:
             return message
-        if self.renders_reasoning_content:
+        if self.layout == "think":
             message["reasoning_content"] = reasoning
         elif not self._warned_unrendered_reasoning:
             self._warned_unrendered_reasoning = True
             logger.warning(
-                "replies with reasoning are trained on their answers only: the chat template has no think/answer "
-                "tokens and does not render `reasoning_content` (first: %s)",
+                "replies with reasoning are trained on their answers only: data.thinking is none, or the chat template "
+                "has no think/answer tokens and does not render `reasoning_content` (first: %s)",
                 conversation.source,
             )
         return message

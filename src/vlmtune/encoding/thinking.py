@@ -1,11 +1,14 @@
 """The reply layout of thinking models: building it for training, parsing it after generation.
 
-GLM-4.1V-Thinking replies as
+GLM-4.1V-Thinking replies as (layout `think_answer`)
 
     <think>\\n{reasoning}</think>\\n<answer>{answer}</answer>
 
 An answer without reasoning gets an empty think block. Earlier assistant turns keep
 the layout but drop their reasoning, both in training and in chat history.
+
+Templates that render an assistant message's `reasoning_content` themselves (Qwen3 style,
+layout `think`) produce `<think>...</think>` followed by the answer, without answer tags.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-LayoutName = Literal["think_answer", "none"]
+LayoutName = Literal["think_answer", "think", "none"]
 
 THINK_ANSWER_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 _TAG = re.compile("(" + "|".join(re.escape(tag) for tag in THINK_ANSWER_TOKENS) + ")")
@@ -28,7 +31,7 @@ class ParsedReply:
     """Whether the reply has reached its answer part (an `<answer>` tag, or the end of a finished reply)."""
 
 
-def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = None) -> ParsedReply:
+def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = None, answer_tags: bool = True) -> ParsedReply:
     """Split a reply into reasoning and answer, accepting missing, unclosed and stray tags.
 
     The text is read once from the start, tag by tag, so a longer text never changes how
@@ -44,6 +47,9 @@ def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = N
     follow the layout, so all of it is the answer (layout tags in it are dropped), and it can be
     streamed from the first piece. None (not known): text before the first tag is kept back.
 
+    `answer_tags=False` reads the `think` layout: everything after `</think>` is the answer,
+    without leading whitespace.
+
     >>> split_reply("<think>\\nhmm</think>\\n<answer>hi</answer>")
     ParsedReply(reasoning='hmm', answer='hi')
     >>> split_reply("plain")
@@ -56,7 +62,7 @@ def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = N
             if is_tag and piece == "<think>":
                 state, pending = "think", ""
             elif is_tag and piece == "</think>":  # the think block was opened by the prompt
-                state, reasoning, pending = "between", pending, ""
+                state, reasoning, pending = ("between" if answer_tags else "answer"), pending, ""
             elif is_tag and piece == "<answer>":
                 state, pending = "answer", ""
             elif opened_by_prompt is False and piece.strip():
@@ -68,7 +74,7 @@ def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = N
                 answer += piece
         elif state == "think":
             if is_tag and piece == "</think>":
-                state, pending = "between", ""
+                state, pending = ("between" if answer_tags else "answer"), ""
             elif is_tag and piece == "<answer>":
                 state = "answer"
             elif is_tag and piece == "<think>" and not reasoning.strip():
@@ -97,6 +103,8 @@ def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = N
         return ParsedReply(reasoning, pending.strip() if final else "", answer_begun=final)
     if state == "answer" and not final:
         answer = _without_partial_tag(answer)
+    if not answer_tags:
+        answer = answer.lstrip()
     return ParsedReply(reasoning, answer, answer_begun=state in ("answer", "closed"))
 
 
@@ -116,8 +124,8 @@ def build_reply(layout: LayoutName, answer: str, reasoning: str = "") -> str:
     if "<think>" in answer or "<answer>" in answer:
         parsed = split_reply(answer)
         answer, reasoning = parsed.answer, reasoning or parsed.reasoning
-    if layout == "none":
-        return answer
+    if layout != "think_answer":
+        return answer  # a `think` template renders the reasoning from reasoning_content
     return f"<think>\n{reasoning}</think>\n<answer>{answer}</answer>"
 
 

@@ -91,7 +91,7 @@ def run_evaluation(
                 "stopped": reply.stopped,
             }
         )
-    metrics = compute_metrics(replies, generator.layout != "none", style_patterns)
+    metrics = compute_metrics(replies, generator.layout == "think_answer", style_patterns)
     logger.info(
         "%s: stop rate %.2f, repetition %.2f, distinct-2 %.2f, median length %g tokens",
         label, metrics.stop_rate, metrics.repetition_rate, metrics.distinct_2, metrics.length_median,

@@ -13,7 +13,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from vlmtune.config import GenerationSettings
 from vlmtune.data.conversation import Conversation
 from vlmtune.encoding.encode import ConversationEncoder
-from vlmtune.encoding.thinking import THINK_ANSWER_TOKENS, split_reply
+from vlmtune.encoding.thinking import THINK_ANSWER_TOKENS, ParsedReply, split_reply
 from vlmtune.model.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def visible_text(
     """
     if layout == "none":
         return text
-    parsed = split_reply(text, final, opened_by_prompt)
+    parsed = split_reply(text, final, opened_by_prompt, answer_tags=layout == "think_answer")
     if not show_thinking:
         return parsed.answer
     # An empty think part gets no header, so a reply without reasoning shows only its answer.
@@ -78,7 +78,7 @@ class AnswerStopCriteria(StoppingCriteria):
         done = []
         for row in input_ids[:, self.prompt_length :].tolist():
             text = self.generator._strip_control(self.generator.tokenizer.decode(row, skip_special_tokens=False))
-            answer = split_reply(text, opened_by_prompt=self.opened_by_prompt).answer
+            answer = self.generator.parse(text, True, self.opened_by_prompt).answer
             done.append(any(stop in answer for stop in self.stop_strings))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
@@ -107,6 +107,12 @@ class Generator:
     @property
     def layout(self) -> str:
         return self.encoder.layout
+
+    def parse(self, text: str, final: bool, opened_by_prompt: bool | None) -> ParsedReply | None:
+        """Split a reply into reasoning and answer; None for models without a reasoning layout."""
+        if self.layout == "none":
+            return None
+        return split_reply(text, final, opened_by_prompt, answer_tags=self.layout == "think_answer")
 
     @property
     def context_length(self) -> int | None:
@@ -167,7 +173,7 @@ class Generator:
         body = generated[:stop_at] if stopped else generated
         generated = generated[: stop_at + 1] if stopped else generated
         text = self.tokenizer.decode(body, skip_special_tokens=False)
-        parsed = split_reply(text, opened_by_prompt=opened_by_prompt) if self.layout != "none" else None
+        parsed = self.parse(text, True, opened_by_prompt)
         return Reply(
             text=text,
             reasoning=self._strip_control(parsed.reasoning) if parsed else "",
@@ -254,7 +260,7 @@ class Generator:
         def show(text: str, final: bool) -> None:
             nonlocal shown
             if on_parts is not None:
-                parsed = split_reply(text, final, opened) if self.layout != "none" else None
+                parsed = self.parse(text, final, opened)
                 on_parts(parsed.reasoning if parsed else "", parsed.answer if parsed else text)
             visible = visible_text(text, self.layout, self.settings.show_thinking, final, opened)
             if on_text is not None and visible.startswith(shown) and len(visible) > len(shown):

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 PREVIEW_COUNT = 3
 COLOR_MAP = {"supervised": "green", "masked": "gray", "image": "purple"}
-THINKING_LAYOUTS = ["auto", "think_answer", "none"]
+THINKING_LAYOUTS = ["auto", "think_answer", "think", "none"]
 
 
 def error_text(error: Exception) -> str:
