@@ -199,6 +199,37 @@ def test_finished_run_without_checkpoints_kept(tiny_model_dir, tmp_path, run):
     assert (tmp_path / "out" / "notes.txt").is_file()  # not a file of the run
 
 
+def test_output_folder_keeps_user_files(tiny_model_dir, tmp_path, run):
+    """Only checkpoint-N folders and a run that trained count as an earlier run; a README.md is not replaced unasked."""
+    out = tmp_path / "out"
+    (out / "checkpoint-notes").mkdir(parents=True)
+    (out / "checkpoint-notes" / "important.txt").write_text("mine", encoding="utf-8")
+    (out / "README.md").write_text("# my notes", encoding="utf-8")
+    (out / "config.yaml").write_text("from a run that failed to start", encoding="utf-8")
+    (out / "progress.jsonl").write_text('{"event": "train_begin", "step": 0, "max_steps": 2}\n', encoding="utf-8")
+    tree = training_tree(tiny_model_dir, run["data_path"], out, max_steps=2)
+    tree["tracking"] = {"backend": "none"}
+
+    with pytest.raises(ConfigError, match=r"contains README.md, which saving the adapter replaces with its model card"):
+        LoraRecipe(build_config(tree)).setup()
+    (out / "README.md").unlink()
+    LoraRecipe(build_config(tree)).setup()
+
+    assert (out / "checkpoint-notes" / "important.txt").read_text(encoding="utf-8") == "mine"
+    assert not (out / "progress.jsonl").exists()  # the failed run's progress file is not appended to
+
+
+def test_swanlab_experiment_named_after_folder(tmp_path, monkeypatch):
+    from vlmtune.config import TrackingSettings
+    from vlmtune.training.tracking import make_tracking
+
+    (tmp_path / "my-run").mkdir()
+    monkeypatch.chdir(tmp_path / "my-run")
+    tracking = make_tracking(TrackingSettings(), ".", {})
+    [callback] = tracking.callbacks
+    assert callback._init_kwargs["experiment_name"] == "my-run"  # not "", which SwanLab rejects
+
+
 def test_overwrite_replaces_earlier_checkpoints(tiny_model_dir, tmp_path, run):
     tree, _ = _two_step_run(tiny_model_dir, run["data_path"], tmp_path / "out")
     tree["train"]["max_steps"] = 1

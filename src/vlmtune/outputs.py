@@ -6,6 +6,8 @@ importing the training code.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 PROGRESS_FILE = "progress.jsonl"
@@ -18,11 +20,15 @@ It describes the config's data rather than one run, and is often written before 
 So it is not in RUN_OUTPUTS, which means it does not count as an earlier run and --overwrite keeps it.
 """
 
+MODEL_CARD = "README.md"
+"""The adapter's model card, which peft's save_pretrained writes beside the adapter."""
+
 # The run's own files in train.output_dir, besides the processor files that the next run rewrites.
 # train_config.yaml and train.log belong to the web UI, which starts the run with them.
 RUN_OUTPUTS = (
     "adapter_model.safetensors",
     "adapter_config.json",
+    MODEL_CARD,
     "config.yaml",
     "run_manifest.json",
     "eval_report.md",
@@ -35,8 +41,25 @@ RUN_OUTPUTS = (
     "eval",
     "eval_merged",
 )
-# Files that only a run that started training leaves; config.yaml alone is a run that failed to set up.
-RUN_MARKERS = ("adapter_model.safetensors", "run_manifest.json", PROGRESS_FILE)
+# Files that only a run that trained leaves. config.yaml alone, or a progress file without a
+# step, is a run that failed before its first step.
+RUN_MARKERS = ("adapter_model.safetensors", "run_manifest.json")
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")
+"""The Trainer's checkpoint folders: checkpoint-N, N the global step."""
+
+
+def _progress_has_steps(path: Path) -> bool:
+    """Return whether a progress file records a training step; an unreadable line counts as one."""
+    if not path.is_file():
+        return False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return True
+        if not isinstance(record, dict) or record.get("step", 1) > 0:
+            return True
+    return False
 
 
 def earlier_run_files(output_dir: str | Path) -> list[Path]:
@@ -44,7 +67,8 @@ def earlier_run_files(output_dir: str | Path) -> list[Path]:
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    checkpoints = sorted(folder.glob("checkpoint-*"))
-    if not checkpoints and not any((folder / name).exists() for name in RUN_MARKERS):
+    checkpoints = sorted(path for path in folder.iterdir() if path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name))
+    trained = any((folder / name).exists() for name in RUN_MARKERS) or _progress_has_steps(folder / PROGRESS_FILE)
+    if not checkpoints and not trained:
         return []
     return checkpoints + [folder / name for name in RUN_OUTPUTS if (folder / name).exists()]

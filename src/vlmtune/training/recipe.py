@@ -53,7 +53,7 @@ from vlmtune.model.loading import (
 )
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
 from vlmtune.model.packing import PackedPositions
-from vlmtune.outputs import earlier_run_files
+from vlmtune.outputs import MODEL_CARD, PROGRESS_FILE, earlier_run_files
 from vlmtune.training.loss import token_mean_loss
 from vlmtune.training.progress import ProgressFileCallback, StopOnSignalCallback
 from vlmtune.training.sampling import SampleGenerationCallback
@@ -418,7 +418,16 @@ class LoraRecipe:
             self._check_resumed_settings(Path(checkpoint))
         else:
             earlier = earlier_run_files(self.output_dir)
+            model_card = Path(self.output_dir) / MODEL_CARD
+            if not earlier and model_card.exists() and not self.overwrite:
+                raise ConfigError(
+                    f"train.output_dir {self.output_dir} contains {MODEL_CARD}, which saving the adapter replaces with "
+                    "its model card; move the file, choose another train.output_dir, or pass --overwrite to replace it"
+                )
             if not earlier:
+                stale = Path(self.output_dir) / PROGRESS_FILE  # from a run that failed before its first step
+                if stale.exists() and self.is_main_process:
+                    stale.unlink()
                 return
             if not self.overwrite:
                 names = ", ".join(path.name for path in earlier[:3]) + (", ..." if len(earlier) > 3 else "")

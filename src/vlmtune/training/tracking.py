@@ -120,7 +120,7 @@ def make_tracking(settings: TrackingSettings, output_dir: str, run_config: dict[
 
     callback = SwanLabCallback(
         project=settings.project,
-        experiment_name=settings.experiment_name or Path(output_dir).name,
+        experiment_name=settings.experiment_name or Path(output_dir).resolve().name,
         mode=SWANLAB_MODES[settings.swanlab_mode],
         log_dir=str(log_dir),
     )
