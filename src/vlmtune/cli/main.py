@@ -20,6 +20,7 @@ from rich.text import Text
 
 from vlmtune.cli.logs import hide_kernel_lookup_warnings
 from vlmtune.errors import VlmtuneError
+from vlmtune.outputs import CHECKPOINT_NAME
 
 app = typer.Typer(
     add_completion=False,
@@ -148,12 +149,19 @@ def train(
     try:
         recipe = run_training(run_config, resume=resume, overwrite=overwrite, data=data)
     except KeyboardInterrupt:
-        if any(Path(run_config.train.output_dir).glob("checkpoint-*")):
+        output_dir = Path(run_config.train.output_dir)
+        if any(CHECKPOINT_NAME.fullmatch(path.name) for path in output_dir.glob("checkpoint-*")):
             hint = f"continue from its last checkpoint with: {resume_command}"
         else:
             start_command = [_program(), "train", str(config), *(overrides or []), *(["--overwrite"] if overwrite else [])]
             hint = f"no checkpoint was saved, so start it again with: {shlex.join(start_command)}"
-        error_console.print(f"training interrupted without saving; {hint}", soft_wrap=True, markup=False)
+        # A second Ctrl-C can arrive while the adapter is being written, so it may exist but be incomplete.
+        error_console.print(
+            f"training interrupted before the run finished saving (the adapter and reports in {output_dir} are missing "
+            f"or incomplete); {hint}",
+            soft_wrap=True,
+            markup=False,
+        )
         raise typer.Exit(128 + signal.SIGINT) from None
     if not recipe.is_main_process:
         return  # rank 0 prints the summary once
