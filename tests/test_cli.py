@@ -74,6 +74,10 @@ def test_train_then_chat_with_adapter(config_file):
     output_dir = config_file.parent / "out"
     assert (output_dir / "adapter_model.safetensors").is_file()
     assert f"chat with it: vlmtune chat --adapter {output_dir}" in result.stdout  # found on PATH, so typed by name
+    # Piped output: metrics as log lines, no progress bars or printed dicts.
+    assert "step 2/2: train_runtime" in result.stderr
+    assert "{'train_runtime'" not in result.stdout + result.stderr
+    assert "\r" not in result.stderr
 
     chat = run("chat", "--adapter", str(output_dir), "--message", "你好", "--max-new-tokens", "4")
     assert chat.returncode == 0, chat.stderr

@@ -1,4 +1,4 @@
-"""Trainer callbacks that let another process follow and stop a run.
+"""Trainer callbacks that let another process follow and stop a run, and that log its metrics.
 
 `ProgressFileCallback` appends one JSON line per event to OUTPUT_DIR/progress.jsonl:
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from vlmtune.outputs import PROGRESS_FILE
 
@@ -111,3 +112,25 @@ class StopOnSignalCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._restore()
+
+
+class MetricsLogCallback(TrainerCallback):
+    """Logs each of the Trainer's log records as one line: `step 10/60: loss 2.31, learning_rate 0.003`.
+
+    transformers prints the records as Python dicts instead, which read poorly in log files and in
+    the web UI's log view.
+    """
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        values = [f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in logs.items()
+                  if key != "total_flos"]
+        logger.info("step %d/%d: %s", state.global_step, state.max_steps, ", ".join(values))
+
+
+class QuietProgressCallback(ProgressCallback):
+    """transformers' progress bars without their printed copy of each log record, which MetricsLogCallback writes."""
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        return

@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 import yaml
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.config import RunConfig, config_to_dict, save_config
@@ -55,7 +57,12 @@ from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
 from vlmtune.model.packing import PackedPositions
 from vlmtune.outputs import MODEL_CARD, PROGRESS_FILE, earlier_run_files
 from vlmtune.training.loss import token_mean_loss
-from vlmtune.training.progress import ProgressFileCallback, StopOnSignalCallback
+from vlmtune.training.progress import (
+    MetricsLogCallback,
+    ProgressFileCallback,
+    QuietProgressCallback,
+    StopOnSignalCallback,
+)
 from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
@@ -309,7 +316,8 @@ class LoraRecipe:
             use_cpu=self.loaded.model.device.type == "cpu",
             remove_unused_columns=False,
             report_to=[],  # tracking callbacks are passed explicitly, see training/tracking.py
-            disable_tqdm=False,
+            # Progress bars only on a terminal: in a log file or the web UI's log view each redraw is another line.
+            disable_tqdm=not sys.stderr.isatty(),
         )
 
     def _trains_vision_parameters(self) -> bool:
@@ -329,7 +337,7 @@ class LoraRecipe:
         # it. They go in before the sample generations, so a stop during the baseline samples is handled.
         progress = ProgressFileCallback(self.output_dir)
         self.stop_on_signal = StopOnSignalCallback(progress)
-        callbacks = [CurrentIntervalsCallback(), progress, *self.tracking.callbacks, self.stop_on_signal]
+        callbacks = [CurrentIntervalsCallback(), MetricsLogCallback(), progress, *self.tracking.callbacks, self.stop_on_signal]
         self.sampling = self._sample_generation_callback()
         if self.sampling is not None:
             callbacks.append(self.sampling)
@@ -344,6 +352,10 @@ class LoraRecipe:
             callbacks=callbacks,
             compute_loss_func=token_mean_loss,
         )
+        # MetricsLogCallback logs the records that these print as dicts.
+        self.trainer.remove_callback(PrinterCallback)
+        if self.trainer.pop_callback(ProgressCallback) is not None:
+            self.trainer.add_callback(QuietProgressCallback)
 
     def _sample_generation_callback(self) -> SampleGenerationCallback | None:
         """Build the callback that generates replies to fixed prompts, or None when there is none to ask.
