@@ -61,19 +61,16 @@ def data_settings(path: Path | str = "unused.json", **overrides) -> DataSettings
     return DataSettings(train=[str(path)], **overrides)
 
 
-@pytest.fixture(scope="session")
-def trained_adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    """An adapter trained briefly on one fixed reply, so generations stop on a stop token."""
+def train_fixed_reply_adapter(model_dir: Path, data_path: Path, output_dir: Path, **lora) -> Path:
+    """Train an adapter for 20 steps on data with one fixed reply, so its generations stop on a stop token."""
     from vlmtune.config import build_config
     from vlmtune.training.recipe import LoraRecipe
 
-    folder = tmp_path_factory.mktemp("adapter")
-    rows = [{"instruction": f"第{i}个问题", "input": "", "output": "好的喵~"} for i in range(8)]
     tree = {
-        "model": {"name_or_path": str(tiny_model_dir), "device": "cpu"},
-        "data": {"train": [str(write_json(folder / "train.json", rows))], "max_length": 128},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
-        "train": {"output_dir": str(folder / "out"), "max_steps": 20, "per_device_train_batch_size": 4,
+        "model": {"name_or_path": str(model_dir), "device": "cpu"},
+        "data": {"train": [str(data_path)], "max_length": 128},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, **lora},
+        "train": {"output_dir": str(output_dir), "max_steps": 20, "per_device_train_batch_size": 4,
                   "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "warmup_steps": 0, "save_steps": 100, "seed": 7},
         "tracking": {"backend": "none"},
         "evaluation": {"generate": False},
@@ -82,3 +79,11 @@ def trained_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     recipe.setup()
     recipe.train()
     return recipe.save()
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """An adapter trained briefly on one fixed reply, so generations stop on a stop token."""
+    folder = tmp_path_factory.mktemp("adapter")
+    rows = [{"instruction": f"第{i}个问题", "input": "", "output": "好的喵~"} for i in range(8)]
+    return train_fixed_reply_adapter(tiny_model_dir, write_json(folder / "train.json", rows), folder / "out")

@@ -19,11 +19,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import PERSONA_DATA, write_json
+from conftest import PERSONA_DATA, train_fixed_reply_adapter, write_json
 from test_images import IMAGE_DATA
 from test_serving import start_server
 from vlmtune.cli.main import app
-from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings, build_config
+from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings
 from vlmtune.data.conversation import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.loading import load_dataset_file
 from vlmtune.encoding import ChatCollator, ConversationEncoder
@@ -38,7 +38,7 @@ from vlmtune.model.packing import PackedPositions
 from vlmtune.model.tiny import build_tiny_glm4v_moe
 from vlmtune.serving import ServerSettings
 from vlmtune.model.tiny_qwen import QWEN_STOP_TOKENS, build_tiny_qwen2, build_tiny_qwen2_5_vl
-from vlmtune.training.recipe import LoraRecipe, padding_free_difference
+from vlmtune.training.recipe import padding_free_difference
 
 BUILDERS = {"qwen2.5-vl": build_tiny_qwen2_5_vl, "qwen2.5": build_tiny_qwen2}
 REPLY = "好的喵~"
@@ -220,7 +220,7 @@ def test_text_model_rejects_images(text_dir):
 
 
 def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = (), rows: list | None = None, **lora):
-    """Train an adapter on one fixed reply, as conftest's trained_adapter does for GLM-4.1V."""
+    """Train an adapter on one fixed reply in the messages layout, with images when given."""
     rows = rows or [
         {"messages": [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
                                                    {"type": "text", "text": f"第{i}个问题"}]},
@@ -229,19 +229,7 @@ def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = (), rows: lis
     ]
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tree = {
-        "model": {"name_or_path": str(model_dir), "device": "cpu"},
-        "data": {"train": [str(data)], "max_length": 128},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, **lora},
-        "train": {"output_dir": str(folder / "out"), "max_steps": 20, "per_device_train_batch_size": 4,
-                  "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "warmup_steps": 0, "save_steps": 100, "seed": 7},
-        "tracking": {"backend": "none"},
-        "evaluation": {"generate": False},
-    }
-    recipe = LoraRecipe(build_config(tree))
-    recipe.setup()
-    recipe.train()
-    return recipe.save()
+    return train_fixed_reply_adapter(model_dir, data, folder / "out", **lora)
 
 
 def test_adapter_learns_reply_and_stop(model_dir, tmp_path):
