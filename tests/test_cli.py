@@ -57,6 +57,35 @@ def test_tiny_model_command(tmp_path):
         assert (tmp_path / "m" / name).is_file(), name
 
 
+def test_tiny_model_rejects_foreign_folder(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (adapter / "tokenizer.json").write_text("trained tokenizer", encoding="utf-8")
+    (adapter / "checkpoint-2").mkdir()
+    result = run("tiny-model", str(adapter))
+    assert result.returncode == 2, result.stderr
+    assert "adapter_config.json, checkpoint-2/" in result.stderr
+    assert "choose a new or empty folder" in result.stderr
+    assert (adapter / "tokenizer.json").read_text(encoding="utf-8") == "trained tokenizer"
+    assert not (adapter / "model.safetensors").exists()
+
+
+def test_tiny_model_rebuild_without_corpus(tmp_path):
+    # Outside the repository root the default corpus is missing, which the command warns about.
+    first = run("tiny-model", "m", "--architecture", "glm4v", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "WARNING" in first.stderr
+    assert "data/persona_zh/train.json not found" in first.stderr
+    assert "Pass --corpus FILE" in first.stderr
+    assert (tmp_path / "m" / "processor_config.json").is_file()
+    # Rebuilding into the same folder works, and the text-only build leaves no processor file behind.
+    again = run("tiny-model", "m", "--architecture", "qwen2.5", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert not (tmp_path / "m" / "processor_config.json").exists()
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
 def test_inspect_shows_self_check(config_file):
     result = run("inspect", str(config_file), "--count", "2")
     assert result.returncode == 0, result.stderr

@@ -103,7 +103,7 @@ def tiny_model(
     ] = "glm4v",
 ) -> None:
     """Write a tiny checkpoint with random weights (GLM-4.1V-shaped by default) for tests and the demo."""
-    from vlmtune.model.tiny import build_tiny_glm4v_moe, build_tiny_model
+    from vlmtune.model.tiny import FALLBACK_CORPUS, VOCAB_SIZE, build_tiny_glm4v_moe, build_tiny_model, check_tiny_output_dir
     from vlmtune.model.tiny_qwen import build_tiny_qwen2, build_tiny_qwen2_5_vl
 
     builders = {
@@ -112,12 +112,23 @@ def tiny_model(
         "qwen2.5-vl": build_tiny_qwen2_5_vl,
         "qwen2.5": build_tiny_qwen2,
     }
+    check_tiny_output_dir(output_dir)  # before the tokenizer trains, so a mistyped path fails at once
     corpus_files = corpus or []
     if not corpus_files and DEFAULT_CORPUS.is_file():
         corpus_files = [DEFAULT_CORPUS]
     for path in corpus_files:
         if not path.is_file():
             raise VlmtuneError(f"--corpus: file not found: {path}")
+    if not corpus_files:
+        logging.getLogger(__name__).warning(
+            "no --corpus given and %s not found in %s, so the tokenizer is trained on %d built-in sentences only: "
+            "its vocabulary is a few hundred tokens instead of %d, and most text is split into single bytes. "
+            "Pass --corpus FILE (text, JSON or JSONL; repeat it for several files), or run from the vlmtune repository root.",
+            DEFAULT_CORPUS,
+            Path.cwd(),
+            len(FALLBACK_CORPUS),
+            VOCAB_SIZE,
+        )
     path = builders[architecture](output_dir, corpus_files, seed=seed)
     console.print(f"tiny model written to {path}")
 
