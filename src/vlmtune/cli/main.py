@@ -284,7 +284,10 @@ def evaluate(
 @app.command()
 def predict(
     data: Annotated[str, typer.Option(help="Dataset file or folder, in any layout vlmtune reads; replies are optional.")],
-    output: Annotated[Path, typer.Option(help="JSONL file to write; ids already in it are skipped.")],
+    output: Annotated[
+        Path,
+        typer.Option(help="JSONL file to write. Examples already in it are skipped, after checking that the same model, adapter and prompt produced them."),
+    ],
     model: ModelOption = None,
     adapter: AdapterOption = None,
     hub: HubOption = "auto",
@@ -297,11 +300,16 @@ def predict(
     from vlmtune.config import DatasetSpec
     from vlmtune.data.loading import load_dataset_file
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
+    from vlmtune.inference.predict import pending_examples, producer_labels
     from vlmtune.inference.predict import predict as run_predict
+    from vlmtune.model.loading import adapter_base_model
 
     conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter, model), prompts_only=True)
+    base = model or (adapter_base_model(adapter) if adapter else None)
+    # Rows already in --output are checked before the model loads, so a mismatch fails at once.
+    pending_examples(conversations, output, producer_labels(base, adapter))
     generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
-    written = run_predict(generator, conversations, output, batch_size=batch_size)
+    written = run_predict(generator, conversations, output, batch_size=batch_size, model=base, adapter=adapter)
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
 
 
