@@ -201,6 +201,21 @@ def test_failed_export_leaves_no_folder(adapter_dir, tiny_model_dir, tmp_path, m
     assert not output.exists()
 
 
+def test_bfloat16_export_check_keeps_folder(adapter_dir, tiny_model_dir, tmp_path):
+    # The tiny model's large random logits (initializer range 0.2) show bfloat16 rounding well past the tolerance.
+    output = tmp_path / "merged"
+    with pytest.raises(ModelError) as caught:
+        export_merged(str(adapter_dir), str(output), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"), dtype="bfloat16")
+    message = str(caught.value)
+    assert f"the export in {output} failed its check: logit difference" in message
+    assert f"The merged model was written to {output} in full and kept there" in message
+    assert "The merge ran in bfloat16" in message
+    assert "export again with --dtype float32" in message
+    assert "delete that folder first or pass a new --output" in message
+    assert (output / "model.safetensors").is_file()
+    assert (output / "config.json").is_file()
+
+
 def test_adapter_only_export_with_card(adapter_dir, tmp_path):
     output = export_adapter_only(str(adapter_dir), str(tmp_path / "adapter"))
     assert (output / "adapter_model.safetensors").is_file()
