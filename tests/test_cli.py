@@ -202,6 +202,27 @@ def test_kernel_lookup_filter_keeps_other_warnings():
     assert "someone/other-kernel" in result.stderr
 
 
+def test_int8_cast_warning_logged_once():
+    # bitsandbytes 0.50.2 logs this on every 8-bit layer call whose input is not float16.
+    script = (
+        "import logging\n"
+        "from vlmtune.cli.main import _setup_logging\n"
+        "_setup_logging(verbose=False, quiet=False)\n"
+        "matmul = logging.getLogger('bitsandbytes.autograd._functions')\n"
+        "for _ in range(5):\n"
+        "    matmul.warning('MatMul8bitLt: inputs will be cast from %s to float16 during quantization', 'torch.float32')\n"
+        "matmul.warning('MatMul8bitLt: inputs will be cast from %s to float16 during quantization', 'torch.bfloat16')\n"
+        "matmul.warning('another bitsandbytes warning')\n"
+        "matmul.warning('another bitsandbytes warning')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("inputs will be cast from torch.float32 to float16") == 1
+    assert result.stderr.count("inputs will be cast from torch.bfloat16 to float16") == 1
+    assert "(logged once; later copies are hidden)" in result.stderr
+    assert result.stderr.count("another bitsandbytes warning") == 2
+
+
 def test_interactive_chat_with_image(tiny_model_dir):
     image = Path(__file__).resolve().parents[1] / "data" / "images" / "orange_cat.png"
     script = f"/image {image}\n这只猫怎么样？\n/clear\n/unknown\n/exit\n"

@@ -18,7 +18,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.text import Text
 
-from vlmtune.cli.logs import hide_kernel_lookup_warnings
+from vlmtune.cli.logs import hide_kernel_lookup_warnings, show_repeated_warnings_once
 from vlmtune.errors import VlmtuneError
 
 app = typer.Typer(
@@ -64,6 +64,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
         hide_kernel_lookup_warnings()
+        show_repeated_warnings_once()
 
 
 def _print_version(value: bool) -> None:
