@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -293,6 +294,19 @@ def test_option_errors_before_loading(tiny_model_dir, arguments, message):
     assert message in output
     assert "Traceback" not in result.stderr
     assert "loaded" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "webui"])
+def test_busy_port_fails_before_loading(tiny_model_dir, command):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        result = run(command, "--model", str(tiny_model_dir), "--port", str(port), "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: the port is already in use; pass another --port" in result.stderr
+    assert "loaded" not in result.stderr
+    assert "serving" not in result.stdout
 
 
 def test_config_error_is_one_clear_message(config_file):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -192,6 +194,25 @@ def train(
         raise typer.Exit(128 + signal.Signals[stopped_by].value)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raise VlmtuneError unless host:port can be bound now, so a busy port fails before the model loads.
+
+    The probe sets SO_REUSEADDR, as asyncio's create_server does for uvicorn on POSIX, so a port left in
+    TIME_WAIT counts as free. NOTE: another program can still take the port between this check and the start.
+    """
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise VlmtuneError(f"--host: cannot resolve {host!r} ({error.strerror}); pass an IP address such as 127.0.0.1") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            reason = "the port is already in use" if error.errno == errno.EADDRINUSE else error.strerror
+            raise VlmtuneError(f"cannot listen on {host}:{port}: {reason}; pass another --port") from None
+
+
 def _program() -> str:
     """Return how to type vlmtune in the printed commands: its name when PATH finds this one, else its path."""
     invoked = Path(sys.argv[0])
@@ -370,6 +391,7 @@ def serve(
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
     from vlmtune.serving.app import ServerSettings, create_app
 
+    _check_port_free(host, port)
     generator = load_generator(model, adapter, hub, {"max_new_tokens": 1024}, "auto", device)
     name = served_model_name or Path(adapter or model or "model").name
     settings = ServerSettings(
@@ -550,6 +572,7 @@ def webui(
     base = model or (adapter_base_model(adapter) if adapter else None)
     if base is None:
         raise VlmtuneError("--model is required unless --adapter names a folder whose adapter_config.json records its base model")
+    _check_port_free(host, port)
     settings = WebUISettings(
         model=base,
         adapter=adapter,
