@@ -410,7 +410,9 @@ def serve(
 def estimate(
     config: Annotated[Path, typer.Argument(help="YAML config file of the run.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
-    gpu_gib: Annotated[float, typer.Option("--gpu-gib", help="GPU memory to compare with, in GiB.")] = 24.0,
+    gpu_gib: Annotated[
+        Optional[float], typer.Option("--gpu-gib", help="GPU memory to compare with, in GiB (with --device cuda). Default: 24.")
+    ] = None,
     images: Annotated[int, typer.Option(help="Images per sample, each of data.max_pixels pixels. 0: text only.")] = 1,
     device: Annotated[str, typer.Option(help="cuda (adds the CUDA context overhead) or cpu.")] = "cuda",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the estimate to this JSON file.")] = None,
@@ -423,8 +425,12 @@ def estimate(
         raise VlmtuneError(f"--device: expected cuda or cpu, got {device!r}")
     if images < 0:
         raise VlmtuneError(f"--images: expected 0 or more images per sample, got {images}")
-    if gpu_gib <= 0:
+    if gpu_gib is not None and gpu_gib <= 0:
         raise VlmtuneError(f"--gpu-gib: expected a positive size in GiB, got {gpu_gib}")
+    if device == "cpu" and gpu_gib is not None:
+        raise VlmtuneError("--gpu-gib compares with GPU memory, so it does not apply with --device cpu; drop one of them")
+    if device == "cuda" and gpu_gib is None:
+        gpu_gib = 24.0
     run_config = load_config(config, overrides)
     report = run_estimate(run_config, images_per_sample=images, device=device, gpu_gib=gpu_gib)
     console.print(estimate_table(report))
