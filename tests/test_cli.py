@@ -309,6 +309,14 @@ def test_busy_port_fails_before_loading(tiny_model_dir, command):
     assert "serving" not in result.stdout
 
 
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_inspect_rejects_count_below_one(config_file, count):
+    result = run("inspect", str(config_file), "-n", count)
+    output = " ".join(result.stderr.replace("│", " ").split())  # rich boxes and wraps usage errors
+    assert result.returncode == 2, output
+    assert "Invalid value for '--count' / '-n': Input should be greater than or equal to 1" in output
+
+
 def test_config_error_is_one_clear_message(config_file):
     result = run("train", str(config_file), "train.learning_rate=-1", "lora.rank=4")
     assert result.returncode == 2
