@@ -7,6 +7,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +56,35 @@ def test_tiny_model_command(tmp_path):
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                  "processor_config.json", "chat_template.jinja"):
         assert (tmp_path / "m" / name).is_file(), name
+
+
+def test_tiny_model_rejects_foreign_folder(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (adapter / "tokenizer.json").write_text("trained tokenizer", encoding="utf-8")
+    (adapter / "checkpoint-2").mkdir()
+    result = run("tiny-model", str(adapter))
+    assert result.returncode == 2, result.stderr
+    assert "adapter_config.json, checkpoint-2/" in result.stderr
+    assert "choose a new or empty folder" in result.stderr
+    assert (adapter / "tokenizer.json").read_text(encoding="utf-8") == "trained tokenizer"
+    assert not (adapter / "model.safetensors").exists()
+
+
+def test_tiny_model_rebuild_without_corpus(tmp_path):
+    # Outside the repository root the default corpus is missing, which the command warns about.
+    first = run("tiny-model", "m", "--architecture", "glm4v", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "WARNING" in first.stderr
+    assert "data/persona_zh/train.json not found" in first.stderr
+    assert "Pass --corpus FILE" in first.stderr
+    assert (tmp_path / "m" / "processor_config.json").is_file()
+    # Rebuilding into the same folder works, and the text-only build leaves no processor file behind.
+    again = run("tiny-model", "m", "--architecture", "qwen2.5", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert not (tmp_path / "m" / "processor_config.json").exists()
+    assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
 def test_inspect_shows_self_check(config_file):
@@ -177,6 +207,27 @@ def test_kernel_lookup_filter_keeps_other_warnings():
     assert "someone/other-kernel" in result.stderr
 
 
+def test_int8_cast_warning_logged_once():
+    # bitsandbytes 0.50.2 logs this on every 8-bit layer call whose input is not float16.
+    script = (
+        "import logging\n"
+        "from vlmtune.cli.main import _setup_logging\n"
+        "_setup_logging(verbose=False, quiet=False)\n"
+        "matmul = logging.getLogger('bitsandbytes.autograd._functions')\n"
+        "for _ in range(5):\n"
+        "    matmul.warning('MatMul8bitLt: inputs will be cast from %s to float16 during quantization', 'torch.float32')\n"
+        "matmul.warning('MatMul8bitLt: inputs will be cast from %s to float16 during quantization', 'torch.bfloat16')\n"
+        "matmul.warning('another bitsandbytes warning')\n"
+        "matmul.warning('another bitsandbytes warning')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("inputs will be cast from torch.float32 to float16") == 1
+    assert result.stderr.count("inputs will be cast from torch.bfloat16 to float16") == 1
+    assert "(logged once; later copies are hidden)" in result.stderr
+    assert result.stderr.count("another bitsandbytes warning") == 2
+
+
 def test_interactive_chat_with_image(tiny_model_dir):
     image = Path(__file__).resolve().parents[1] / "data" / "images" / "orange_cat.png"
     script = f"/image {image}\n这只猫怎么样？\n/clear\n/unknown\n/exit\n"
@@ -247,6 +298,27 @@ def test_option_errors_before_loading(tiny_model_dir, arguments, message):
     assert message in output
     assert "Traceback" not in result.stderr
     assert "loaded" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "webui"])
+def test_busy_port_fails_before_loading(tiny_model_dir, command):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        result = run(command, "--model", str(tiny_model_dir), "--port", str(port), "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: the port is already in use; pass another --port" in result.stderr
+    assert "loaded" not in result.stderr
+    assert "serving" not in result.stdout
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_inspect_rejects_count_below_one(config_file, count):
+    result = run("inspect", str(config_file), "-n", count)
+    output = " ".join(result.stderr.replace("│", " ").split())  # rich boxes and wraps usage errors
+    assert result.returncode == 2, output
+    assert "Invalid value for '--count' / '-n': Input should be greater than or equal to 1" in output
 
 
 def test_config_error_is_one_clear_message(config_file):

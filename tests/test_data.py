@@ -122,6 +122,32 @@ def test_unknown_layout_lists_keys(tmp_path):
     assert "data.on_invalid" not in str(caught.value)  # skipping would skip every example of the file
 
 
+def test_prompt_file_errors_without_config_hint(tmp_path):
+    path = write_json(tmp_path / "a.json", [{"prompt": "q", "completion": "a"}])
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(DatasetSpec(path=str(path)), prompts_only=True)
+    message = str(caught.value)
+    assert "cannot tell the dataset layout from the keys ['completion', 'prompt']" in message
+    assert "data.train" not in message
+    assert "columns: {" not in message
+    assert "A --data file is read with its keys as they are" in message
+    assert message.endswith("so rename the keys in the file")
+
+
+def test_configured_column_missing_from_keys(tmp_path):
+    path = write_json(tmp_path / "a.json", [{"question": "问", "output": "答"}])
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(DatasetSpec(path=str(path), layout="alpaca", columns={"instruction": "questoin"}))
+    message = str(caught.value)
+    assert "column 'questoin', which the config's columns maps instruction to, is missing" in message
+    assert "from the example's keys ['output', 'question']" in message
+    assert "fix the column name in the data.train entry's columns" in message
+    assert "COLUMN" not in message
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(DatasetSpec(path=str(path), columns={"instruction": "questoin"}))  # layout detected
+    assert "from the keys ['output', 'question'] (the config's columns names ['questoin'], missing from these keys)" in str(caught.value)
+
+
 def test_renamed_columns_fix_unknown_layout(tmp_path):
     path = write_json(tmp_path / "a.json", [{"prompt": "问", "completion": "答"}])
     [conversation] = load_dataset_file(DatasetSpec(path=str(path), columns={"instruction": "prompt", "output": "completion"}))

@@ -218,6 +218,16 @@ def test_estimate_command_prints_verdict(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "fits on a 24 GiB GPU: yes" in result.stdout
 
+    result = subprocess.run([*command, "--device", "cpu"], capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "GPU:" not in result.stdout
+    assert "on CPU the total is tensor memory in RAM" in result.stdout
+
+    result = subprocess.run([*command, "--device", "cpu", "--gpu-gib", "24"], capture_output=True, text=True, timeout=300,
+                            env=env, check=False)
+    assert result.returncode == 2
+    assert "--gpu-gib compares with GPU memory, so it does not apply with --device cpu" in result.stderr
+
 
 # Measured on the tiny model: the peak of CPU tensor memory over two training steps of the real recipe.
 MEASURED_CASES = [

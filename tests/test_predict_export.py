@@ -21,7 +21,7 @@ from vlmtune.inference.predict import predict
 from vlmtune.model.loading import load_adapter, load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
-FIELDS = {"id", "prompt", "images", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
+FIELDS = {"id", "model", "adapter", "prompt", "images", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,11 @@ def test_predict_fields_and_resume(adapter_dir, tiny_model_dir, tmp_path):
     conversations = load_dataset_file(DatasetSpec(path=str(PERSONA_DATA)), "你是小橘。")[:5]
     output = tmp_path / "predictions.jsonl"
 
-    assert predict(generator, conversations[:3], output, batch_size=2) == 3
+    assert predict(generator, conversations[:3], output, batch_size=2, model=str(tiny_model_dir), adapter=str(adapter_dir)) == 3
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert [set(row) for row in rows] == [FIELDS] * 3
+    assert rows[0]["model"] == str(tiny_model_dir.resolve())
+    assert rows[0]["adapter"] == str(adapter_dir.resolve())
     assert rows[0]["id"] == "train.json, record 1 (line 2)"
     assert rows[0]["reference"] == conversations[0].messages[-1].text
     for row in rows:
@@ -46,10 +48,51 @@ def test_predict_fields_and_resume(adapter_dir, tiny_model_dir, tmp_path):
     raw = output.read_text(encoding="utf-8")
     assert json.dumps(conversations[0].messages[-1].text, ensure_ascii=False)[1:-1] in raw  # Chinese not escaped
 
-    assert predict(generator, conversations, output, batch_size=2) == 2  # resumes after the first three
+    # resumes after the first three
+    assert predict(generator, conversations, output, batch_size=2, model=str(tiny_model_dir), adapter=str(adapter_dir)) == 2
     ids = [json.loads(line)["id"] for line in output.read_text(encoding="utf-8").splitlines()]
     assert len(ids) == 5
     assert len(set(ids)) == 5
+
+
+def test_predict_resume_rejects_mismatched_rows(adapter_dir, tiny_model_dir, tmp_path):
+    loaded = load_adapter(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), str(adapter_dir))
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=2))
+    rows = [{"instruction": "你是谁？", "output": "小橘"}, {"instruction": "你好", "output": "喵"}]
+    data = write_json(tmp_path / "test.json", rows)
+    output = tmp_path / "p.jsonl"
+    producer = {"model": str(tiny_model_dir), "adapter": str(adapter_dir)}
+    assert predict(generator, load_dataset_file(DatasetSpec(path=str(data))), output, **producer) == 2
+    written = output.read_text(encoding="utf-8")
+
+    # The same data and model: nothing is left to predict.
+    assert predict(generator, load_dataset_file(DatasetSpec(path=str(data))), output, **producer) == 0
+
+    # Another adapter (here none) must not append to the first one's rows.
+    with pytest.raises(DataError) as caught:
+        predict(generator, load_dataset_file(DatasetSpec(path=str(data))), output, model=str(tiny_model_dir))
+    message = str(caught.value)
+    assert "line 1 (test.json, record 1 (line 2))" in message
+    assert f"with adapter {str(adapter_dir.resolve())!r}" in message
+    assert "with adapter None" in message
+    assert "pass a new --output file" in message
+
+    # A record inserted at the top moves every record down, so record 1 now has another prompt.
+    write_json(data, [{"instruction": "新问题", "output": "新回答"}, *rows])
+    with pytest.raises(DataError) as caught:
+        predict(generator, load_dataset_file(DatasetSpec(path=str(data))), output, **producer)
+    message = str(caught.value)
+    assert "test.json, record 1 (line 2)" in message
+    assert 'its prompt "你是谁？" differs from the record\'s "新问题"' in message
+    assert output.read_text(encoding="utf-8") == written
+
+    # Rows that record no model (an older vlmtune wrote them) are not trusted either.
+    old_row = {key: value for key, value in json.loads(written.splitlines()[0]).items() if key not in ("model", "adapter")}
+    old_output = tmp_path / "old.jsonl"
+    old_output.write_text(json.dumps(old_row, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(data, rows)
+    with pytest.raises(DataError, match="it records no model"):
+        predict(generator, load_dataset_file(DatasetSpec(path=str(data))), old_output, **producer)
 
 
 def test_predict_reads_prompts_without_replies(adapter_dir, tmp_path):
@@ -158,6 +201,21 @@ def test_failed_export_leaves_no_folder(adapter_dir, tiny_model_dir, tmp_path, m
     assert not output.exists()
 
 
+def test_bfloat16_export_check_keeps_folder(adapter_dir, tiny_model_dir, tmp_path):
+    # The tiny model's large random logits (initializer range 0.2) show bfloat16 rounding well past the tolerance.
+    output = tmp_path / "merged"
+    with pytest.raises(ModelError) as caught:
+        export_merged(str(adapter_dir), str(output), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"), dtype="bfloat16")
+    message = str(caught.value)
+    assert f"the export in {output} failed its check: logit difference" in message
+    assert f"The merged model was written to {output} in full and kept there" in message
+    assert "The merge ran in bfloat16" in message
+    assert "export again with --dtype float32" in message
+    assert "delete that folder first or pass a new --output" in message
+    assert (output / "model.safetensors").is_file()
+    assert (output / "config.json").is_file()
+
+
 def test_adapter_only_export_with_card(adapter_dir, tmp_path):
     output = export_adapter_only(str(adapter_dir), str(tmp_path / "adapter"))
     assert (output / "adapter_model.safetensors").is_file()
@@ -167,7 +225,7 @@ def test_adapter_only_export_with_card(adapter_dir, tmp_path):
     assert "final training loss" in card
 
 
-def test_predict_and_export_commands(adapter_dir, tmp_path):
+def test_predict_and_export_commands(adapter_dir, tiny_model_dir, tmp_path):
     vlmtune = str(Path(sys.executable).parent / "vlmtune")
     data = write_json(tmp_path / "test.json", [{"instruction": "你是谁？", "output": "小橘喵~"}])
     result = subprocess.run(
@@ -177,6 +235,13 @@ def test_predict_and_export_commands(adapter_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "wrote 1 prediction(s)" in result.stdout
+    base_only = subprocess.run(
+        [vlmtune, "predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "p.jsonl")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert base_only.returncode == 2
+    assert "with adapter None" in base_only.stderr
+    assert "loaded" not in base_only.stderr  # rejected before the model loads
     result = subprocess.run(
         [vlmtune, "export", "--adapter", str(adapter_dir), "--output", str(tmp_path / "merged")],
         capture_output=True, text=True, timeout=300,

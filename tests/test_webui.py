@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import signal
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 pytest.importorskip("gradio", reason="the web UI tests need gradio: pip install -e '.[webui]'")
 
+import gradio as gr  # noqa: E402
 from conftest import PERSONA_DATA, REPO_ROOT, write_json  # noqa: E402
 from vlmtune.config import GenerationSettings, load_config  # noqa: E402
 from vlmtune.errors import ConfigError  # noqa: E402
@@ -142,6 +144,21 @@ def test_presets_listed_from_configs():
     presets = [Path(path).name for path in list_presets(REPO_ROOT / "configs")]
     assert "demo.yaml" in presets
     assert presets == sorted(presets)
+
+
+def test_empty_presets_folder_warning(tmp_path, caplog):
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    tab = TrainTab(JobManager(), None, str(tmp_path / "outputs"), str(presets), i18n=lambda key: key)
+    with caplog.at_level(logging.WARNING, logger="vlmtune.webui.train_tab"), gr.Blocks():
+        tab.build()
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert f"no YAML presets in {presets}" in message
+    assert "pass --presets FOLDER" in message
+    assert "None" not in message
+    with pytest.raises(ConfigError, match="no preset chosen.*--presets FOLDER"):
+        preset_form_values("")
 
 
 def test_train_command_runs_cli():

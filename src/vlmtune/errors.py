@@ -17,12 +17,15 @@ class DataError(VlmtuneError):
     """An invalid example or data file: the message names the file, the record and the field.
 
     `reason` is a short category ("missing field", "wrong type", ...) used to count
-    skipped examples by kind.
+    skipped examples by kind. `columns_hint`, appended to the message, is the advice to map a column
+    in the config's `columns`; a file read without a config (`--data`) replaces it.
     """
 
-    def __init__(self, message: str, reason: str = "invalid example"):
-        super().__init__(message)
+    def __init__(self, message: str, reason: str = "invalid example", columns_hint: str = ""):
+        super().__init__(message + columns_hint)
         self.reason = reason
+        self.detail = message
+        self.columns_hint = columns_hint
 
 
 class ModelError(VlmtuneError):

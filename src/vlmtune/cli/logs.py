@@ -1,4 +1,4 @@
-"""A logging filter for the CLI: the warnings of bitsandbytes' optional CPU kernel lookup."""
+"""Logging filters for the CLI: bitsandbytes' optional CPU kernel lookup, and its per-call 8-bit warning."""
 
 from __future__ import annotations
 
@@ -35,3 +35,44 @@ def hide_kernel_lookup_warnings() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, KernelLookupFilter) for existing in logger.filters):
             logger.addFilter(KernelLookupFilter())
+
+
+# Logger name -> start of a message that OnceFilter lets through once per distinct text.
+ONCE_WARNINGS = {
+    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast from",
+}
+
+
+class OnceFilter(logging.Filter):
+    """Pass the first copy of each warning in ONCE_WARNINGS and drop the repeats.
+
+    bitsandbytes 0.50.2 logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16
+    during quantization" on every forward call of an 8-bit layer whose input is not float16, which
+    is every call in an 8-bit run on CPU: over a thousand lines for three training steps of the
+    tiny model. One copy says all there is to say. Other messages of these loggers pass unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        start = ONCE_WARNINGS.get(record.name)
+        message = record.getMessage()
+        if start is None or not message.startswith(start):
+            return True
+        key = (record.name, message)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        record.msg = message + " (logged once; later copies are hidden)"
+        record.args = None
+        return True
+
+
+def show_repeated_warnings_once() -> None:
+    """Add a OnceFilter to each logger in ONCE_WARNINGS, once."""
+    for name in ONCE_WARNINGS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, OnceFilter) for existing in logger.filters):
+            logger.addFilter(OnceFilter())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +20,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.text import Text
 
-from vlmtune.cli.logs import hide_kernel_lookup_warnings
+from vlmtune.cli.logs import hide_kernel_lookup_warnings, show_repeated_warnings_once
 from vlmtune.errors import VlmtuneError
 from vlmtune.outputs import CHECKPOINT_NAME
 
@@ -65,6 +67,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
         hide_kernel_lookup_warnings()
+        show_repeated_warnings_once()
 
 
 def _print_version(value: bool) -> None:
@@ -104,7 +107,7 @@ def tiny_model(
     ] = "glm4v",
 ) -> None:
     """Write a tiny checkpoint with random weights (GLM-4.1V-shaped by default) for tests and the demo."""
-    from vlmtune.model.tiny import build_tiny_glm4v_moe, build_tiny_model
+    from vlmtune.model.tiny import FALLBACK_CORPUS, VOCAB_SIZE, build_tiny_glm4v_moe, build_tiny_model, check_tiny_output_dir
     from vlmtune.model.tiny_qwen import build_tiny_qwen2, build_tiny_qwen2_5_vl
 
     builders = {
@@ -113,12 +116,23 @@ def tiny_model(
         "qwen2.5-vl": build_tiny_qwen2_5_vl,
         "qwen2.5": build_tiny_qwen2,
     }
+    check_tiny_output_dir(output_dir)  # before the tokenizer trains, so a mistyped path fails at once
     corpus_files = corpus or []
     if not corpus_files and DEFAULT_CORPUS.is_file():
         corpus_files = [DEFAULT_CORPUS]
     for path in corpus_files:
         if not path.is_file():
             raise VlmtuneError(f"--corpus: file not found: {path}")
+    if not corpus_files:
+        logging.getLogger(__name__).warning(
+            "no --corpus given and %s not found in %s, so the tokenizer is trained on %d built-in sentences only: "
+            "its vocabulary is a few hundred tokens instead of %d, and most text is split into single bytes. "
+            "Pass --corpus FILE (text, JSON or JSONL; repeat it for several files), or run from the vlmtune repository root.",
+            DEFAULT_CORPUS,
+            Path.cwd(),
+            len(FALLBACK_CORPUS),
+            VOCAB_SIZE,
+        )
     path = builders[architecture](output_dir, corpus_files, seed=seed)
     console.print(f"tiny model written to {path}")
 
@@ -188,6 +202,25 @@ def train(
         raise typer.Exit(128 + signal.Signals[stopped_by].value)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Raise VlmtuneError unless host:port can be bound now, so a busy port fails before the model loads.
+
+    The probe sets SO_REUSEADDR, as asyncio's create_server does for uvicorn on POSIX, so a port left in
+    TIME_WAIT counts as free. NOTE: another program can still take the port between this check and the start.
+    """
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise VlmtuneError(f"--host: cannot resolve {host!r} ({error.strerror}); pass an IP address such as 127.0.0.1") from None
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            reason = "the port is already in use" if error.errno == errno.EADDRINUSE else error.strerror
+            raise VlmtuneError(f"cannot listen on {host}:{port}: {reason}; pass another --port") from None
+
+
 def _program() -> str:
     """Return how to type vlmtune in the printed commands: its name when PATH finds this one, else its path."""
     invoked = Path(sys.argv[0])
@@ -201,7 +234,7 @@ def _program() -> str:
 def inspect(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
-    count: Annotated[int, typer.Option("--count", "-n", help="Number of samples to show.")] = 3,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of samples to show, from the first.")] = 3,
 ) -> None:
     """Show encoded samples (supervised tokens in green) and check them against inference rendering.
 
@@ -281,7 +314,10 @@ def evaluate(
 @app.command()
 def predict(
     data: Annotated[str, typer.Option(help="Dataset file or folder, in any layout vlmtune reads; replies are optional.")],
-    output: Annotated[Path, typer.Option(help="JSONL file to write; ids already in it are skipped.")],
+    output: Annotated[
+        Path,
+        typer.Option(help="JSONL file to write. Examples already in it are skipped, after checking that the same model, adapter and prompt produced them."),
+    ],
     model: ModelOption = None,
     adapter: AdapterOption = None,
     hub: HubOption = "auto",
@@ -294,11 +330,16 @@ def predict(
     from vlmtune.config import DatasetSpec
     from vlmtune.data.loading import load_dataset_file
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
+    from vlmtune.inference.predict import pending_examples, producer_labels
     from vlmtune.inference.predict import predict as run_predict
+    from vlmtune.model.loading import adapter_base_model
 
     conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter, model), prompts_only=True)
+    base = model or (adapter_base_model(adapter) if adapter else None)
+    # Rows already in --output are checked before the model loads, so a mismatch fails at once.
+    pending_examples(conversations, output, producer_labels(base, adapter))
     generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
-    written = run_predict(generator, conversations, output, batch_size=batch_size)
+    written = run_predict(generator, conversations, output, batch_size=batch_size, model=base, adapter=adapter)
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
 
 
@@ -358,6 +399,7 @@ def serve(
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
     from vlmtune.serving.app import ServerSettings, create_app
 
+    _check_port_free(host, port)
     generator = load_generator(model, adapter, hub, {"max_new_tokens": 1024}, "auto", device)
     name = served_model_name or Path(adapter or model or "model").name
     settings = ServerSettings(
@@ -376,7 +418,9 @@ def serve(
 def estimate(
     config: Annotated[Path, typer.Argument(help="YAML config file of the run.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
-    gpu_gib: Annotated[float, typer.Option("--gpu-gib", help="GPU memory to compare with, in GiB.")] = 24.0,
+    gpu_gib: Annotated[
+        Optional[float], typer.Option("--gpu-gib", help="GPU memory to compare with, in GiB (with --device cuda). Default: 24.")
+    ] = None,
     images: Annotated[int, typer.Option(help="Images per sample, each of data.max_pixels pixels. 0: text only.")] = 1,
     device: Annotated[str, typer.Option(help="cuda (adds the CUDA context overhead) or cpu.")] = "cuda",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the estimate to this JSON file.")] = None,
@@ -389,8 +433,12 @@ def estimate(
         raise VlmtuneError(f"--device: expected cuda or cpu, got {device!r}")
     if images < 0:
         raise VlmtuneError(f"--images: expected 0 or more images per sample, got {images}")
-    if gpu_gib <= 0:
+    if gpu_gib is not None and gpu_gib <= 0:
         raise VlmtuneError(f"--gpu-gib: expected a positive size in GiB, got {gpu_gib}")
+    if device == "cpu" and gpu_gib is not None:
+        raise VlmtuneError("--gpu-gib compares with GPU memory, so it does not apply with --device cpu; drop one of them")
+    if device == "cuda" and gpu_gib is None:
+        gpu_gib = 24.0
     run_config = load_config(config, overrides)
     report = run_estimate(run_config, images_per_sample=images, device=device, gpu_gib=gpu_gib)
     console.print(estimate_table(report))
@@ -538,6 +586,7 @@ def webui(
     base = model or (adapter_base_model(adapter) if adapter else None)
     if base is None:
         raise VlmtuneError("--model is required unless --adapter names a folder whose adapter_config.json records its base model")
+    _check_port_free(host, port)
     settings = WebUISettings(
         model=base,
         adapter=adapter,

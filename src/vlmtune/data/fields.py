@@ -23,10 +23,18 @@ _REMOTE = re.compile(r"^(https?://|data:)")
 def _missing_field(record: Record, name: str) -> DataError:
     """Return the error for a missing field, with the example's keys, since a misspelt column is a common cause."""
     keys = sorted(record.field_name(key) for key in record.data) if isinstance(record.data, dict) else []
+    if name in record.configured_columns:
+        return DataError(
+            f"{record.location}: column '{record.field_name(name)}', which the config's columns maps {name} to, is "
+            f"missing from the example's keys {keys}; fix the column name in the data.train entry's columns, or "
+            "remove the example",
+            "missing field",
+        )
     return DataError(
         f"{record.location}: field '{record.field_name(name)}' is missing (the example has {keys}); add it or remove "
-        f"the example. If a column of another name holds it, map it in the data.train entry: columns: {{{name}: COLUMN}}",
+        "the example",
         "missing field",
+        columns_hint=f". If a column of another name holds it, map it in the data.train entry: columns: {{{name}: COLUMN}}",
     )
 
 

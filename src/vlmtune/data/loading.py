@@ -39,6 +39,8 @@ DETECTORS: list[tuple[str, Callable[[Any], bool]]] = [
     ("alpaca", looks_like_alpaca),
     ("query_response", looks_like_query_response),
 ]
+# Prompt files (predict --data, eval --data) are read without a config, so `columns` cannot rename their keys.
+NO_CONFIG_HINT = ". A --data file is read with its keys as they are (no columns mapping applies), so rename the keys in the file"
 LAYOUT_KEYS = "messages: 'messages'; sharegpt: 'conversations'; alpaca: 'instruction', 'output'; query_response: 'query', 'response'"
 
 
@@ -76,14 +78,17 @@ class SkipReport:
             logger.warning("%d duplicated example(s), %s. First: %s", len(self.duplicates), action, first)
 
 
-def _rename_columns(record: Record, columns: dict[str, str]) -> Record:
+def _rename_columns(record: Record, columns: dict[str, str], configured: dict[str, str] | None = None) -> Record:
+    """Rename the file's columns to the layout's field names; configured is the config's own part of columns."""
     if not columns or not isinstance(record.data, dict):
         return record
     data = dict(record.data)
     for layout_name, file_column in columns.items():
         if file_column in data:
             data[layout_name] = data.pop(file_column)
-    return Record(data, record.path, record.index, record.line, columns=dict(columns))
+    return Record(
+        data, record.path, record.index, record.line, columns=dict(columns), configured_columns=frozenset(configured or {})
+    )
 
 
 def detect_layout(record: Record) -> str:
@@ -95,13 +100,16 @@ def detect_layout(record: Record) -> str:
             f"{record.location}: an example must be a JSON object, got {type(record.data).__name__} {record.data!r:.60}",
             "wrong type",
         )
-    keys = sorted(record.data)
+    keys = sorted(record.field_name(key) for key in record.data)
+    absent = [record.columns[name] for name in sorted(record.configured_columns) if name not in record.data]
+    absent_note = f" (the config's columns names {absent}, missing from these keys)" if absent else ""
     raise DataError(
-        f"{record.location}: cannot tell the dataset layout from the keys {keys}; supported layouts and their "
-        f"keys: {LAYOUT_KEYS}. Map your column names to a layout's in the data.train entry, for example "
+        f"{record.location}: cannot tell the dataset layout from the keys {keys}{absent_note}; supported layouts "
+        f"and their keys: {LAYOUT_KEYS}",
+        "unknown layout",
+        columns_hint=". Map your column names to a layout's in the data.train entry, for example "
         "columns: {instruction: question, output: answer} for Alpaca with question/answer keys; set layout as "
         "well to force one.",
-        "unknown layout",
     )
 
 
@@ -134,15 +142,17 @@ def _read_one_file(
             if isinstance(item, ReadProblem):
                 raise DataError(item.message, item.reason)
             if layout is None:
-                layout = detect_layout(_rename_columns(item, spec.columns))
+                layout = detect_layout(_rename_columns(item, spec.columns, spec.columns))
                 columns = {**DEFAULT_COLUMNS.get(layout, {}), **spec.columns}
-            record = _rename_columns(item, columns)
+            record = _rename_columns(item, columns, spec.columns)
             if prompts_only and CONVERTERS[layout] is alpaca_to_conversation:
                 conversation = alpaca_to_conversation(record, default_system, reply_required=False)
             else:
                 conversation = CONVERTERS[layout](record, default_system)
             check_conversation(conversation, reply_required=not prompts_only)
         except DataError as error:
+            if prompts_only and error.columns_hint:
+                error = DataError(error.detail + NO_CONFIG_HINT, error.reason)
             if on_invalid == "error":
                 mixed = _mixed_layout_note(item, layout, spec) if spec.layout == "auto" else ""
                 # Prompt files are read outside a training config, where data.on_invalid cannot be set. A

@@ -32,6 +32,8 @@ class Record:
     """1-based line in text files; None for Parquet and saved datasets, which have rows only."""
     columns: dict[str, str] = field(default_factory=dict)
     """The file's column name for each layout field that data.train's `columns` renamed."""
+    configured_columns: frozenset[str] = frozenset()
+    """The layout fields of `columns` that the config set, as opposed to a layout's defaults."""
 
     @property
     def location(self) -> str:

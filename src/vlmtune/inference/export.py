@@ -127,13 +127,30 @@ def export_merged(
         tensor_names_match=tensor_names(output) == tensor_names(base_path),
     )
     if not check.ok:
-        raise ModelError(
-            f"the export in {output} failed its check: logit difference {difference:.2e} "
-            f"(allowed {check.tolerance:.0e}), missing files {missing or 'none'}, "
-            f"tensor names {'match' if check.tensor_names_match else 'differ from the base model'}"
-        )
+        raise ModelError(_failed_check_message(check, output, work_dtype))
     logger.info("export check passed: max logit difference %.2e on %d prompts", difference, len(CHECK_PROMPTS))
     return check
+
+
+def _failed_check_message(check: ExportCheck, output: Path, work_dtype: str) -> str:
+    """Return the error for a failed export check: what failed, that the folder was kept, and what to do.
+
+    A save that fails midway removes its folder, because a partial folder cannot load. A folder that
+    fails the check is complete and loads, so it is kept for the user to judge.
+    """
+    message = (
+        f"the export in {output} failed its check: logit difference {check.max_logit_difference:.2e} "
+        f"(allowed {check.tolerance:.0e}), missing files {check.missing_files or 'none'}, "
+        f"tensor names {'match' if check.tensor_names_match else 'differ from the base model'}. "
+        f"The merged model was written to {output} in full and kept there; it loads, "
+        "but its replies may differ from base + adapter."
+    )
+    if check.max_logit_difference > check.tolerance and work_dtype in ("bfloat16", "float16"):
+        message += (
+            f" The merge ran in {work_dtype}, and rounding the merged weights to that precision is the likely "
+            "cause: export again with --dtype float32 (or --dtype auto if the base model is saved in float32)."
+        )
+    return message + f" To export again into {output}, delete that folder first or pass a new --output."
 
 
 def _save_merged(merged, base_path: Path, adapter_dir: Path, output: Path, max_shard_size: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,8 @@ def estimate_table(report: EstimateReport):
     if estimate.gpu_bytes is not None:
         verdict = "yes" if estimate.fits else "no"
         lines.append(Text(f"fits on a {estimate.gpu_bytes / GIB:g} GiB GPU: {verdict}", style="green" if estimate.fits else "red"))
+    elif estimate.device == "cpu":
+        lines.append(Text(_cpu_memory_line(estimate.total)))
     if report.lever is not None:
         label, changed = report.lever
         fits = "fits" if changed.fits else "still does not fit"
@@ -161,3 +164,15 @@ def estimate_table(report: EstimateReport):
     elif estimate.fits is False:
         lines.append(Text("no single setting change lowers the estimate; use a GPU with more memory"))
     return Group(table, *lines)
+
+
+def _cpu_memory_line(total: int) -> str:
+    """Compare a CPU run's estimate with this machine's physical memory, where the OS reports it."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # os.sysconf is missing on Windows
+        physical = None
+    line = "on CPU the total is tensor memory in RAM (Python and its libraries need more besides)"
+    if physical is None or physical <= 0:
+        return line
+    return f"{line}: {total / physical:.0%} of this machine's {physical / GIB:.0f} GiB"

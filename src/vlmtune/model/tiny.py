@@ -32,6 +32,8 @@ from transformers import (
     ProcessorMixin,
 )
 
+from vlmtune.errors import ModelError
+
 logger = logging.getLogger(__name__)
 
 # The special tokens of the GLM-4.1V tokenizer, in the order it assigns ids.
@@ -73,6 +75,19 @@ MAX_PIXELS = 28 * 28 * 32
 # spread of roughly 0.02 * sqrt(hidden_size) = 0.3, too flat for a LoRA adapter to learn a
 # peaked reply distribution in the demo's few CPU minutes (an estimate, checked by training).
 TEXT_INITIALIZER_RANGE = 0.2
+# Every file name a tiny builder writes (transformers 5 save_pretrained of model and processor).
+# A folder with any other file is not a tiny checkpoint, so the builders do not write into it.
+TINY_CHECKPOINT_FILES = frozenset(
+    {
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+)
 
 
 def bundled_chat_template(name: str) -> str:
@@ -229,6 +244,31 @@ def build_tiny_glm4v_moe(output_dir: str | Path, corpus_files: Iterable[str | Pa
     return write_checkpoint(output_dir, model, processor, GLM_STOP_TOKENS, "GLM-4.5V", len(corpus_paths))
 
 
+def check_tiny_output_dir(output_dir: str | Path) -> list[Path]:
+    """Raise ModelError unless output_dir is new, empty or contains only a tiny checkpoint, and return its files.
+
+    This keeps a mistyped path from overwriting the tokenizer of a trained adapter or a real model.
+    """
+    output_path = Path(output_dir)
+    if output_path.exists() and not output_path.is_dir():
+        raise ModelError(f"{output_path} is a file, not a folder; choose a new or empty folder for the tiny model")
+    if not output_path.is_dir():
+        return []
+    entries = sorted(output_path.iterdir())
+    foreign = [
+        path.name + ("/" if path.is_dir() else "")
+        for path in entries
+        if path.is_dir() or path.name not in TINY_CHECKPOINT_FILES
+    ]
+    if foreign:
+        listed = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise ModelError(
+            f"{output_path} contains files a tiny checkpoint does not have ({listed}), so it is not a tiny model "
+            "written earlier; choose a new or empty folder"
+        )
+    return entries
+
+
 def write_checkpoint(
     output_dir: str | Path,
     model: PreTrainedModel,
@@ -237,8 +277,17 @@ def write_checkpoint(
     name: str,
     corpus_count: int,
 ) -> Path:
-    """Save a tiny model with a generation config whose eos_token_id lists the stop tokens, and its processor."""
+    """Save a tiny model with a generation config whose eos_token_id lists the stop tokens, and its processor.
+
+    An earlier tiny checkpoint in output_dir is replaced: its files are deleted first, so none of
+    another architecture's files (a text-only model has no processor_config.json) stay behind.
+    """
     output_path = Path(output_dir)
+    earlier = check_tiny_output_dir(output_path)
+    if earlier:
+        logger.info("replacing the tiny checkpoint in %s", output_path)
+    for path in earlier:
+        path.unlink()
     output_path.mkdir(parents=True, exist_ok=True)
     tokenizer = getattr(processor, "tokenizer", processor)
     stop_ids = [tokenizer.convert_tokens_to_ids(token) for token in stop_tokens]

@@ -59,7 +59,11 @@ def list_presets(folder: str | Path) -> list[str]:
 def read_preset(preset: str) -> dict[str, Any]:
     """Read a preset's settings tree, raising ConfigError that names the file and what to do."""
     path = Path(preset)
-    if not preset or not path.is_file():
+    if not preset:
+        raise ConfigError(
+            "no preset chosen. Choose one of the YAML files in the presets folder, which `vlmtune webui --presets FOLDER` sets"
+        )
+    if not path.is_file():
         raise ConfigError(f"preset not found: {preset!r}. Choose one of the YAML files in the presets folder")
     return read_settings_tree(path, f"preset {path}", ". Fix the file or choose another preset")
 

@@ -87,6 +87,12 @@ class TrainTab:
         t = self.i18n
         presets = list_presets(self.presets_dir)
         default_preset = next((preset for preset in presets if Path(preset).name == "demo.yaml"), presets[0] if presets else None)
+        if not presets:
+            logger.warning(
+                "no YAML presets in %s, so the Train tab's form starts from vlmtune's defaults and a run cannot start "
+                "until a preset is chosen; pass --presets FOLDER (the configs folder of the vlmtune repository has them)",
+                Path(self.presets_dir).resolve(),
+            )
 
         with gr.Row():
             with gr.Column():
@@ -137,11 +143,14 @@ class TrainTab:
     @staticmethod
     def _preset_values(preset: str | None) -> list[Any]:
         """Return the preset's values for the settings fields, or vlmtune's defaults when it cannot be read."""
+        defaults = [3.0, 1e-4, 8, 1024, "auto", -1]
+        if not preset:
+            return defaults  # build() has warned that the presets folder has none
         try:
-            return preset_form_values(preset or "")
+            return preset_form_values(preset)
         except VlmtuneError as error:
-            logger.warning("preset %s: %s; the form starts from vlmtune's defaults", preset, error)
-            return [3.0, 1e-4, 8, 1024, "auto", -1]
+            logger.warning("%s; the form starts from vlmtune's defaults", error)
+            return defaults
 
     def fill_from_preset(self, preset: str) -> list[Any]:
         """Show the chosen preset's values in the settings fields, which override the preset when a run starts."""
