@@ -29,7 +29,7 @@ from vlmtune.data.loading import load_dataset_file
 from vlmtune.encoding import ChatCollator, ConversationEncoder
 from vlmtune.encoding.encode import IGNORE_INDEX
 from vlmtune.encoding.inspect import check_sample
-from vlmtune.errors import ConfigError, DataError
+from vlmtune.errors import ConfigError, DataError, TemplateError
 from vlmtune.inference import Generator
 from vlmtune.inference.export import export_merged
 from vlmtune.model.loading import load_adapter, load_model
@@ -167,6 +167,12 @@ def test_think_layout_reply_split_after_training(text_dir, tmp_path):
     assert reply.reasoning.strip() == "想一想"
     assert reply.answer == REPLY
     assert "".join(pieces) == REPLY  # the reasoning is not shown by default
+
+
+def test_think_layout_needs_reasoning_template(text_dir):
+    loaded = load(text_dir)
+    with pytest.raises(TemplateError, match=r"reply layout think .* does not render an assistant message's reasoning_content"):
+        ConversationEncoder(loaded.processor, loaded.stop_token_ids, thinking="think")
 
 
 def test_unrendered_reasoning_is_warned(text_dir, caplog):

@@ -79,8 +79,8 @@ class ConversationEncoder:
         self.layout: LayoutName = self._detect_layout() if thinking == "auto" else thinking
         if self.layout == "think" and not self.renders_reasoning_content:
             raise TemplateError(
-                "data.thinking=think: the chat template does not render an assistant message's reasoning_content; "
-                "use auto, think_answer or none"
+                "reply layout think (data.thinking or --thinking): the chat template does not render an assistant "
+                "message's reasoning_content; use auto, think_answer or none"
             )
         self.image_token: str | None = getattr(processor, "image_token", None)
         self.pixel_limits = apply_image_limits(processor, min_pixels, max_pixels)
