@@ -21,7 +21,7 @@ from vlmtune.inference.predict import predict
 from vlmtune.model.loading import load_adapter, load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
-FIELDS = {"id", "model", "adapter", "prompt", "images", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
+FIELDS = {"id", "model", "adapter", "system", "prompt", "images", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,7 @@ def test_predict_fields_and_resume(adapter_dir, tiny_model_dir, tmp_path):
     assert rows[0]["model"] == str(tiny_model_dir.resolve())
     assert rows[0]["adapter"] == str(adapter_dir.resolve())
     assert rows[0]["id"] == "train.json, record 1 (line 2)"
+    assert rows[0]["system"] == conversations[0].messages[0].text  # the record's own system prompt
     assert rows[0]["reference"] == conversations[0].messages[-1].text
     for row in rows:
         assert row["finish_reason"] == ("stop" if row["stopped"] else "length")
@@ -83,8 +84,13 @@ def test_predict_resume_rejects_mismatched_rows(adapter_dir, tiny_model_dir, tmp
         predict(generator, load_dataset_file(DatasetSpec(path=str(data))), output, **producer)
     message = str(caught.value)
     assert "test.json, record 1 (line 2)" in message
-    assert 'its prompt "你是谁？" differs from the record\'s "新问题"' in message
+    assert 'its prompt "你是谁？" differs from this run\'s "新问题", so the data file changed' in message
     assert output.read_text(encoding="utf-8") == written
+
+    # Another system prompt gives other replies, so those rows do not belong either.
+    write_json(data, rows)
+    with pytest.raises(DataError, match=r'its system null differs from this run\'s "你是沐雪。", so the system prompt'):
+        predict(generator, load_dataset_file(DatasetSpec(path=str(data)), "你是沐雪。"), output, **producer)
 
     # Rows that record no model (an older vlmtune wrote them) are not trusted either.
     old_row = {key: value for key, value in json.loads(written.splitlines()[0]).items() if key not in ("model", "adapter")}
