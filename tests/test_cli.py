@@ -72,6 +72,18 @@ def test_tiny_model_rejects_foreign_folder(tmp_path):
     assert not (adapter / "model.safetensors").exists()
 
 
+def test_tiny_model_keeps_saved_model(tiny_model_dir, tmp_path):
+    """A save_pretrained folder has the same file names as a tiny checkpoint; its chat template tells them apart."""
+    saved = tmp_path / "my-model"
+    shutil.copytree(tiny_model_dir, saved)
+    (saved / "chat_template.jinja").write_text("{{ messages }}", encoding="utf-8")
+    weights = (saved / "model.safetensors").read_bytes()
+    result = run("tiny-model", str(saved), "--architecture", "qwen2.5")
+    assert result.returncode == 2, result.stderr
+    assert "chat template is not one of vlmtune's tiny templates" in result.stderr
+    assert (saved / "model.safetensors").read_bytes() == weights
+
+
 def test_tiny_model_rebuild_without_corpus(tmp_path):
     # Outside the repository root the default corpus is missing, which the command warns about.
     first = run("tiny-model", "m", "--architecture", "glm4v", cwd=tmp_path)

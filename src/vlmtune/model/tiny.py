@@ -90,6 +90,10 @@ TINY_CHECKPOINT_FILES = frozenset(
 )
 
 
+BUNDLED_TEMPLATES = ("glm4v", "qwen2_5_vl", "qwen2")
+"""vlmtune's chat templates for the tiny checkpoints, under templates/NAME.jinja."""
+
+
 def bundled_chat_template(name: str) -> str:
     """Return the text of one of vlmtune's chat templates (`templates/NAME.jinja`)."""
     return resources.files("vlmtune.model").joinpath(f"templates/{name}.jinja").read_text(encoding="utf-8")
@@ -265,6 +269,14 @@ def check_tiny_output_dir(output_dir: str | Path) -> list[Path]:
         raise ModelError(
             f"{output_path} contains files a tiny checkpoint does not have ({listed}), so it is not a tiny model "
             "written earlier; choose a new or empty folder"
+        )
+    # Any save_pretrained folder has the same file names, so the chat template tells a tiny model from another.
+    template = output_path / "chat_template.jinja"
+    bundled = {bundled_chat_template(name) for name in BUNDLED_TEMPLATES}
+    if entries and (not template.is_file() or template.read_text(encoding="utf-8") not in bundled):
+        raise ModelError(
+            f"{output_path} contains a model whose chat template is not one of vlmtune's tiny templates, so it is "
+            "not a tiny model written earlier; choose a new or empty folder"
         )
     return entries
 
