@@ -202,12 +202,23 @@ def test_lora_targets_the_language_model_only(model_dir):
             resolve_target_modules(loaded.model, ["qkv"])
 
 
+@pytest.mark.parametrize("setting, message", [("vision", "has no vision tower"), ("train_merger", "has no 'merger' module")])
+def test_text_model_rejects_vision_lora(text_dir, setting, message):
+    from vlmtune.config import LoraSettings
+    from vlmtune.model.lora import apply_lora
+
+    model = load(text_dir).model
+    with pytest.raises(ConfigError, match=rf"lora.{setting}: true, but Qwen2ForCausalLM {message}"):
+        apply_lora(model, LoraSettings(**{setting: True}))
+
+
 def test_text_model_rejects_images(text_dir):
     generator = Generator(load(text_dir), GenerationSettings(max_new_tokens=4))
     with_image = Conversation([message("user", "图里是什么？", (IMAGE,)), message("assistant", REPLY)], source="data.jsonl, record 1")
 
-    with pytest.raises(DataError, match=r"data.jsonl, record 1: 1 image\(s\) given, but the model is text-only"):
+    with pytest.raises(DataError, match=r"data.jsonl, record 1: 1 image\(s\) given, but the model is text-only") as error:
         generator.encoder.encode(with_image)
+    assert error.value.reason == "images for a text-only model"  # how data.on_invalid=skip counts it
     with pytest.raises(DataError, match="text-only"):
         generator.prepare_inputs(Conversation([message("user", "图里是什么？", (IMAGE,))]))
 

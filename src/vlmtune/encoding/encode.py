@@ -110,7 +110,8 @@ class ConversationEncoder:
         if conversation.images and not self.accepts_images:
             raise DataError(
                 f"{conversation.source or 'the conversation'}: {len(conversation.images)} image(s) given, but the "
-                "model is text-only (its processor takes no images); remove the images or use a vision-language model"
+                "model is text-only (its processor takes no images); remove the images or use a vision-language model",
+                "images for a text-only model",
             )
 
     def template_messages(self, conversation: Conversation, *, with_images: bool = False) -> list[dict[str, Any]]:
@@ -298,7 +299,7 @@ class ConversationEncoder:
         messages = self.template_messages(conversation)
         assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
         if not assistant_turns:
-            raise DataError(f"{conversation.source}: the conversation has no assistant reply to train on")
+            raise DataError(f"{conversation.source}: the conversation has no assistant reply to train on", "no assistant reply")
         image_inputs, image_counts, resized_images = self._image_inputs(conversation)
         return _Turns(conversation, messages, assistant_turns, image_inputs, image_counts, resized_images)
 

@@ -89,6 +89,8 @@ def resolve_target_modules(model: nn.Module, target: str | list[str], vision: bo
     parts = find_module_parts(model)
     allowed = {"language model", "vision tower"} if vision else {"language model"}
     linear_names = linear_module_names(model)
+    if vision and not any(parts.part_of(name) == "vision tower" for name in linear_names):
+        raise ConfigError(f"lora.vision: true, but {type(model).__name__} has no vision tower; set lora.vision: false")
     language_linears = [name for name in linear_names if parts.part_of(name) == "language model"]
     allowed_linears = [name for name in linear_names if parts.part_of(name) in allowed]
 
@@ -192,6 +194,11 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, log: bool = True)
     several adapters on meta models).
     """
     targets = resolve_target_modules(model, settings.target_modules, vision=settings.vision)
+    if settings.train_merger and not any(MERGER_NAME in name.split(".") for name, _ in model.named_modules()):
+        raise ConfigError(
+            f"lora.train_merger: true, but {type(model).__name__} has no {MERGER_NAME!r} module (the vision projector); "
+            "set lora.train_merger: false"
+        )
     modules_to_save = [*settings.modules_to_save, *([MERGER_NAME] if settings.train_merger else [])]
     _check_modules_exist(model, settings.modules_to_save)
     lora_config = LoraConfig(
