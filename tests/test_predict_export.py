@@ -241,6 +241,7 @@ def test_predict_and_export_commands(adapter_dir, tiny_model_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "wrote 1 prediction(s)" in result.stdout
+    assert "it/s]" not in result.stderr  # no progress bars (weights loading, predict) in piped output
     base_only = subprocess.run(
         [vlmtune, "predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "p.jsonl")],
         capture_output=True, text=True, timeout=300,
@@ -254,3 +255,4 @@ def test_predict_and_export_commands(adapter_dir, tiny_model_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "merged model written to" in result.stdout
+    assert "it/s]" not in result.stderr  # no shard-writing bar either

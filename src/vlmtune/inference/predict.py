@@ -159,7 +159,7 @@ def predict(
     pending = pending_examples(conversations, output, producer)
 
     written = 0
-    with open(output, "a", encoding="utf-8") as handle, tqdm(total=len(pending), desc="predict", unit="example") as progress:
+    with open(output, "a", encoding="utf-8") as handle, tqdm(total=len(pending), desc="predict", unit="example", disable=None) as progress:
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             prompts = [conversation_for_generation(conversation) for conversation in batch]
