@@ -185,8 +185,8 @@ def test_unrendered_reasoning_is_warned(text_dir, caplog):
 
     assert encoder.layout == "none"
     assert loaded.tokenizer.decode(supervised) == "4喵<|im_end|>"
-    assert "replies with reasoning are trained on their answers only" in caplog.text
-    assert "(first: inline)" in caplog.text
+    assert "replies with reasoning are trained on their answers only, because the chat template" in caplog.text
+    assert "(first: inline). Set data.thinking: think_answer" in caplog.text
 
 
 def test_lora_targets_the_language_model_only(model_dir):

@@ -76,6 +76,7 @@ class ConversationEncoder:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.stop_ids = list(stop_ids)
         self.train_on = train_on
+        self.thinking_setting = thinking
         self.layout: LayoutName = self._detect_layout() if thinking == "auto" else thinking
         if self.layout == "think" and not self.renders_reasoning_content:
             raise TemplateError(
@@ -153,11 +154,16 @@ class ConversationEncoder:
             message["reasoning_content"] = reasoning
         elif not self._warned_unrendered_reasoning:
             self._warned_unrendered_reasoning = True
-            logger.warning(
-                "replies with reasoning are trained on their answers only: data.thinking is none, or the chat template "
-                "has no think/answer tokens and does not render `reasoning_content` (first: %s)",
-                conversation.source,
-            )
+            if self.thinking_setting == "none":
+                logger.info("data.thinking is none, so replies with reasoning are trained on their answers only (first: %s)",
+                            conversation.source)
+            else:
+                logger.warning(
+                    "replies with reasoning are trained on their answers only, because the chat template has no "
+                    "think/answer tokens and does not render `reasoning_content` (first: %s). Set data.thinking: "
+                    "think_answer to train the reasoning as <think>/<answer> text instead",
+                    conversation.source,
+                )
         return message
 
     @functools.cached_property
