@@ -333,11 +333,12 @@ def moe_dir(tmp_path_factory):
     return build_tiny_glm4v_moe(tmp_path_factory.mktemp("glm4.5v") / "model", [PERSONA_DATA], seed=0)
 
 
-def test_moe_dropout_rejected_before_wrapping(moe_dir, tmp_path):
-    with pytest.raises(ConfigError, match="set lora.dropout: 0") as error:
+def test_moe_dropout_rejected_before_loading(moe_dir, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="vlmtune"), pytest.raises(ConfigError, match="set lora.dropout: 0") as error:
         train_fixed_reply(moe_dir, tmp_path, dropout=0.05)
     assert "gate_up_proj" in str(error.value)
     assert "Glm4vMoeForConditionalGeneration" in str(error.value)
+    assert "vlmtune.model.loading" not in caplog.text  # the weights were never loaded
 
 
 def test_moe_adapter_targets_and_learns(moe_dir, tmp_path, caplog):

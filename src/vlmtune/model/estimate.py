@@ -152,6 +152,15 @@ def build_meta_model(model_config: PretrainedConfig) -> nn.Module:
         return auto_class.from_config(model_config)
 
 
+def apply_lora_on_meta(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    """Wrap a meta-device model with the LoRA settings, raising their ConfigErrors without loading weights.
+
+    PiSSA and OLoRA initialise from the real weights, so the default initialisation stands in for them.
+    """
+    with torch.device("meta"):
+        return apply_lora(model, lora.model_copy(update={"init": "default"}), log=False)
+
+
 def _compute_dtype_bytes(config: RunConfig, device: str) -> int:
     dtype = config.model.dtype
     if dtype == "auto":
@@ -310,9 +319,7 @@ def estimate_memory(
     model = build_meta_model(model_config)
     weight_bytes, _, weight_note = _weight_bytes(model, config, dtype_bytes)
     text_config = model_config.get_text_config()
-    lora_settings = config.lora.model_copy(update={"init": "default"})  # PiSSA/OLoRA need real weights
-    with torch.device("meta"):
-        peft_model = apply_lora(model, lora_settings, log=False)
+    peft_model = apply_lora_on_meta(model, config.lora)
     lora_count, dora_count, full_count = _trainable_split(peft_model)
     state_bytes, state_note = _optimizer_state_bytes_per_value(config.train.optim)
     estimate = MemoryEstimate(gpu_bytes=int(gpu_gib * GIB) if gpu_gib else None, device=device)

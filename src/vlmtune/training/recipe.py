@@ -45,6 +45,7 @@ from vlmtune.encoding.cache import encode_dataset
 from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport
 from vlmtune.encoding.stats import length_stats
 from vlmtune.errors import ConfigError, DataError
+from vlmtune.model.estimate import apply_lora_on_meta, build_meta_model, load_model_config
 from vlmtune.model.loading import (
     LoadedModel,
     checkpointing_enabled,
@@ -173,6 +174,7 @@ class LoraRecipe:
         self.data = data
         conversations = data.train
         self._check_cpu_four_bit(bool(data.validation))
+        self._check_lora_before_loading()
         self.loaded = load_model(config.model, for_training=True, quantization=config.quantization)
         encoder = ConversationEncoder.from_settings(self.loaded.processor, self.loaded.stop_token_ids, config.data)
         self.report = encode_dataset(encoder, conversations, config.data, name="training")
@@ -206,6 +208,17 @@ class LoraRecipe:
         if config.lora.init in CONVERTED_INITS and self.is_main_process:
             self._save_initial_adapter()
         self.collator = self._make_collator()
+
+    def _check_lora_before_loading(self) -> None:
+        """Apply the LoRA settings to a meta-device copy of a local model, so their errors come before the weights load.
+
+        A hub id is checked only once its weights are loaded, because reading its config here could
+        mean a second download from a hub other than model.hub.
+        """
+        name = self.config.model.name_or_path
+        if not Path(name).expanduser().is_dir():
+            return
+        apply_lora_on_meta(build_meta_model(load_model_config(name, self.config.model.trust_remote_code)), self.config.lora)
 
     def _resolve_gradient_checkpointing(self, model: torch.nn.Module) -> bool:
         setting = self.config.train.gradient_checkpointing
