@@ -192,7 +192,7 @@ def test_visible_text_grows_while_streaming():
     [
         ("想一想</think>\n<answer>好</answer>", "想一想", "好"),
         ("</think>\n<answer>\n<think>\n<think>\n<answer>\n", "", "\n<think>\n<think>\n<answer>\n"),
-        ("<think>\na</think>b<answer>c", "a", "c"),
+        ("<think>\na</think>b<answer>c", "a", "bc"),  # text between the blocks is kept
         ("<think>\na</think>\n b ", "a", "b"),
     ],
 )

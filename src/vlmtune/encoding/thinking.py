@@ -83,7 +83,8 @@ def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = N
                 reasoning += piece
         elif state == "between":
             if is_tag and piece == "<answer>":
-                state, pending = "answer", ""
+                # Text between </think> and <answer> breaks the layout; it is kept as the answer's start, not dropped.
+                state, answer, pending = "answer", pending.strip(), ""
             else:
                 pending += piece
         elif state == "answer":
