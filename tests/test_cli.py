@@ -73,7 +73,7 @@ def test_tiny_model_rejects_foreign_folder(tmp_path):
 
 
 def test_tiny_model_keeps_saved_model(tiny_model_dir, tmp_path):
-    """A save_pretrained folder has the same file names as a tiny checkpoint; its chat template tells them apart."""
+    """A save_pretrained folder has the same file names as a tiny checkpoint, so its chat template distinguishes them."""
     saved = tmp_path / "my-model"
     shutil.copytree(tiny_model_dir, saved)
     (saved / "chat_template.jinja").write_text("{{ messages }}", encoding="utf-8")

@@ -49,7 +49,7 @@ class OnceFilter(logging.Filter):
     bitsandbytes 0.50.2 logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16
     during quantization" on every forward call of an 8-bit layer whose input is not float16, which
     is every call in an 8-bit run on CPU: over a thousand lines for three training steps of the
-    tiny model. One copy says all there is to say. Other messages of these loggers pass unchanged.
+    tiny model. The first copy carries all the information. Other messages of these loggers pass unchanged.
     """
 
     def __init__(self) -> None:

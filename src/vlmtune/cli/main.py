@@ -90,7 +90,7 @@ def _main(
     if quiet or not sys.stderr.isatty():
         # In a log file or the web UI's log view every progress-bar redraw is another line. These
         # variables turn off the bars of huggingface_hub and transformers (weights loading, shard
-        # writing) and of datasets (encoding); they are read when those packages are imported.
+        # writing) and of datasets (encoding). The packages read them when they are imported.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if quiet:

@@ -155,7 +155,7 @@ def build_meta_model(model_config: PretrainedConfig) -> nn.Module:
 def apply_lora_on_meta(model: nn.Module, lora: LoraSettings) -> nn.Module:
     """Wrap a meta-device model with the LoRA settings, raising their ConfigErrors without loading weights.
 
-    PiSSA and OLoRA initialise from the real weights, so the default initialisation stands in for them.
+    PiSSA and OLoRA initialise from the real weights, so the default initialisation is used instead.
     """
     with torch.device("meta"):
         return apply_lora(model, lora.model_copy(update={"init": "default"}), log=False)

@@ -270,7 +270,7 @@ def check_tiny_output_dir(output_dir: str | Path) -> list[Path]:
             f"{output_path} contains files a tiny checkpoint does not have ({listed}), so it is not a tiny model "
             "written earlier; choose a new or empty folder"
         )
-    # Any save_pretrained folder has the same file names, so the chat template tells a tiny model from another.
+    # Any save_pretrained folder has the same file names, so the chat template distinguishes a tiny model.
     template = output_path / "chat_template.jinja"
     bundled = {bundled_chat_template(name) for name in BUNDLED_TEMPLATES}
     if entries and (not template.is_file() or template.read_text(encoding="utf-8") not in bundled):
