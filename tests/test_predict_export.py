@@ -242,6 +242,13 @@ def test_predict_and_export_commands(adapter_dir, tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote 1 prediction(s)" in result.stdout
     assert "it/s]" not in result.stderr  # no progress bars (weights loading, predict) in piped output
+    again = subprocess.run(
+        [vlmtune, "predict", "--adapter", str(adapter_dir), "--data", str(data), "--output", str(tmp_path / "p.jsonl")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stdout
+    assert "loaded" not in again.stderr  # the model is not loaded for nothing
     base_only = subprocess.run(
         [vlmtune, "predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "p.jsonl")],
         capture_output=True, text=True, timeout=300,

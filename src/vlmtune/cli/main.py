@@ -343,7 +343,9 @@ def predict(
     conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter, model), prompts_only=True)
     base = model or (adapter_base_model(adapter) if adapter else None)
     # Rows already in --output are checked before the model loads, so a mismatch fails at once.
-    pending_examples(conversations, output, producer_labels(base, adapter))
+    if not pending_examples(conversations, output, producer_labels(base, adapter)):
+        console.print(f"every example already has a prediction in {output}; nothing to do", soft_wrap=True)
+        return
     generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
     written = run_predict(generator, conversations, output, batch_size=batch_size, model=base, adapter=adapter)
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
