@@ -12,11 +12,15 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from conftest import PERSONA_DATA, train_fixed_reply_adapter, write_json
@@ -357,6 +361,16 @@ def test_moe_adapter_targets_and_learns(moe_dir, tmp_path, caplog):
     )
     assert reply.stopped
     assert reply.answer == REPLY
+
+    # peft doubles the rank of the fused gate_up tensor (two projections), then warns that its own
+    # rank_pattern key was ignored; the CLI hides that false warning.
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
+        gate_up = weights.get_tensor("base_model.model.model.language_model.layers.1.mlp.experts.base_layer.lora_A.weight")
+    assert gate_up.shape[0] == 2 * 16 * 4  # twice lora.r, for each of the 4 experts
+    chat = subprocess.run([str(Path(sys.executable).parent / "vlmtune"), "chat", "--adapter", str(adapter), "--message", "你好",
+                           "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert "keys did not match any targeted module" not in chat.stderr
 
 
 @pytest.mark.parametrize("architecture, model_class", [("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),

@@ -611,6 +611,15 @@ def main() -> None:
     # peft calls a transformers property that transformers 5 deprecates; the warning is
     # about their code, not the user's, so the CLI hides it.
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    # peft 0.21.2 adds a `.*\.gate_up_proj` rank/alpha pattern itself when it moves MoE targets to
+    # fused expert tensors (GLM-4.5V), then warns that the key matched no module and was ignored,
+    # although the fused tensor's LoRA weights have that rank. Only that exact key is hidden.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"The following (rank|alpha)_pattern keys did not match any targeted module and were ignored: "
+        r"\['\.\*\\\\\.gate_up_proj'\]",
+        category=RuntimeWarning,
+    )
     try:
         app()
     except VlmtuneError as error:
