@@ -33,7 +33,7 @@ from vlmtune.data.loading import load_dataset_file
 from vlmtune.encoding import ChatCollator, ConversationEncoder
 from vlmtune.encoding.encode import IGNORE_INDEX
 from vlmtune.encoding.inspect import check_sample
-from vlmtune.errors import ConfigError, DataError, TemplateError
+from vlmtune.errors import ConfigError, DataError, ModelError, TemplateError
 from vlmtune.inference import Generator
 from vlmtune.inference.export import export_merged
 from vlmtune.model.loading import load_adapter, load_model
@@ -283,6 +283,11 @@ def test_image_conversation_trains_and_answers(vl_dir, vl_adapter):
     )
     assert reply.stopped
     assert reply.text == REPLY
+
+
+def test_adapter_of_other_base_rejected(text_dir, vl_adapter, vl_dir):
+    with pytest.raises(ModelError, match=rf"adapter {vl_adapter} does not fit the base model .*it was trained on {vl_dir}"):
+        load_adapter(load(text_dir), str(vl_adapter))
 
 
 def test_padding_free_rows_match_padded_batches(vl_dir):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import (
@@ -184,10 +185,29 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str) -> LoadedModel:
     from peft import PeftModel
 
     check_adapter_folder(adapter_dir)
-    model = PeftModel.from_pretrained(loaded.model, adapter_dir)
+    with adapter_fit_errors(adapter_dir, loaded.path):
+        model = PeftModel.from_pretrained(loaded.model, adapter_dir)
     model.eval()
     logger.info("attached adapter %s", adapter_dir)
     return LoadedModel(model=model, processor=loaded.processor, path=loaded.path)
+
+
+@contextlib.contextmanager
+def adapter_fit_errors(adapter_dir: str, base_path: str) -> Iterator[None]:
+    """Turn peft's errors for an adapter of another base model (missing modules, other shapes) into ModelError."""
+    from peft import NoMatchingPeftModuleError
+
+    try:
+        yield
+    except (NoMatchingPeftModuleError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "size mismatch" not in str(error):
+            raise
+        recorded = adapter_base_model(adapter_dir)
+        first_line = str(error).strip().splitlines()[0]
+        raise ModelError(
+            f"adapter {adapter_dir} does not fit the base model {base_path} ({first_line}); it was trained on "
+            f"{recorded or 'a base it does not record'}, so pass that model (--model) or an adapter of this one"
+        ) from None
 
 
 def adapter_base_model(adapter_dir: str) -> str | None:

@@ -21,7 +21,7 @@ from vlmtune.errors import ModelError
 from vlmtune.inference.chat import ChatSession
 from vlmtune.inference.cli_chat import trained_data_settings
 from vlmtune.inference.generate import Generator, Reply
-from vlmtune.model.loading import LoadedModel, load_adapter, load_model
+from vlmtune.model.loading import LoadedModel, adapter_fit_errors, load_adapter, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class ChatBackend:
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ModelError(f"adapter: no adapter_config.json in {adapter}; choose a folder from the adapter list")
         name = f"adapter_{len(self._adapter_names)}"
-        self.loaded.model.load_adapter(adapter, adapter_name=name)
+        with adapter_fit_errors(adapter, self.loaded.path):
+            self.loaded.model.load_adapter(adapter, adapter_name=name)
         self._adapter_names[adapter] = name
         logger.info("attached adapter %s", adapter)
 
