@@ -36,6 +36,7 @@ from vlmtune.encoding.inspect import check_sample
 from vlmtune.errors import ConfigError, DataError, ModelError, TemplateError
 from vlmtune.inference import Generator
 from vlmtune.inference.export import export_merged
+from vlmtune.inference.predict import predict
 from vlmtune.model.loading import load_adapter, load_model
 from vlmtune.model.lora import resolve_target_modules
 from vlmtune.model.packing import PackedPositions
@@ -225,6 +226,11 @@ def test_text_model_rejects_images(text_dir):
     assert error.value.reason == "images for a text-only model"  # how data.on_invalid=skip counts it
     with pytest.raises(DataError, match="text-only"):
         generator.prepare_inputs(Conversation([message("user", "图里是什么？", (IMAGE,))]))
+
+    output = text_dir.parent / "predictions.jsonl"
+    with pytest.raises(DataError, match="text-only"):
+        predict(generator, [Conversation([message("user", "图里是什么？", (IMAGE,))], source="p.json, record 1")], output)
+    assert not output.exists()  # no empty file left behind
 
     body = {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "图里是什么？"}, {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]}]}

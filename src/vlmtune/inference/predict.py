@@ -159,25 +159,26 @@ def predict(
     pending = pending_examples(conversations, output, producer)
 
     written = 0
-    with open(output, "a", encoding="utf-8") as handle, tqdm(total=len(pending), desc="predict", unit="example", disable=None) as progress:
+    with tqdm(total=len(pending), desc="predict", unit="example", disable=None) as progress:
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             prompts = [conversation_for_generation(conversation) for conversation in batch]
             replies = generator.generate_batch(prompts, max_new_tokens)
-            for conversation, prompt, reply in zip(batch, prompts, replies):
-                row = {
-                    "id": example_id(conversation),
-                    **producer,
-                    **_prompt_fields(prompt),
-                    "reference": _last_reply(conversation),
-                    "answer": reply.answer,
-                    "reasoning": reply.reasoning,
-                    "generated_tokens": reply.generated_tokens,
-                    "stopped": reply.stopped,
-                    "finish_reason": "stop" if reply.stopped else "length",
-                }
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
+            # Opened per batch, after its replies exist, so a run that fails at once leaves no empty file.
+            with open(output, "a", encoding="utf-8") as handle:
+                for conversation, prompt, reply in zip(batch, prompts, replies):
+                    row = {
+                        "id": example_id(conversation),
+                        **producer,
+                        **_prompt_fields(prompt),
+                        "reference": _last_reply(conversation),
+                        "answer": reply.answer,
+                        "reasoning": reply.reasoning,
+                        "generated_tokens": reply.generated_tokens,
+                        "stopped": reply.stopped,
+                        "finish_reason": "stop" if reply.stopped else "length",
+                    }
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             written += len(batch)
             progress.update(len(batch))
     return written
