@@ -373,8 +373,8 @@ def test_moe_adapter_targets_and_learns(moe_dir, tmp_path, caplog):
     assert reply.stopped
     assert reply.answer == REPLY
 
-    # peft doubles the rank of the fused gate_up tensor (two projections), then warns that its own
-    # rank_pattern key was ignored; the CLI hides that false warning.
+    # peft doubles the rank of the fused gate_up tensor, which holds two projections. It then warns
+    # that its own rank_pattern key was ignored, so the CLI hides that false warning.
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
         gate_up = weights.get_tensor("base_model.model.model.language_model.layers.1.mlp.experts.base_layer.lora_A.weight")
     assert gate_up.shape[0] == 2 * 16 * 4  # twice lora.r, for each of the 4 experts

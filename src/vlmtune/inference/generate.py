@@ -32,6 +32,13 @@ class Reply:
     """True when the reply ended on a stop token, False when it hit max_new_tokens."""
     prompt_tokens: int = 0
 
+def parse_reply(text: str, layout: str, final: bool = True, opened_by_prompt: bool | None = None) -> ParsedReply | None:
+    """Split a reply into reasoning and answer as its layout reads; None for the layout without reasoning."""
+    if layout == "none":
+        return None
+    return split_reply(text, final, opened_by_prompt, answer_tags=layout == "think_answer")
+
+
 def visible_text(
     text: str, layout: str, show_thinking: bool, final: bool = True, opened_by_prompt: bool | None = None
 ) -> str:
@@ -40,9 +47,9 @@ def visible_text(
     With `final=False` the reply is still being generated, and the result only grows as more
     of it arrives and when it ends, so it can be streamed by printing each new suffix.
     """
-    if layout == "none":
+    parsed = parse_reply(text, layout, final, opened_by_prompt)
+    if parsed is None:
         return text
-    parsed = split_reply(text, final, opened_by_prompt, answer_tags=layout == "think_answer")
     if not show_thinking:
         return parsed.answer
     # An empty think part gets no header, so a reply without reasoning shows only its answer.
@@ -109,10 +116,8 @@ class Generator:
         return self.encoder.layout
 
     def parse(self, text: str, final: bool, opened_by_prompt: bool | None) -> ParsedReply | None:
-        """Split a reply into reasoning and answer; None for models without a reasoning layout."""
-        if self.layout == "none":
-            return None
-        return split_reply(text, final, opened_by_prompt, answer_tags=self.layout == "think_answer")
+        """Split a reply with this model's layout (see parse_reply)."""
+        return parse_reply(text, self.layout, final, opened_by_prompt)
 
     @property
     def context_length(self) -> int | None:
