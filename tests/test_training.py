@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import Trainer
 
 from conftest import write_json
 from vlmtune.config import GenerationSettings, ModelSettings, build_config
@@ -79,6 +80,15 @@ def run(tiny_model_dir, tmp_path_factory):
 
 def test_loss_drops_on_fixed_batch(run):
     assert run["loss_after"] < run["loss_before"] * 0.7
+
+
+def test_floating_point_ops_match_transformers(run):
+    """The trainer counts parameters once; its estimate must stay transformers' estimate."""
+    trainer = run["recipe"].trainer
+    inputs = {"input_ids": run["batch"]["input_ids"]}
+    expected = 6 * inputs["input_ids"].numel() * trainer.model.num_parameters(exclude_embeddings=True)
+    assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) == expected
+    assert run["recipe"].trainer.state.total_flos > 0
 
 
 def test_output_folder_contents(run):

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from vlmtune.config import LoraSettings
 from vlmtune.errors import ConfigError
+from vlmtune.model.fused_lora import register_fused_linear
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, log: bool = True)
         task_type="CAUSAL_LM",
     )
     _check_fused_experts(model, lora_config, settings)
-    peft_model = get_peft_model(model, lora_config)
+    peft_model = get_peft_model(model, register_fused_linear(lora_config))
     if log:
         _log_targets(peft_model, targets, settings)
         _log_trainable(peft_model, settings)
