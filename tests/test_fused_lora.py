@@ -107,7 +107,7 @@ def test_fused_layer_under_bf16_autocast(tiny_model_dir, batch):
     assert error(without_adapter) > 3 * error(fused_logits)  # the adapter's effect is far above rounding
 
 
-def test_fused_layer_falls_back_where_it_does_not_apply(tiny_model_dir, batch):
+def test_fused_layer_fallback_cases(tiny_model_dir, batch):
     fused, plain = fused_and_plain(tiny_model_dir, LoraSettings(r=8, alpha=16, dropout=0.0))
     layer = next(module for module in fused.modules() if isinstance(module, FusedLoraLinear))
     with fused.disable_adapter():

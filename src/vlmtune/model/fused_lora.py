@@ -47,8 +47,8 @@ class FusedLoraLinear(LoraLinear):
         active = [name for name in self.active_adapters if name in self.lora_A]
         if len(active) != 1 or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None:
             return None
-        # Outside autocast, LoRA weights in another dtype than the layer's give a result in a third
-        # dtype, which peft casts back; addmm needs one dtype throughout.
+        # addmm needs one dtype throughout. Outside autocast, LoRA weights in another dtype than the
+        # layer's would mix two, so peft's forward runs and casts the sum back.
         same_dtype = self.lora_A[active[0]].weight.dtype == self.base_layer.weight.dtype
         if not same_dtype and not torch.is_autocast_enabled(self.base_layer.weight.device.type):
             return None
