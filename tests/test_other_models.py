@@ -43,7 +43,7 @@ from vlmtune.model.packing import PackedPositions
 from vlmtune.model.tiny import build_tiny_glm4v_moe
 from vlmtune.serving import ServerSettings
 from vlmtune.model.tiny_qwen import QWEN_STOP_TOKENS, build_tiny_qwen2, build_tiny_qwen2_5_vl
-from vlmtune.training.recipe import padding_free_difference
+from vlmtune.training.batch_checks import padding_free_difference
 
 BUILDERS = {"qwen2.5-vl": build_tiny_qwen2_5_vl, "qwen2.5": build_tiny_qwen2}
 REPLY = "好的喵~"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
+from transformers import BertConfig, BertForMaskedLM
 
 from conftest import PERSONA_DATA, write_json
 from test_images import IMAGE_DATA
@@ -14,7 +16,8 @@ from vlmtune.data.loading import load_dataset_file
 from vlmtune.encoding import ChatCollator
 from vlmtune.encoding.collator import LengthGroupedSampler, padding_share
 from vlmtune.model.packing import PackedPositions
-from vlmtune.training.recipe import LoraRecipe, padding_free_difference
+from vlmtune.training.batch_checks import padding_free_difference, padding_mask_difference
+from vlmtune.training.recipe import LoraRecipe
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +49,57 @@ def test_padding_free_batch_has_one_row_without_padding(loaded, samples):
     assert not torch.equal(image_positions[1], image_positions[0])  # height positions differ inside the image
 
 
+def loss_and_gradient(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the model's loss on a batch and the gradient it gives the token embeddings."""
+    model.train()
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    gradient = model.model.language_model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    model.eval()
+    return loss.detach(), gradient
+
+
+def assert_same_training_signal(model, expected_batch, batch) -> None:
+    expected_loss, expected_gradient = loss_and_gradient(model, expected_batch)
+    loss, gradient = loss_and_gradient(model, batch)
+    assert torch.allclose(expected_loss, loss, rtol=1e-5, atol=1e-5)
+    assert (expected_gradient - gradient).abs().max() <= 1e-4 * expected_gradient.abs().max()  # float32 rounding only
+
+
 @pytest.mark.parametrize("subset", ["text", "mixed"])
 def test_padding_free_loss_and_gradients_match(loaded, samples, subset):
     chosen = samples[:6] if subset == "text" else samples[3:]
     padded, packed = collators(loaded)
-    model = loaded.model
-    model.train()
-    results = []
-    for collator in (padded, packed):
-        model.zero_grad()
-        loss = model(**collator(chosen)).loss
-        loss.backward()
-        gradient = model.model.language_model.embed_tokens.weight.grad.clone()
-        results.append((loss.detach(), gradient))
-    model.zero_grad()
-    model.eval()
-    (padded_loss, padded_grad), (packed_loss, packed_grad) = results
-    assert torch.allclose(padded_loss, packed_loss, rtol=1e-5, atol=1e-5)
-    assert (padded_grad - packed_grad).abs().max() <= 1e-4 * padded_grad.abs().max()  # float32 rounding only
+    assert_same_training_signal(loaded.model, padded(chosen), packed(chosen))
+
+
+@pytest.mark.parametrize("subset", ["text", "mixed"])
+def test_unmasked_padded_batch_matches(loaded, samples, subset):
+    chosen = samples[:6] if subset == "text" else samples[3:]
+    masked, _ = collators(loaded)
+    unmasked = ChatCollator(pad_token_id=masked.pad_token_id, padding_mask=False)
+    batch = unmasked(chosen)
+    assert "attention_mask" not in batch
+    assert (masked(chosen)["attention_mask"] == 0).any()  # the batch is padded
+    assert_same_training_signal(loaded.model, masked(chosen), batch)
+
+
+def test_mask_check_needs_causal_attention(loaded, samples):
+    masked, _ = collators(loaded)
+    unmasked = ChatCollator(pad_token_id=masked.pad_token_id, padding_mask=False)
+    assert padding_mask_difference(loaded.model, masked, unmasked, samples) < 1e-5
+    # BERT attends in both directions, so without the mask real tokens see the padding.
+    bidirectional = BertForMaskedLM(
+        BertConfig(
+            vocab_size=len(loaded.tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, initializer_range=0.5,  # weights large enough for attention to matter
+        )
+    )
+    text_only = [ChatCollator(pad_token_id=masked.pad_token_id, padding_mask=flag) for flag in (True, False)]
+    assert padding_mask_difference(bidirectional, *text_only, [replace(sample, mm_token_type_ids=None) for sample in samples[:6]]) > 0.05
+    assert padding_mask_difference(loaded.model, masked, unmasked, samples[:1]) == 0.0  # nothing to pad
 
 
 def test_difference_check_catches_leaking_positions(loaded, samples):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,12 @@ def test_floating_point_ops_match_transformers(run):
     expected = 6 * inputs["input_ids"].numel() * trainer.model.num_parameters(exclude_embeddings=True)
     assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) == expected
     assert run["recipe"].trainer.state.total_flos > 0
+
+
+def test_padded_batches_leave_out_attention_mask(run):
+    recipe = run["recipe"]
+    assert recipe.collator.padding_mask is False
+    assert "attention_mask" not in recipe.collator(recipe.report.samples[:2])
 
 
 def test_output_folder_contents(run):
@@ -342,6 +349,7 @@ def test_validation_loss_logged(tiny_model_dir, tmp_path):
 
 def dataloader_padding(recipe: LoraRecipe) -> float:
     """Padding share of the batches the Trainer's own dataloader yields for one epoch."""
+    recipe.trainer.data_collator = replace(recipe.collator, padding_mask=True)  # to count real tokens
     real = computed = 0
     for batch in recipe.trainer.get_train_dataloader():
         real += int(batch["attention_mask"].sum())

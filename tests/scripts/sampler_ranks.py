@@ -7,6 +7,7 @@ on batches of different lengths does, so the check fails if the ranks' orders de
 
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -17,6 +18,7 @@ config_path, output_path = sys.argv[1], sys.argv[2]
 recipe = LoraRecipe(load_config(config_path), overwrite=True)
 recipe.setup()
 trainer = recipe.trainer
+trainer.data_collator = replace(recipe.collator, padding_mask=True)  # the mask strips padding from what is recorded
 rank = trainer.args.process_index
 epochs = []
 dataloader = trainer.get_train_dataloader()

@@ -105,6 +105,13 @@ class ChatCollator:
     """Add `logits_to_keep` so the model computes logits only at `supervised_positions`. The
     loss must then pick its targets the same way (training.loss does); the model's own loss
     does not."""
+    padding_mask: bool = True
+    """Pass `attention_mask` with padded batches. Padding is on the right, so under causal
+    attention no real token attends to a padding position, and a batch without the mask
+    gives real tokens the same outputs. Padding positions are never supervised, so the loss
+    and gradients are the same too. Without a mask, attention runs as plain causal attention
+    (sdpa's causal kernels) and no mask tensor is built. Only for models whose outputs are
+    checked to match (training.recipe.padding_mask_difference)."""
 
     def __call__(self, samples: list[EncodedSample | dict]) -> dict[str, Any]:
         samples = [item["sample"] if isinstance(item, dict) else item for item in samples]
@@ -150,7 +157,9 @@ class ChatCollator:
             input_ids[row, :length] = torch.tensor(sample.input_ids)
             labels[row, :length] = torch.tensor(sample.labels)
             attention_mask[row, :length] = 1
-        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
+        if self.padding_mask:
+            batch["attention_mask"] = attention_mask
 
         if any(sample.mm_token_type_ids is not None for sample in samples):
             token_types = torch.zeros((batch_size, longest), dtype=torch.long)

@@ -19,6 +19,7 @@ the run after the current step with a checkpoint, and the adapter is still saved
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -58,6 +59,7 @@ from vlmtune.model.loading import (
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
 from vlmtune.model.packing import PackedPositions
 from vlmtune.outputs import MODEL_CARD, PROGRESS_FILE, earlier_run_files
+from vlmtune.training.batch_checks import BATCH_TOLERANCE, padding_free_difference, padding_mask_difference
 from vlmtune.training.loss import token_mean_loss
 from vlmtune.training.progress import (
     MetricsLogCallback,
@@ -69,9 +71,6 @@ from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
 logger = logging.getLogger(__name__)
-
-PADDING_FREE_TOLERANCE = 1e-2
-"""Largest relative difference of logits, packed vs separate, that counts as numerical noise."""
 
 # Initialisations that change base weights, so the saved adapter must be converted.
 CONVERTED_INITS = ("pissa", "olora")
@@ -250,8 +249,9 @@ class LoraRecipe:
 
     def _make_collator(self) -> ChatCollator:
         """Use padding-free batches when asked for or when flash attention makes them cheap, and when
-        the model computes them exactly as padded ones."""
-        padded = ChatCollator(pad_token_id=self._pad_token_id(), supervised_logits_only=True)
+        the model computes them exactly as padded ones. Padded batches go without an attention mask
+        when the model computes the same logits without it."""
+        padded = self._padded_collator()
         setting = self.config.train.padding_free
         attention = getattr(self.loaded.model.config, "_attn_implementation", None) or "eager"
         if setting is False:
@@ -266,7 +266,7 @@ class LoraRecipe:
             pad_token_id=padded.pad_token_id, positions=PackedPositions(self.loaded.model), supervised_logits_only=True
         )
         difference = padding_free_difference(self.loaded.model, padded, packed, self.report.samples)
-        if difference <= PADDING_FREE_TOLERANCE:
+        if difference <= BATCH_TOLERANCE:
             logger.info("padding-free batches: packed and separate forward passes agree (difference %.1e)", difference)
             return packed
         message = (
@@ -278,6 +278,23 @@ class LoraRecipe:
             raise ConfigError(f"train.padding_free=true: {message}. Set train.padding_free to false or auto")
         logger.warning("%s; training on padded batches (train.padding_free=auto)", message)
         return padded
+
+    def _padded_collator(self) -> ChatCollator:
+        """Return the padded-batch collator, without the attention mask where the model gives the same logits."""
+        masked = ChatCollator(pad_token_id=self._pad_token_id(), supervised_logits_only=True)
+        unmasked = dataclasses.replace(masked, padding_mask=False)
+        difference = padding_mask_difference(self.loaded.model, masked, unmasked, self.report.samples)
+        if difference <= BATCH_TOLERANCE:
+            logger.info(
+                "padded batches without an attention mask: right padding under causal attention leaves "
+                "real tokens unchanged (difference %.1e on two training samples)", difference,
+            )
+            return unmasked
+        logger.info(
+            "padded batches keep their attention mask: without it this model's logits change (relative "
+            "difference %.3f on two training samples)", difference,
+        )
+        return masked
 
     def _check_cpu_four_bit(self, has_validation: bool) -> None:
         """Stop before loading when 4-bit training on CPU would also have to evaluate.
@@ -657,34 +674,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 @torch.no_grad()
-def padding_free_difference(
-    model: torch.nn.Module, padded: ChatCollator, packed: ChatCollator, samples: list[EncodedSample]
-) -> float:
-    """Relative difference of logits between two samples run separately and in one padding-free row.
-
-    Attention that ignores the per-sample positions lets the second sample see the first,
-    which changes its logits by far more than numerical noise.
-    """
-    pair = sorted(samples, key=len)[:2]
-    if len(pair) < 2:
-        return 0.0
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-
-        def logits(batch: dict[str, Any]) -> torch.Tensor:
-            batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-            batch.pop("logits_to_keep", None)  # compare all positions
-            return model(**{**batch, "use_cache": False}).logits.float()
-
-        separate = torch.cat([logits(padded([sample]))[0] for sample in pair])
-        together = logits(packed(pair))[0]
-    finally:
-        model.train(was_training)
-    return float((separate - together).abs().mean() / separate.abs().mean().clamp_min(1e-6))
-
-
 def write_loss_plot(log_history: list[dict], path: Path) -> Path | None:
     """Plot training and evaluation loss against the step, for people who skip the dashboard."""
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
