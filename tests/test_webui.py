@@ -20,7 +20,7 @@ from vlmtune.config import GenerationSettings, load_config  # noqa: E402
 from vlmtune.errors import ConfigError  # noqa: E402
 from vlmtune.inference import Generator  # noqa: E402
 from vlmtune.inference.export import MERGED_CONFIG_NAME  # noqa: E402
-from vlmtune.webui.adapters import find_adapters  # noqa: E402
+from vlmtune.webui.adapters import adapter_choices, find_adapters  # noqa: E402
 from vlmtune.webui.app import parse_auth  # noqa: E402
 from vlmtune.webui.chat import ADAPTER_SIDE, BASE_SIDE, ChatBackend, SideReply, Turn, side_history  # noqa: E402
 from vlmtune.webui.chat_tab import ChatTab, chat_messages, reply_messages  # noqa: E402
@@ -174,6 +174,20 @@ def test_adapters_found_in_order(tmp_path):
     (tmp_path / "no-adapter").mkdir()
     found = [str(Path(path).relative_to(tmp_path)) for path in find_adapters(tmp_path)]
     assert found == ["a-run", "a-run/nested", "b-run", "b-run/checkpoint-2", "b-run/checkpoint-10"]
+
+
+def test_adapter_choices_mark_other_bases(tmp_path, tiny_model_dir):
+    bases = {"hub-copy": f"ZhipuAI/{tiny_model_dir.name}", "mine": str(tiny_model_dir), "other": "Qwen/Qwen2.5-VL-3B-Instruct"}
+    for folder in ["hub-copy", "mine", "other", "unrecorded"]:
+        (tmp_path / folder).mkdir()
+        recorded = {"base_model_name_or_path": bases[folder]} if folder in bases else {}
+        write_json(tmp_path / folder / "adapter_config.json", recorded)
+    choices = adapter_choices(find_adapters(tmp_path), str(tiny_model_dir))
+    values = [Path(value).name for _, value in choices]
+    assert values == ["hub-copy", "mine", "unrecorded", "other"]  # this base's adapters first
+    labels = [label for label, _ in choices]
+    assert labels[:3] == [str(tmp_path / name) for name in values[:3]]
+    assert labels[3] == f"{tmp_path / 'other'} (trained on Qwen/Qwen2.5-VL-3B-Instruct)"
 
 
 def test_adapters_of_missing_folder(tmp_path):

@@ -10,7 +10,7 @@ import gradio as gr
 from vlmtune.config import GenerationSettings
 from vlmtune.errors import VlmtuneError
 from vlmtune.inference.cli_chat import cut_off_notice
-from vlmtune.webui.adapters import find_adapters
+from vlmtune.webui.adapters import adapter_choices, find_adapters
 from vlmtune.webui.chat import ADAPTER_SIDE, BASE_SIDE, ChatBackend, SideReply, Turn
 
 logger = logging.getLogger(__name__)
@@ -74,11 +74,12 @@ class ChatTab:
         self.initial_adapter = adapter
         self.i18n = i18n
 
-    def adapter_choices(self) -> list[str]:
+    def adapter_choices(self) -> list[tuple[str, str]]:
+        """Return the adapter list as (label, path) pairs: the base model (""), then adapters of this base first."""
         found = find_adapters(self.outputs_dir)
         if self.initial_adapter and self.initial_adapter not in found:
             found.insert(0, self.initial_adapter)
-        return ["", *found]
+        return [("", ""), *adapter_choices(found, self.backend.base_name)]
 
     def build(self) -> None:
         t = self.i18n
