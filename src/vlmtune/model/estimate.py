@@ -22,13 +22,16 @@ frozen base weights. The count comes from reading transformers 5.25's Glm4v code
 peft 0.21's LoRA layer. Per token and layer:
 
 - each RMSNorm keeps a float32 copy of its input: 4·h bytes;
-- SDPA keeps q, k, v and its output. k and v are repeated to all heads, as transformers
-  does when a padding mask is present: 4·q_dim·b bytes, with b the bytes of the compute dtype;
+- SDPA keeps q, k, v and its output: (2·q_dim + 2·kv_dim)·b bytes, with b the bytes of the
+  compute dtype. Training batches carry no padding mask (see ChatCollator.padding_mask), so
+  transformers hands k and v to SDPA with their own heads (grouped-query attention). With a
+  head size over 256 it repeats them to all heads, and k and v take q_dim each;
 - the MLP keeps the gate_up output and the activated gate: 3·I·b bytes;
 - each LoRA layer keeps its input cast to float32 (4·in bytes) and the dropout mask
   (1·in), plus the rank-r intermediate (4·r). The input is shared between layers reading the
   same tensor when dropout is 0 and the compute dtype is float32;
-- DoRA also keeps each adapted layer's base output: b·out.
+- DoRA also keeps each adapted layer's base output (b·out) and its float32 LoRA output (4·out),
+  which peft scales by the trained magnitude: (b + 4)·out.
 
 Gradient checkpointing keeps only each layer's input (b·h) and recomputes one layer at a
 time during backward. The loss keeps the logits and their gradient: 2·b·V bytes per token,
@@ -237,6 +240,7 @@ class LayerShape:
 
     hidden: int
     attention_width: int
+    key_value_width: int
     mlp_width: int
     norms: int
     lora_inputs: tuple[int, ...]
@@ -248,7 +252,7 @@ def _lora_layers(block: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, module) for name, module in block.named_modules() if hasattr(module, "lora_A") and module.lora_A]
 
 
-def _layer_shape(block: nn.Module, hidden: int, attention_width: int, mlp_width: int) -> LayerShape:
+def _layer_shape(block: nn.Module, hidden: int, attention_width: int, key_value_width: int, mlp_width: int) -> LayerShape:
     lora = _lora_layers(block)
     inputs = tuple(module.in_features for _, module in lora)
     outputs = tuple(module.out_features for _, module in lora)
@@ -259,13 +263,13 @@ def _layer_shape(block: nn.Module, hidden: int, attention_width: int, mlp_width:
         key = "attention input" if short in ("q_proj", "k_proj", "v_proj", "qkv") else name
         shared[key] = module.in_features
     norms = sum(1 for module in block.modules() if type(module).__name__.endswith("RMSNorm"))
-    return LayerShape(hidden, attention_width, mlp_width, norms, inputs, outputs, tuple(shared.values()))
+    return LayerShape(hidden, attention_width, key_value_width, mlp_width, norms, inputs, outputs, tuple(shared.values()))
 
 
 def layer_activation_bytes(shape: LayerShape, dtype_bytes: int, lora: LoraSettings, rank: int) -> int:
     """Bytes per token that one layer keeps for backward (see the module docstring for the count)."""
     norms = shape.norms * 4 * shape.hidden
-    attention = 4 * shape.attention_width * dtype_bytes
+    attention = (2 * shape.attention_width + 2 * shape.key_value_width) * dtype_bytes
     mlp = 3 * shape.mlp_width * dtype_bytes
     if lora.dropout > 0:
         lora_inputs = sum(5 * width for width in shape.lora_inputs)
@@ -274,7 +278,7 @@ def layer_activation_bytes(shape: LayerShape, dtype_bytes: int, lora: LoraSettin
     else:
         lora_inputs = sum(4 * width for width in shape.shared_lora_inputs)
     lora_inputs += 4 * rank * len(shape.lora_inputs)
-    dora = dtype_bytes * sum(shape.lora_outputs) if lora.use_dora else 0
+    dora = (dtype_bytes + 4) * sum(shape.lora_outputs) if lora.use_dora else 0
     return norms + attention + mlp + lora_inputs + dora
 
 
@@ -283,7 +287,11 @@ def _text_shape(model: nn.Module, text_config: PretrainedConfig) -> tuple[LayerS
     blocks = decoder.layers
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     attention_width = text_config.num_attention_heads * head_dim
-    return _layer_shape(blocks[0], text_config.hidden_size, attention_width, text_config.intermediate_size), len(blocks)
+    # transformers repeats k and v to all heads for head sizes over 256 (use_gqa_in_sdpa).
+    key_value_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    key_value_width = (key_value_heads if head_dim <= 256 else text_config.num_attention_heads) * head_dim
+    shape = _layer_shape(blocks[0], text_config.hidden_size, attention_width, key_value_width, text_config.intermediate_size)
+    return shape, len(blocks)
 
 
 def _vision_parts(model: nn.Module) -> tuple[nn.Module | None, PretrainedConfig | None]:
@@ -383,7 +391,7 @@ def _add_vision(estimate: MemoryEstimate, model: nn.Module, config: RunConfig, w
     block = blocks[0] if blocks is not None else vision
     mlp_width = max((module.out_features for name, module in block.named_modules()
                      if isinstance(module, nn.Linear) and re.search(r"(gate|up)_proj$", name)), default=4 * hidden)
-    shape = _layer_shape(block, hidden, hidden, mlp_width)
+    shape = _layer_shape(block, hidden, hidden, hidden, mlp_width)  # vision attention has no grouped heads
     trains_vision = config.lora.vision or config.lora.train_merger or bool(
         set(config.lora.modules_to_save) & set(VISION_MODULE_NAMES)
     )
