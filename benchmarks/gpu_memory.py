@@ -27,9 +27,11 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from vlmtune.config import build_config
+from vlmtune.encoding.collator import supervised_positions
 from vlmtune.model.estimate import GIB, Workload, bundled_config_path, estimate_memory, image_tokens, load_model_config
 from vlmtune.model.loading import prepare_for_training, quantization_config
 from vlmtune.model.lora import apply_lora
+from vlmtune.training.loss import token_mean_loss
 from vlmtune.training.memory import cpu_peak_bytes, cuda_peak_bytes, tensor_bytes
 
 # Mode name -> (quantization section, lora section, gradient checkpointing).
@@ -89,7 +91,9 @@ def synthetic_batch(model_config, batch_size: int, length: int, pixels: int | No
         batch["pixel_values"] = torch.randn(batch_size * side * side, width)
         batch["image_grid_thw"] = torch.tensor([[1, side, side]] * batch_size)
         batch["mm_token_type_ids"] = token_types
-    batch.update(input_ids=input_ids, labels=input_ids.clone(), attention_mask=torch.ones_like(input_ids))
+    # No attention mask: vlmtune's training batches leave it out (ChatCollator.padding_mask).
+    batch.update(input_ids=input_ids, labels=input_ids.clone())
+    batch["logits_to_keep"] = supervised_positions(batch["labels"])
     return {key: value.to(device) for key, value in batch.items()}
 
 
@@ -136,7 +140,9 @@ def measure(config, batches: list[dict], device: torch.device, steps: int) -> li
             for _ in range(steps):
                 started = time.perf_counter()
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = model(**batch).loss
+                    # The recipe's loss: logits only where the next token is supervised, chunked cross-entropy.
+                    inputs = {key: value for key, value in batch.items() if key != "labels"}
+                    loss = token_mean_loss(model(**inputs), batch["labels"])
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
