@@ -131,6 +131,22 @@ def test_qlora_trains_on_cpu_and_loads_unquantized(tiny_model_dir, tmp_path, bit
     assert adapted_loss < base_loss
 
 
+def test_cpu_four_bit_skips_batch_checks(tiny_model_dir, tmp_path, caplog):
+    """The batch-layout checks run the model in eval mode, after which bitsandbytes' CPU 4-bit layers fail in training."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install -e .[test]")
+    config = tree(tiny_model_dir, tmp_path, quantization={"bits": 4}, lora={"dropout": 0.0})
+    rows = [{"instruction": "问题" * (i + 1), "input": "", "output": "好的喵~" * (i % 3 + 1)} for i in range(8)]
+    config["data"]["train"] = [str(write_json(tmp_path / "varied.json", rows))]  # lengths differ, so batches are padded
+    recipe = LoraRecipe(build_config(config))
+    with caplog.at_level("INFO", logger="vlmtune"):
+        recipe.setup()
+    assert len({len(sample) for sample in recipe.report.samples}) > 1
+    assert recipe.collator.padding_mask is True
+    assert "checking them would run the 4-bit model in eval mode on CPU" in caplog.text
+    recipe.train()
+    assert recipe.trainer.state.global_step == 4
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora_keeps_unquantized_weights_bf16(tiny_model_dir, tmp_path, bits):
     """Embeddings and the vision tower stay in the loaded dtype, and only the adapter is float32."""

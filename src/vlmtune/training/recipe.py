@@ -262,6 +262,9 @@ class LoraRecipe:
                 "(train.padding_free=auto turns them on with flash attention)", attention,
             )
             return padded
+        if self._eval_forward_breaks_training():
+            logger.warning("padding-free batches off: checking them would run the 4-bit model in eval mode on CPU")
+            return padded
         packed = ChatCollator(
             pad_token_id=padded.pad_token_id, positions=PackedPositions(self.loaded.model), supervised_logits_only=True
         )
@@ -282,6 +285,9 @@ class LoraRecipe:
     def _padded_collator(self) -> ChatCollator:
         """Return the padded-batch collator, without the attention mask where the model gives the same logits."""
         masked = ChatCollator(pad_token_id=self._pad_token_id(), supervised_logits_only=True)
+        if self._eval_forward_breaks_training():
+            logger.info("padded batches keep their attention mask: checking them would run the 4-bit model in eval mode on CPU")
+            return masked
         unmasked = dataclasses.replace(masked, padding_mask=False)
         difference = padding_mask_difference(self.loaded.model, masked, unmasked, self.report.samples)
         if difference <= BATCH_TOLERANCE:
@@ -296,6 +302,10 @@ class LoraRecipe:
         )
         return masked
 
+    def _eval_forward_breaks_training(self) -> bool:
+        """Tell whether a forward pass in eval mode would break training (4-bit on CPU, see _check_cpu_four_bit)."""
+        return self.config.quantization.bits == 4 and resolve_device(self.config.model.device).type == "cpu"
+
     def _check_cpu_four_bit(self, has_validation: bool) -> None:
         """Stop before loading when 4-bit training on CPU would also have to evaluate.
 
@@ -304,9 +314,8 @@ class LoraRecipe:
         tests; GPU runs use other kernels and have not been tried.
         """
         config = self.config
-        on_cpu = resolve_device(config.model.device).type == "cpu"
         evaluates = has_validation or config.evaluation.generate
-        if config.quantization.bits == 4 and on_cpu and evaluates:
+        if self._eval_forward_breaks_training() and evaluates:
             raise ConfigError(
                 "quantization.bits=4 on CPU cannot also evaluate: bitsandbytes' CPU 4-bit inference breaks "
                 "training afterwards. Set evaluation.generate=false and data.val_size=0 (and no data.validation), "
