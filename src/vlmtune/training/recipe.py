@@ -718,4 +718,8 @@ def run_training(
     recipe.setup()
     recipe.train()
     recipe.save()
+    # Under several processes, all leave the process group together once the main one has written its
+    # files. A process that exits while the group still runs its threads can abort at exit.
+    recipe.trainer.accelerator.wait_for_everyone()
+    recipe.trainer.accelerator.end_training()
     return recipe
