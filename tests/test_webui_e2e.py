@@ -201,7 +201,9 @@ def _screenshot(driver, name: str) -> Path:
 
 
 def _clear_chat(driver) -> None:
-    _find(driver, "#chat-clear").click()
+    # The page may still be loading when a test runs first or alone.
+    clear = _wait(lambda: _find_all(driver, "#chat-clear"), 30, "the chat's Clear button never appeared")
+    clear[0].click()
     _wait(lambda: not _bot_texts(driver, "#chat-main"), 10, "Clear left messages in the chat")
 
 
