@@ -147,6 +147,18 @@ def test_cross_section_rule_message(tmp_path):
     assert "Value error" not in str(caught.value)
 
 
+@pytest.mark.parametrize("name", ["我的项目", "my project", "x" * 101, ""])
+def test_swanlab_project_name_checked(tmp_path, name):
+    """SwanLab accepts only ASCII letters, digits and _ - + . in a project name, and raises deep in a run otherwise."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL), [f"tracking.project={name}"])
+    assert "tracking.project: invalid SwanLab project name" in str(caught.value)
+
+
+def test_swanlab_project_name_accepted(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL), ["tracking.project=persona-cat_v1.2+b"]).tracking.project == "persona-cat_v1.2+b"
+
+
 def test_saved_config_round_trips_chinese(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), ["data.system_prompt=你是小橘。"])
     out = tmp_path / "saved.yaml"

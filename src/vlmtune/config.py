@@ -243,11 +243,16 @@ class TrainSettings(_Section):
         return value
 
 
+SWANLAB_PROJECT_NAME = re.compile(r"[0-9a-zA-Z_\-+.]{1,100}")
+
+
 class TrackingSettings(_Section):
     """Experiment tracking. No account or network is needed with the defaults."""
 
     backend: Literal["swanlab", "tensorboard", "none"] = Field("swanlab", description="swanlab, tensorboard or none.")
-    project: str = Field("vlmtune", description="SwanLab project name.")
+    project: str = Field(
+        "vlmtune", description="SwanLab project name: 1 to 100 ASCII letters, digits and _ - + . (a SwanLab rule)."
+    )
     experiment_name: str | None = Field(None, description="Run name. None: the output folder's name.")
     swanlab_mode: Literal["offline", "local", "cloud"] = Field(
         "offline",
@@ -256,6 +261,17 @@ class TrackingSettings(_Section):
         "vlmtune). cloud: upload while training (needs `swanlab login`).",
     )
     log_dir: str | None = Field(None, description="Run folder root. None: OUTPUT_DIR/swanlog or OUTPUT_DIR/tensorboard.")
+
+    @field_validator("project")
+    @classmethod
+    def _check_project(cls, value: str) -> str:
+        # SwanLab's own rule (swanlab.sdk.internal.pkg.constraints.ProjectName), checked before the model loads.
+        if not SWANLAB_PROJECT_NAME.fullmatch(value):
+            raise ValueError(
+                "invalid SwanLab project name: use 1 to 100 ASCII letters, digits and _ - + . "
+                "(for example persona-cat); experiment_name and output folders may use any characters"
+            )
+        return value
 
 
 class GenerationSettings(_Section):
