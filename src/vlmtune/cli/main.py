@@ -338,8 +338,10 @@ def predict(
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
     from vlmtune.inference.predict import pending_examples, producer_labels
     from vlmtune.inference.predict import predict as run_predict
-    from vlmtune.model.loading import adapter_base_model
+    from vlmtune.model.loading import adapter_base_model, check_adapter_folder
 
+    if adapter:
+        check_adapter_folder(adapter)  # before the resume check, which would blame a mistyped folder on --output
     conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter, model), prompts_only=True)
     base = model or (adapter_base_model(adapter) if adapter else None)
     # Rows already in --output are checked before the model loads, so a mismatch fails at once.

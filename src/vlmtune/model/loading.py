@@ -206,7 +206,8 @@ def adapter_fit_errors(adapter_dir: str, base_path: str) -> Iterator[None]:
         first_line = str(error).strip().splitlines()[0]
         raise ModelError(
             f"adapter {adapter_dir} does not fit the base model {base_path} ({first_line}); it was trained on "
-            f"{recorded or 'a base it does not record'}, so pass that model (--model) or an adapter of this one"
+            f"{recorded or 'a base it does not record'}, so load it on that model (--model, or model.name_or_path in a "
+            "config) or use an adapter of this one"
         ) from None
 
 
