@@ -296,6 +296,11 @@ def test_default_system_prompt_only_without_one():
         ChatRequest(messages=[{"role": "system", "content": "你是沐雪。"}, {"role": "user", "content": "你好"}]), settings
     )
     assert [message.text for message in own.messages] == ["你是沐雪。", "你好"]
+    developer = to_conversation(
+        ChatRequest(messages=[{"role": "developer", "content": "你是沐雪。"}, {"role": "user", "content": "你好"}]), settings
+    )
+    assert [message.role for message in developer.messages] == ["system", "user"]  # OpenAI's newer name for it
+    assert [message.text for message in developer.messages] == ["你是沐雪。", "你好"]
 
 
 def test_image_url_cannot_leave_allowed_prefix(tmp_path):
@@ -346,7 +351,7 @@ def test_request_errors_name_fields(server):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]},
          "messages[0].content[0].image_url", "expected {'url': URL} or a URL string, got 5"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop", "expected a string or a list of strings"),
-        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "Input should be 'system', 'user' or 'assistant'"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "Input should be 'system', 'developer', 'user' or 'assistant'"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}]}]},
          "messages[0].content[0]", "image"),
     ]

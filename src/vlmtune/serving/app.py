@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vlmtune.config import GenerationSettings
 from vlmtune.data.conversation import ContentPart, Conversation, ImagePart, Message, TextPart
@@ -71,8 +71,14 @@ class StreamOptions(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Part]
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, role: str) -> str:
+        # OpenAI's API takes `developer` messages as the system prompt, and chat templates know only `system`.
+        return "system" if role == "developer" else role
 
 
 class ChatRequest(BaseModel):
