@@ -313,3 +313,20 @@ def test_chinese_round_trip(encoder):
     text = "喵~「小橘」最喜欢🐟和🍊！English mixed 123"
     sample = encoder.encode(alpaca({"instruction": "说点什么", "input": "", "output": text}))
     assert text in decode(encoder, sample.input_ids)
+
+
+def test_control_token_inside_tag_not_shown(loaded):
+    """A sampled reply can split a layout tag with a control token; the tag must not reach the answer."""
+    from vlmtune.config import GenerationSettings
+    from vlmtune.inference import Generator
+
+    generator = Generator(loaded, GenerationSettings())
+    tokenizer = loaded.tokenizer
+    ids = [
+        *tokenizer.encode("你好<answer", add_special_tokens=False),
+        tokenizer.convert_tokens_to_ids("[gMASK]"),
+        *tokenizer.encode(">喵", add_special_tokens=False),
+    ]
+    assert tokenizer.decode(ids, skip_special_tokens=False) == "你好<answer[gMASK]>喵"
+    reply = generator._to_reply(ids, opened_by_prompt=False)
+    assert reply.answer == "你好喵"

@@ -178,11 +178,12 @@ class Generator:
         body = generated[:stop_at] if stopped else generated
         generated = generated[: stop_at + 1] if stopped else generated
         text = self.tokenizer.decode(body, skip_special_tokens=False)
-        parsed = self.parse(text, True, opened_by_prompt)
+        # Control tokens go before parsing, as in streaming: one inside a tag ("<answer[gMASK]>") would hide the tag.
+        parsed = self.parse(self._strip_control(text), True, opened_by_prompt)
         return Reply(
             text=text,
-            reasoning=self._strip_control(parsed.reasoning) if parsed else "",
-            answer=self._strip_control(parsed.answer if parsed else text),
+            reasoning=parsed.reasoning if parsed else "",
+            answer=parsed.answer if parsed else self._strip_control(text),
             generated_tokens=len(generated),
             stopped=stopped,
             prompt_tokens=prompt_tokens,
