@@ -246,6 +246,27 @@ def test_text_model_rejects_images(text_dir):
     assert "text-only" in error["message"]
 
 
+def test_text_model_image_prompt_rejected_before_tracking(text_dir, tmp_path):
+    """An evaluation prompt with an image fails in setup, before SwanLab writes a run folder."""
+    from vlmtune.config import build_config
+    from vlmtune.training.recipe import LoraRecipe
+
+    rows = [{"instruction": f"第{i}个问题", "input": "", "output": REPLY} for i in range(4)]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    tree = {
+        "model": {"name_or_path": str(text_dir), "device": "cpu"},
+        "data": {"train": [str(data)], "max_length": 128},
+        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 2},
+        "tracking": {"backend": "swanlab"},
+        "evaluation": {"prompts": ["你好", {"text": "图里是什么？", "images": [IMAGE]}]},
+    }
+    recipe = LoraRecipe(build_config(tree))
+    with pytest.raises(DataError, match=r"evaluation.prompts\[1\]: 1 image\(s\) given, but the model is text-only"):
+        recipe.setup()
+    assert not (tmp_path / "out" / "swanlog").exists()
+
+
 def train_fixed_reply(model_dir, folder, images: tuple[str, ...] = (), rows: list | None = None, **lora):
     """Train an adapter on one fixed reply in the messages layout, with images when given."""
     rows = rows or [

@@ -40,6 +40,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.config import RunConfig, config_to_dict, save_config
+from vlmtune.data.conversation import Conversation
 from vlmtune.data.loading import LoadedData, SkipReport, load_data
 from vlmtune.inference.evaluation import EvalRun, build_prompts, write_report
 from vlmtune.encoding.collator import ChatCollator, LengthGroupedSampler, SampleDataset, padding_share
@@ -192,6 +193,7 @@ class LoraRecipe:
         self._check_lora_before_loading()
         self.loaded = load_model(config.model, for_training=True, quantization=config.quantization)
         encoder = ConversationEncoder.from_settings(self.loaded.processor, self.loaded.stop_token_ids, config.data)
+        self._build_sample_prompts(encoder)
         self.report = encode_dataset(encoder, conversations, config.data, name="training")
         if not self.report.samples:
             raise DataError(
@@ -412,6 +414,20 @@ class LoraRecipe:
         if self.trainer.pop_callback(ProgressCallback) is not None:
             self.trainer.add_callback(QuietProgressCallback)
 
+    def _build_sample_prompts(self, encoder: ConversationEncoder) -> None:
+        """Choose the prompts of the sample generations, and check their images before tracking starts."""
+        evaluation = self.config.evaluation
+        self.sample_prompts: list[Conversation] = []
+        self.sample_references: list[str | None] = []
+        if not evaluation.generate:
+            return
+        source = self.data.validation or self.data.train
+        self.sample_prompts, self.sample_references = build_prompts(
+            source, evaluation.num_data_prompts, evaluation.prompts, self.config.data.system_prompt
+        )
+        for prompt in self.sample_prompts:
+            encoder.check_images(prompt)
+
     def _sample_generation_callback(self) -> SampleGenerationCallback | None:
         """Build the callback that generates replies to fixed prompts, or None when there is none to ask.
 
@@ -419,18 +435,12 @@ class LoraRecipe:
         gradient synchronisation.
         """
         evaluation = self.config.evaluation
-        if not evaluation.generate or not self.is_main_process:
-            return None
-        source = self.data.validation or self.data.train
-        prompts, references = build_prompts(
-            source, evaluation.num_data_prompts, evaluation.prompts, self.config.data.system_prompt
-        )
-        if not prompts:
+        if not self.sample_prompts or not self.is_main_process:
             return None
         return SampleGenerationCallback(
             self.loaded,
-            prompts,
-            references,
+            self.sample_prompts,
+            self.sample_references,
             evaluation,
             self.tracking,
             every_steps=self.config.train.eval_steps,
