@@ -131,6 +131,30 @@ def test_dataset_path_relative_to_config(tmp_path, monkeypatch):
     assert load_config(config_file).data.train[0].path == str(tmp_path / "train.json")
 
 
+def test_saved_config_loads_from_any_folder(tmp_path, monkeypatch):
+    """A run's config.yaml names its inputs by absolute path, so it loads from outside the folder training ran in."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "train.json").write_text("[]", encoding="utf-8")
+    (work / "model").mkdir()
+    (work / "run.yaml").write_text(MINIMAL.replace("some/model", "model").replace("train.json", "data/train.json"), encoding="utf-8")
+    monkeypatch.chdir(work)
+    config = load_config("run.yaml")
+    assert config.data.train[0].path == "data/train.json"  # as found from the working folder
+    save_config(config, tmp_path / "saved.yaml")
+
+    monkeypatch.chdir(tmp_path)
+    saved = load_config(tmp_path / "saved.yaml")
+    assert saved.data.train[0].path == str(work / "data" / "train.json")
+    assert saved.model.name_or_path == str(work / "model")
+
+
+def test_hub_id_saved_unchanged(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    save_config(config, tmp_path / "saved.yaml")
+    assert "name_or_path: some/model" in (tmp_path / "saved.yaml").read_text(encoding="utf-8")
+
+
 def test_missing_dataset_says_where_it_looked(tmp_path):
     path = write(tmp_path, MINIMAL.replace("train.json", "nowhere.json"))
     with pytest.raises(ConfigError) as caught:

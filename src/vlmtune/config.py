@@ -631,7 +631,30 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
+def portable_config_dict(config: RunConfig) -> dict[str, Any]:
+    """Return config_to_dict with the input files that exist here as absolute paths.
+
+    Datasets, a local model folder, the DeepSpeed file and evaluation prompt images are
+    resolved from the working folder when the config loads, so a saved copy with those paths
+    relative works only from that folder. train.output_dir stays as given.
+    """
+    tree = config_to_dict(config)
+
+    def absolute(value: str | None, exists=Path.exists) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value and exists(Path(value).expanduser()) else value
+
+    for section in ("train", "validation"):
+        for spec in tree["data"][section]:
+            spec["path"] = absolute(spec["path"])
+    tree["train"]["deepspeed"] = absolute(tree["train"]["deepspeed"])
+    if tree["model"]["hub"] in ("auto", "local"):
+        tree["model"]["name_or_path"] = absolute(tree["model"]["name_or_path"], Path.is_dir)
+    for prompt in tree["evaluation"]["prompts"]:
+        prompt["images"] = [absolute(image, Path.is_file) for image in prompt["images"]]
+    return tree
+
+
 def save_config(config: RunConfig, path: str | os.PathLike[str]) -> None:
-    """Write the settings as YAML, keeping non-ASCII text readable."""
-    text = yaml.safe_dump(config_to_dict(config), allow_unicode=True, sort_keys=False)
+    """Write the settings as YAML that loads from any working folder, keeping non-ASCII text readable."""
+    text = yaml.safe_dump(portable_config_dict(config), allow_unicode=True, sort_keys=False)
     Path(path).write_text(text, encoding="utf-8")

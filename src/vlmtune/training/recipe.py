@@ -39,7 +39,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from vlmtune.config import RunConfig, config_to_dict, save_config
+from vlmtune.config import RunConfig, config_to_dict, portable_config_dict, save_config
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.loading import LoadedData, SkipReport, load_data
 from vlmtune.inference.evaluation import EvalRun, build_prompts, write_report
@@ -578,7 +578,7 @@ class LoraRecipe:
         if not saved_path.is_file():
             return {}
         saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
-        current = _flatten(config_to_dict(self.config))
+        current = _flatten(portable_config_dict(self.config))  # written by save_config
         return {
             key: (saved.get(key), current.get(key))
             for key in sorted(saved.keys() | current.keys())
