@@ -103,6 +103,10 @@ def test_output_folder_contents(run):
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run_manifest.json",
                  "tokenizer.json", "chat_template.jinja", "processor_config.json"):
         assert (output_dir / name).is_file(), name
+    card = (output_dir / "README.md").read_text(encoding="utf-8")
+    assert card.startswith("---\nlibrary_name: peft")
+    assert "# LoRA adapter trained with vlmtune" in card
+    assert "More Information Needed" not in card  # peft's empty template is replaced
     manifest_text = (output_dir / "run_manifest.json").read_text(encoding="utf-8")
     assert "你是小橘。" in manifest_text  # written unescaped
     manifest = json.loads(manifest_text)

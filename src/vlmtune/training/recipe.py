@@ -43,6 +43,7 @@ from vlmtune.config import RunConfig, config_to_dict, portable_config_dict, save
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.loading import LoadedData, SkipReport, load_data
 from vlmtune.inference.evaluation import EvalRun, build_prompts, write_report
+from vlmtune.inference.export import model_card
 from vlmtune.encoding.collator import ChatCollator, LengthGroupedSampler, SampleDataset, padding_share
 from vlmtune.encoding.cache import encode_dataset
 from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport
@@ -631,6 +632,8 @@ class LoraRecipe:
         self.loaded.processor.save_pretrained(str(self.output_dir))
         save_config(self.config, self.output_dir / "config.yaml")
         self._write_manifest()
+        # peft's save_pretrained wrote its empty model-card template; this one describes the run.
+        (self.output_dir / MODEL_CARD).write_text(model_card(self.output_dir), encoding="utf-8")
         logger.info("saved the adapter and run manifest to %s", self.output_dir)
         return self.output_dir
 
