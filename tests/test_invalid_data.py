@@ -147,3 +147,30 @@ def test_encoding_failure_skipped_before_training(encoder, tmp_path):
     assert report.dropped == {"missing image": ["bad"]}
     with pytest.raises(DataError, match="image not found"):
         encode_conversations(encoder, [good, bad], data_settings())
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('[\n {"instruction": "一", "output": "喵"},\n]', "line 2: extra comma"),
+        ('[\n {"instruction": "一", "output": "喵"}\n {"instruction": "二", "output": "喵"}\n]', "line 2: missing comma between records"),
+    ],
+    ids=["trailing comma", "missing comma"],
+)
+def test_lenient_json_commas_warned(tmp_path, caplog, text, problem):
+    """Records past a comma that strict JSON rejects are read, with a warning naming the line."""
+    path = tmp_path / "data.json"
+    path.write_text(text, encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        conversations = load_dataset_file(DatasetSpec(path=str(path)))
+    assert len(conversations) == text.count("instruction")
+    assert f"{path}, {problem}" in caplog.text
+    assert "other JSON readers reject the file" in caplog.text
+
+
+def test_strict_json_not_warned(tmp_path, caplog):
+    path = tmp_path / "data.json"
+    path.write_text('[{"instruction": "一", "output": "喵"}, {"instruction": "二", "output": "喵"}]', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        assert len(load_dataset_file(DatasetSpec(path=str(path)))) == 2
+    assert "comma" not in caplog.text

@@ -10,12 +10,15 @@ import base64
 import csv
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from vlmtune.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
@@ -79,12 +82,20 @@ def _iter_json_array(path: Path, raw: bytes) -> Iterator[Record | ReadProblem]:
     position += 1
     index = 0
     line, counted_to = 1, 0  # counted forward record by record: counting from the start each time is quadratic
+    separators: list[tuple[int, str]] = []  # (position, problem) where strict JSON would fail
     while True:
+        start, commas = position, 0
         while position < len(text) and text[position] in " \t\r\n,":
+            commas += text[position] == ","
             position += 1
         if position >= len(text):
             raise DataError(f"{path}: the JSON array is not closed with ']'", reason="malformed JSON")
+        expected = 0 if index == 0 or text[position] == "]" else 1
+        if commas != expected:
+            problem = "missing comma between records" if commas < expected else "extra comma"
+            separators.append((text.find(",", start) if commas > expected else start, problem))
         if text[position] == "]":
+            _warn_lenient_separators(path, text, separators)
             return
         try:
             value, end = decoder.raw_decode(text, position)
@@ -100,6 +111,19 @@ def _iter_json_array(path: Path, raw: bytes) -> Iterator[Record | ReadProblem]:
         yield Record(value, path, index, line)
         index += 1
         position = end
+
+
+def _warn_lenient_separators(path: Path, text: str, separators: list[tuple[int, str]]) -> None:
+    """Warn once per file about commas that vlmtune reads past but strict JSON readers reject."""
+    if not separators:
+        return
+    position, problem = separators[0]
+    line = text.count("\n", 0, position) + 1
+    more = f" (and {len(separators) - 1} more)" if len(separators) > 1 else ""
+    logger.warning(
+        "%s, line %d: %s%s; vlmtune reads the records anyway, but other JSON readers reject the file, so fix it",
+        path, line, problem, more,
+    )
 
 
 def _iter_jsonl(path: Path, raw: bytes) -> Iterator[Record | ReadProblem]:
