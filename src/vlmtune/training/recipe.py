@@ -695,7 +695,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-@torch.no_grad()
 def write_loss_plot(log_history: list[dict], path: Path) -> Path | None:
     """Plot training and evaluation loss against the step, for people who skip the dashboard."""
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
