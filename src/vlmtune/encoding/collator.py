@@ -111,7 +111,7 @@ class ChatCollator:
     gives real tokens the same outputs. Padding positions are never supervised, so the loss
     and gradients are the same too. Without a mask, attention runs as plain causal attention
     (sdpa's causal kernels) and no mask tensor is built. Only for models whose outputs are
-    checked to match (training.recipe.padding_mask_difference)."""
+    checked to match (training.batch_checks.padding_mask_difference)."""
 
     def __call__(self, samples: list[EncodedSample | dict]) -> dict[str, Any]:
         samples = [item["sample"] if isinstance(item, dict) else item for item in samples]
