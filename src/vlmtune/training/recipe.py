@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
 from importlib import metadata
@@ -34,12 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from vlmtune.config import RunConfig, config_to_dict, portable_config_dict, save_config
+from vlmtune.config import RunConfig, config_to_dict, save_config
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.loading import LoadedData, SkipReport, load_data
 from vlmtune.inference.evaluation import EvalRun, build_prompts, write_report
@@ -60,7 +57,7 @@ from vlmtune.model.loading import (
 )
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
 from vlmtune.model.packing import PackedPositions
-from vlmtune.outputs import MODEL_CARD, PROGRESS_FILE, earlier_run_files
+from vlmtune.outputs import MODEL_CARD
 from vlmtune.training.batch_checks import BATCH_TOLERANCE, padding_free_difference, padding_mask_difference
 from vlmtune.training.loss import token_mean_loss
 from vlmtune.training.progress import (
@@ -69,6 +66,7 @@ from vlmtune.training.progress import (
     QuietProgressCallback,
     StopOnSignalCallback,
 )
+from vlmtune.training.run_folder import RunFolder
 from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
@@ -153,6 +151,7 @@ class LoraRecipe:
         self.resume = resume
         self.overwrite = overwrite
         self.output_dir = Path(config.train.output_dir)
+        self.folder = RunFolder(self.output_dir, config, resume, overwrite, self.is_main_process)
         self.loaded: LoadedModel | None = None
         self.report: EncodingReport | None = None
         self.validation_samples: list[EncodedSample] = []
@@ -177,12 +176,12 @@ class LoraRecipe:
         return int(os.environ.get("RANK", "0")) == 0
 
     def setup(self) -> None:
-        self._check_output_dir()
+        self.folder.check()
         set_seed(self.config.train.seed)
         self._setup_data_and_model()
         self._setup_trainer()
         if not self.resume:  # a resumed run's config.yaml is replaced once train() has checked the steps left
-            self._save_config_at_start()
+            self.folder.save_config_at_start()
 
     def _setup_data_and_model(self) -> None:
         config = self.config
@@ -474,132 +473,12 @@ class LoraRecipe:
         tokenizer = self.loaded.tokenizer
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.loaded.stop_token_ids[0]
 
-    def _last_checkpoint(self) -> str | None:
-        return get_last_checkpoint(str(self.output_dir)) if self.output_dir.is_dir() else None
-
-    def _check_output_dir(self) -> None:
-        """Never mix two runs' checkpoints: resume, overwrite on request, or stop."""
-        checkpoint = self._last_checkpoint()
-        if self.resume:
-            if checkpoint is None:
-                raise ConfigError(
-                    f"--resume: no checkpoint-N folder in {self.output_dir}; train without --resume to start afresh"
-                )
-            # The case of _check_steps_left that is known before the model loads, so it fails at once.
-            step = _checkpoint_step(Path(checkpoint))
-            max_steps = self.config.train.max_steps
-            if 0 < max_steps <= step:
-                raise ConfigError(
-                    f"--resume: {checkpoint} is already at step {step}, and train.max_steps is {max_steps}; "
-                    "raise train.max_steps to train further"
-                )
-            self._check_resumed_settings(Path(checkpoint))
-        else:
-            earlier = earlier_run_files(self.output_dir)
-            model_card = Path(self.output_dir) / MODEL_CARD
-            if not earlier and model_card.exists() and not self.overwrite:
-                raise ConfigError(
-                    f"train.output_dir {self.output_dir} contains {MODEL_CARD}, which saving the adapter replaces with "
-                    "its model card; move the file, choose another train.output_dir, or pass --overwrite to replace it"
-                )
-            if not earlier:
-                stale = Path(self.output_dir) / PROGRESS_FILE  # from a run that failed before its first step
-                if stale.exists() and self.is_main_process:
-                    stale.unlink()
-                return
-            if not self.overwrite:
-                names = ", ".join(path.name for path in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
-                raise ConfigError(
-                    f"train.output_dir {self.output_dir} contains an earlier run ({names}). Pass --resume to continue "
-                    "it from its last checkpoint, --overwrite to replace it, or choose another train.output_dir"
-                )
-            if self.is_main_process:
-                for path in earlier:
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
-                logger.info("removed the earlier run from %s (--overwrite)", self.output_dir)
-
-    def _check_resumed_settings(self, checkpoint: Path) -> None:
-        """Raise ConfigError for a resume that would mix LoRA settings or re-run a finished run, and warn about other changes."""
-        changed = self._settings_changed_since_start()
-
-        def show(keys: list[str]) -> str:
-            return "; ".join(f"{key}: {changed[key][0]!r} then, {changed[key][1]!r} now" for key in keys)
-
-        fix = (
-            "Resume with the config and overrides the run was started with "
-            "(vlmtune train CONFIG OVERRIDES --resume), or choose another train.output_dir"
-        )
-        fixed = [key for key in changed if key.split(".")[0] in RESUME_FIXED_SECTIONS]
-        if fixed:
-            raise ConfigError(
-                f"--resume: {self.output_dir} was trained with other LoRA or quantization settings ({show(fixed)}). {fix}"
-            )
-        if changed:
-            logger.warning(
-                "--resume: settings differ from the run saved in %s, and the new values apply from here on: %s",
-                self.output_dir,
-                show(list(changed)),
-            )
-
-        # A finished run has nothing to continue unless the new settings train for longer.
-        state_path = checkpoint / "trainer_state.json"
-        if "train.num_train_epochs" in changed or "train.max_steps" in changed or not state_path.is_file():
-            return
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        if state.get("max_steps") and state.get("global_step", 0) >= state["max_steps"]:
-            raise ConfigError(
-                f"--resume: the run in {self.output_dir} finished (step {state['global_step']} of "
-                f"{state['max_steps']}), so there is nothing to continue. Raise train.num_train_epochs or "
-                f"train.max_steps to train it further. If you meant a stopped run: {fix}"
-            )
-
-    def _check_steps_left(self, checkpoint: Path) -> None:
-        """Raise ConfigError when the checkpoint is at or past the last step of the schedule these settings give.
-
-        Known only once the samples are encoded, because an epoch's step count depends on them.
-        """
-        step = _checkpoint_step(checkpoint)
-        *_, total_steps = self.trainer.set_initial_training_values(self.trainer.args, self.trainer.get_train_dataloader())
-        if step >= total_steps:
-            raise ConfigError(
-                f"--resume: {checkpoint} is at step {step}, and these settings train for {total_steps} steps, so there "
-                "is nothing to continue. Raise train.num_train_epochs or train.max_steps to train further, or resume "
-                "with the config and overrides the run was started with (vlmtune train CONFIG OVERRIDES --resume)"
-            )
-
-    def _settings_changed_since_start(self) -> dict[str, tuple[Any, Any]]:
-        """Return (saved, current) for each setting that differs from the config.yaml written when the run started.
-
-        Without that file (a run of an older vlmtune that stopped before saving), nothing counts as changed.
-        """
-        saved_path = self.output_dir / "config.yaml"
-        if not saved_path.is_file():
-            return {}
-        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
-        current = _flatten(portable_config_dict(self.config))  # written by save_config
-        return {
-            key: (saved.get(key), current.get(key))
-            for key in sorted(saved.keys() | current.keys())
-            if saved.get(key) != current.get(key) and key != "train.output_dir"
-        }
-
-    def _save_config_at_start(self) -> None:
-        """Write config.yaml before training, so a resumed run can be checked against it."""
-        if self.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            # Replaced in one step: other ranks may be reading the earlier file in _check_resumed_settings.
-            partial = self.output_dir / "config.yaml.partial"
-            save_config(self.config, partial)
-            partial.replace(self.output_dir / "config.yaml")
-
     def train(self) -> None:
-        checkpoint = self._last_checkpoint() if self.resume else None
+        checkpoint = self.folder.last_checkpoint() if self.resume else None
         if checkpoint is not None:
-            self._check_steps_left(Path(checkpoint))
-            self._save_config_at_start()
+            *_, total_steps = self.trainer.set_initial_training_values(self.trainer.args, self.trainer.get_train_dataloader())
+            self.folder.check_steps_left(Path(checkpoint), total_steps)
+            self.folder.save_config_at_start()
             logger.info("resuming from %s", checkpoint)
         started = time.time()
         try:
@@ -673,26 +552,6 @@ def example_counts(read: SkipReport, training: EncodingReport, validation: Encod
         counts["validation_dropped"] = {reason: len(sources) for reason, sources in validation.dropped.items()}
         counts["validation_trimmed"] = validation.trimmed
     return counts
-
-
-RESUME_FIXED_SECTIONS = ("lora", "quantization")
-"""Config sections a resumed run must share with its checkpoints, because they decide which weights train and their shapes."""
-
-
-def _checkpoint_step(checkpoint: Path) -> int:
-    """Return the optimizer step of a checkpoint-N folder."""
-    return int(checkpoint.name.rsplit("-", 1)[1])
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Map nested settings to dotted keys, such as {"train.learning_rate": 1e-4}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def write_loss_plot(log_history: list[dict], path: Path) -> Path | None:

@@ -1,0 +1,175 @@
+"""A training run's output folder: one run per folder, continued (--resume) or replaced (--overwrite) only on request.
+
+The folder's `config.yaml`, written when the run starts, is what a resumed run is checked
+against: LoRA and quantization settings must stay, other changes are listed in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmtune.config import RunConfig, portable_config_dict, save_config
+from vlmtune.errors import ConfigError
+from vlmtune.outputs import MODEL_CARD, PROGRESS_FILE, earlier_run_files
+
+logger = logging.getLogger(__name__)
+
+RESUME_FIXED_SECTIONS = ("lora", "quantization")
+"""Config sections a resumed run must share with its checkpoints, because they decide which weights train and their shapes."""
+
+RESUME_FIX = (
+    "Resume with the config and overrides the run was started with "
+    "(vlmtune train CONFIG OVERRIDES --resume), or choose another train.output_dir"
+)
+
+
+@dataclass
+class RunFolder:
+    """The checks and files of train.output_dir around a run."""
+
+    path: Path
+    config: RunConfig
+    resume: bool
+    overwrite: bool
+    is_main_process: bool
+
+    def last_checkpoint(self) -> str | None:
+        return get_last_checkpoint(str(self.path)) if self.path.is_dir() else None
+
+    def check(self) -> None:
+        """Never mix two runs' checkpoints: resume, overwrite on request, or stop."""
+        if self.resume:
+            self._check_resume()
+            return
+        earlier = earlier_run_files(self.path)
+        model_card = self.path / MODEL_CARD
+        if not earlier and model_card.exists() and not self.overwrite:
+            raise ConfigError(
+                f"train.output_dir {self.path} contains {MODEL_CARD}, which saving the adapter replaces with "
+                "its model card; move the file, choose another train.output_dir, or pass --overwrite to replace it"
+            )
+        if not earlier:
+            stale = self.path / PROGRESS_FILE  # from a run that failed before its first step
+            if stale.exists() and self.is_main_process:
+                stale.unlink()
+            return
+        if not self.overwrite:
+            names = ", ".join(path.name for path in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise ConfigError(
+                f"train.output_dir {self.path} contains an earlier run ({names}). Pass --resume to continue "
+                "it from its last checkpoint, --overwrite to replace it, or choose another train.output_dir"
+            )
+        if self.is_main_process:
+            for path in earlier:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            logger.info("removed the earlier run from %s (--overwrite)", self.path)
+
+    def _check_resume(self) -> None:
+        checkpoint = self.last_checkpoint()
+        if checkpoint is None:
+            raise ConfigError(f"--resume: no checkpoint-N folder in {self.path}; train without --resume to start afresh")
+        # The case of check_steps_left that is known before the model loads, so it fails at once.
+        step = checkpoint_step(Path(checkpoint))
+        max_steps = self.config.train.max_steps
+        if 0 < max_steps <= step:
+            raise ConfigError(
+                f"--resume: {checkpoint} is already at step {step}, and train.max_steps is {max_steps}; "
+                "raise train.max_steps to train further"
+            )
+        self._check_resumed_settings(Path(checkpoint))
+
+    def _check_resumed_settings(self, checkpoint: Path) -> None:
+        """Raise ConfigError for a resume that would mix LoRA settings or re-run a finished run, and warn about other changes."""
+        changed = self.settings_changed_since_start()
+
+        def show(keys: list[str]) -> str:
+            return "; ".join(f"{key}: {changed[key][0]!r} then, {changed[key][1]!r} now" for key in keys)
+
+        fixed = [key for key in changed if key.split(".")[0] in RESUME_FIXED_SECTIONS]
+        if fixed:
+            raise ConfigError(
+                f"--resume: {self.path} was trained with other LoRA or quantization settings ({show(fixed)}). {RESUME_FIX}"
+            )
+        if changed:
+            logger.warning(
+                "--resume: settings differ from the run saved in %s, and the new values apply from here on: %s",
+                self.path,
+                show(list(changed)),
+            )
+
+        # A finished run has nothing to continue unless the new settings train for longer.
+        state_path = checkpoint / "trainer_state.json"
+        if "train.num_train_epochs" in changed or "train.max_steps" in changed or not state_path.is_file():
+            return
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if state.get("max_steps") and state.get("global_step", 0) >= state["max_steps"]:
+            raise ConfigError(
+                f"--resume: the run in {self.path} finished (step {state['global_step']} of "
+                f"{state['max_steps']}), so there is nothing to continue. Raise train.num_train_epochs or "
+                f"train.max_steps to train it further. If you meant a stopped run: {RESUME_FIX}"
+            )
+
+    def check_steps_left(self, checkpoint: Path, total_steps: int) -> None:
+        """Raise ConfigError when the checkpoint is at or past total_steps, the last step of these settings' schedule.
+
+        Known only once the samples are encoded, because an epoch's step count depends on them.
+        """
+        step = checkpoint_step(checkpoint)
+        if step >= total_steps:
+            raise ConfigError(
+                f"--resume: {checkpoint} is at step {step}, and these settings train for {total_steps} steps, so there "
+                "is nothing to continue. Raise train.num_train_epochs or train.max_steps to train further, or resume "
+                "with the config and overrides the run was started with (vlmtune train CONFIG OVERRIDES --resume)"
+            )
+
+    def settings_changed_since_start(self) -> dict[str, tuple[Any, Any]]:
+        """Return (saved, current) for each setting that differs from the config.yaml written when the run started.
+
+        Without that file (a run of an older vlmtune that stopped before saving), nothing counts as changed.
+        """
+        saved_path = self.path / "config.yaml"
+        if not saved_path.is_file():
+            return {}
+        saved = _flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {})
+        current = _flatten(portable_config_dict(self.config))  # written by save_config
+        return {
+            key: (saved.get(key), current.get(key))
+            for key in sorted(saved.keys() | current.keys())
+            if saved.get(key) != current.get(key) and key != "train.output_dir"
+        }
+
+    def save_config_at_start(self) -> None:
+        """Write config.yaml before training, so a resumed run can be checked against it."""
+        if self.is_main_process:
+            self.path.mkdir(parents=True, exist_ok=True)
+            # Replaced in one step: other ranks may be reading the earlier file in _check_resumed_settings.
+            partial = self.path / "config.yaml.partial"
+            save_config(self.config, partial)
+            partial.replace(self.path / "config.yaml")
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """Return the optimizer step of a checkpoint-N folder."""
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Map nested settings to dotted keys, such as {"train.learning_rate": 1e-4}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
