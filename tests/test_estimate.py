@@ -223,6 +223,11 @@ def test_estimate_command_prints_verdict(tmp_path):
     assert "GPU:" not in result.stdout
     assert "on CPU the total is tensor memory in RAM" in result.stdout
 
+    result = subprocess.run([*command, "model.device=cpu"], capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "fits on a" not in result.stdout  # a config that trains on CPU is estimated for CPU
+    assert "on CPU the total is tensor memory in RAM" in result.stdout
+
     result = subprocess.run([*command, "--device", "cpu", "--gpu-gib", "24"], capture_output=True, text=True, timeout=300,
                             env=env, check=False)
     assert result.returncode == 2

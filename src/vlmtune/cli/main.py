@@ -432,14 +432,17 @@ def estimate(
         Optional[float], typer.Option("--gpu-gib", help="GPU memory to compare with, in GiB (with --device cuda). Default: 24.")
     ] = None,
     images: Annotated[int, typer.Option(help="Images per sample, each of data.max_pixels pixels. 0: text only.")] = 1,
-    device: Annotated[str, typer.Option(help="cuda (adds the CUDA context overhead) or cpu.")] = "cuda",
+    device: Annotated[
+        Optional[str],
+        typer.Option(help="cuda (adds the CUDA context overhead) or cpu. Default: cpu if the config's model.device is cpu, else cuda."),
+    ] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the estimate to this JSON file.")] = None,
 ) -> None:
     """Estimate the per-device memory of a training run from the model config, without loading weights."""
     from vlmtune.config import load_config
     from vlmtune.model.estimate_report import estimate_table, run_estimate, write_estimate_json
 
-    if device not in ("cuda", "cpu"):
+    if device not in ("cuda", "cpu", None):
         raise VlmtuneError(f"--device: expected cuda or cpu, got {device!r}")
     if images < 0:
         raise VlmtuneError(f"--images: expected 0 or more images per sample, got {images}")
@@ -447,9 +450,12 @@ def estimate(
         raise VlmtuneError(f"--gpu-gib: expected a positive size in GiB, got {gpu_gib}")
     if device == "cpu" and gpu_gib is not None:
         raise VlmtuneError("--gpu-gib compares with GPU memory, so it does not apply with --device cpu; drop one of them")
+    run_config = load_config(config, overrides)
+    if device is None:
+        # A GPU-size question (--gpu-gib) is about a GPU even when the config trains on CPU.
+        device = "cpu" if run_config.model.device == "cpu" and gpu_gib is None else "cuda"
     if device == "cuda" and gpu_gib is None:
         gpu_gib = 24.0
-    run_config = load_config(config, overrides)
     report = run_estimate(run_config, images_per_sample=images, device=device, gpu_gib=gpu_gib)
     console.print(estimate_table(report))
     if json_path is not None:
