@@ -290,6 +290,11 @@ def test_resume_checks_saved_settings(tiny_model_dir, tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"other LoRA or quantization settings \(lora.r: 16 then, 4 now\)"):
         LoraRecipe(build_config(other_rank), resume=True).setup()
 
+    # The checkpoint's optimizer and scheduler state would keep the old learning rate.
+    other_rate = {**tree, "train": {**tree["train"], "learning_rate": 1e-3}}
+    with pytest.raises(ConfigError, match=r"--resume: train.learning_rate: 0.005 then, 0.001 now, but a resumed run keeps"):
+        LoraRecipe(build_config(other_rate), resume=True).setup()
+
     tree["data"]["max_length"] = 256
     tree["train"]["save_steps"] = 2
     resumed = LoraRecipe(build_config(tree), resume=True)

@@ -25,6 +25,14 @@ logger = logging.getLogger(__name__)
 RESUME_FIXED_SECTIONS = ("lora", "quantization")
 """Config sections a resumed run must share with its checkpoints, because they decide which weights train and their shapes."""
 
+RESUME_OPTIMIZER_KEYS = ("train.learning_rate", "train.weight_decay", "train.optim")
+"""Settings that a resumed run takes from the checkpoint's optimizer and scheduler state, whatever the config says.
+
+transformers restores `optimizer.pt` (its parameter groups carry the learning rate and weight
+decay) and `scheduler.pt` (whose base learning rates are the original ones), so a new value
+in the config would be logged but not used.
+"""
+
 RESUME_FIX = (
     "Resume with the config and overrides the run was started with "
     "(vlmtune train CONFIG OVERRIDES --resume), or choose another train.output_dir"
@@ -100,6 +108,13 @@ class RunFolder:
         if fixed:
             raise ConfigError(
                 f"--resume: {self.path} was trained with other LoRA or quantization settings ({show(fixed)}). {RESUME_FIX}"
+            )
+        optimizer = [key for key in changed if key in RESUME_OPTIMIZER_KEYS]
+        if optimizer:
+            raise ConfigError(
+                f"--resume: {show(optimizer)}, but a resumed run keeps the values in its checkpoint's optimizer and "
+                f"scheduler state, so the change would not apply. {RESUME_FIX}; to train on with other values, start a "
+                "new run that loads this adapter"
             )
         if changed:
             logger.warning(
