@@ -175,6 +175,17 @@ def test_validation_split_by_fraction_and_file(tmp_path):
     assert len(separate.validation) == 3
 
 
+def test_validation_split_holds_out_all_copies(tmp_path):
+    """An example repeated by ratio > 1 is held out with every copy, so no validation example is trained on."""
+    rows = [{"instruction": f"q{i}", "output": "a"} for i in range(10)]
+    path = str(write_json(tmp_path / "train.json", rows))
+    data = load_data(DataSettings(train=[{"path": path, "ratio": 2.0}], val_size=0.2, seed=1))
+    held = {c.source for c in data.validation}
+    assert len(held) == len(data.validation) == 2  # two distinct examples
+    assert not held & {c.source for c in data.train}
+    assert len(data.train) == 16  # the other 8 examples, twice each
+
+
 def test_validation_split_leaving_nothing_is_an_error(tmp_path):
     path = str(write_json(tmp_path / "one.json", [{"instruction": "q", "output": "a"}]))
     with pytest.raises(DataError, match=r"data.val_size=0.05 holds out 1 of the 1 training example\(s\).*data.val_size: 0"):

@@ -229,7 +229,7 @@ def _load_specs(specs: list[DatasetSpec], settings: DataSettings, report: SkipRe
         read = _drop_duplicates(load_dataset_file(spec, settings.system_prompt, settings.on_invalid, report), settings.dedup, report)
         if spec.ratio != 1.0:
             sampled = _sample(read, spec.ratio, rng)
-            logger.info("using %d of %d examples from %s (ratio %g)", len(sampled), len(read), spec.path, spec.ratio)
+            logger.info("using %d examples from %s: its %d x ratio %g", len(sampled), spec.path, len(read), spec.ratio)
             read = sampled
         conversations.extend(read)
     return conversations
@@ -242,17 +242,21 @@ def load_data(settings: DataSettings) -> LoadedData:
     train = _load_specs(settings.train, settings, report, rng)
     validation = _load_specs(settings.validation, settings, report, rng)
     if settings.val_size > 0 and train:
-        shuffled = train[:]
-        rng.shuffle(shuffled)
-        held_out = max(1, round(settings.val_size * len(shuffled)))
-        if held_out >= len(shuffled):
+        # The copies that a ratio above 1 makes share their source, so an example is held out with all of them.
+        distinct = list({conversation.source: conversation for conversation in train}.values())
+        rng.shuffle(distinct)
+        held_out = max(1, round(settings.val_size * len(distinct)))
+        if held_out >= len(distinct):
             raise DataError(
-                f"data.val_size={settings.val_size:g} holds out {held_out} of the {len(shuffled)} training example(s), "
+                f"data.val_size={settings.val_size:g} holds out {held_out} of the {len(distinct)} training example(s), "
                 "leaving none to train on. Add examples or set data.val_size: 0",
                 "no examples",
             )
-        validation, train = shuffled[:held_out], shuffled[held_out:]
-        logger.info("held out %d of %d examples for validation (data.val_size=%g)", held_out, len(shuffled), settings.val_size)
+        validation = distinct[:held_out]
+        held_sources = {conversation.source for conversation in validation}
+        train = [conversation for conversation in train if conversation.source not in held_sources]
+        rng.shuffle(train)
+        logger.info("held out %d of %d examples for validation (data.val_size=%g)", held_out, len(distinct), settings.val_size)
     if settings.max_samples is not None and len(train) > settings.max_samples:
         logger.info("using the first %d of %d examples (data.max_samples)", settings.max_samples, len(train))
         train = train[: settings.max_samples]
