@@ -423,3 +423,24 @@ def test_swanlab_local_mode_needs_dashboard(tmp_path):
     assert "swanlab sync" in hint
     assert "swanlab watch" not in hint
     assert "tracking.backend=tensorboard" in hint
+
+
+def test_tensorboard_gets_final_sample_generation(tiny_model_dir, tmp_path):
+    """transformers closes its TensorBoard writer at train end, before the last sample generation is logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = [{"instruction": f"问题{i}", "input": "", "output": ANSWER} for i in range(8)]
+    tree = training_tree(tiny_model_dir, write_json(tmp_path / "train.json", rows), tmp_path / "out", max_steps=2, eval_steps=100)
+    tree["tracking"] = {"backend": "tensorboard"}
+    tree["evaluation"] = {"prompts": ["你好"], "num_data_prompts": 0, "max_new_tokens": 4}
+    recipe = LoraRecipe(build_config(tree))
+    recipe.setup()
+    recipe.train()
+    recipe.save()
+    steps = set()
+    for events in (tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if "samples/stop_rate" in accumulator.Tags()["scalars"]:
+            steps |= {event.step for event in accumulator.Scalars("samples/stop_rate")}
+    assert steps == {0, 2}  # the base model, and the adapter at the last step

@@ -30,6 +30,10 @@ class Tracking:
     backend: str
     log_dir: Path | None
     callbacks: list[TrainerCallback] = field(default_factory=list)
+    writer: Any = None
+    """The TensorBoard SummaryWriter. Kept here because transformers' TensorBoardCallback drops its
+    reference at train end, before the last sample generation is logged; a closed writer reopens
+    on its next write, in a new event file of the same folder."""
 
     def run_folder(self) -> Path | None:
         """Return the newest run folder under log_dir (SwanLab writes one `run-*` folder per run)."""
@@ -45,19 +49,17 @@ class Tracking:
         for callback in self.callbacks:
             if hasattr(callback, "update_config"):
                 callback.update_config(values)
-            elif getattr(callback, "tb_writer", None) is not None:
-                callback.tb_writer.add_text("vlmtune", json.dumps(values, ensure_ascii=False, indent=1))
+        if self.writer is not None:
+            self.writer.add_text("vlmtune", json.dumps(values, ensure_ascii=False, indent=1))
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         if self.backend == "swanlab":
             import swanlab
 
             swanlab.log(values, step=step)
-        for callback in self.callbacks:
-            writer = getattr(callback, "tb_writer", None)
-            if writer is not None:
-                for key, value in values.items():
-                    writer.add_scalar(key, value, step)
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
 
     def log_texts(self, key: str, rows: list[tuple[str, str]], step: int) -> None:
         """Log (caption, text) pairs, e.g. prompt and reply, as one text table for this step."""
@@ -65,13 +67,11 @@ class Tracking:
             import swanlab
 
             swanlab.log({key: [swanlab.Text(text, caption=caption) for caption, text in rows]}, step=step)
-        for callback in self.callbacks:
-            writer = getattr(callback, "tb_writer", None)
-            if writer is not None:
-                table = "| prompt | reply |\n|---|---|\n" + "\n".join(
-                    f"| {caption} | {text} |".replace("\n", " ") for caption, text in rows
-                )
-                writer.add_text(key, table, step)
+        if self.writer is not None:
+            table = "| prompt | reply |\n|---|---|\n" + "\n".join(
+                f"| {caption} | {text} |".replace("\n", " ") for caption, text in rows
+            )
+            self.writer.add_text(key, table, step)
 
     def finish(self) -> None:
         """Close the run so its folder is complete; safe to call when no run started."""
@@ -79,10 +79,8 @@ class Tracking:
             import swanlab
 
             swanlab.finish()
-        for callback in self.callbacks:
-            writer = getattr(callback, "tb_writer", None)
-            if writer is not None:
-                writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def describe(self) -> str:
         folder = self.run_folder()
@@ -108,7 +106,7 @@ def make_tracking(settings: TrackingSettings, output_dir: str, run_config: dict[
         from transformers.integrations import TensorBoardCallback
 
         writer = SummaryWriter(log_dir=str(log_dir))
-        return Tracking("tensorboard", log_dir, callbacks=[TensorBoardCallback(tb_writer=writer)])
+        return Tracking("tensorboard", log_dir, callbacks=[TensorBoardCallback(tb_writer=writer)], writer=writer)
 
     if settings.swanlab_mode == "local" and importlib.util.find_spec("swanboard") is None:
         raise ConfigError(
