@@ -176,11 +176,15 @@ def test_swanlab_project_name_checked(tmp_path, name):
     """SwanLab accepts only ASCII letters, digits and _ - + . in a project name, and raises deep in a run otherwise."""
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, MINIMAL), [f"tracking.project={name}"])
-    assert "tracking.project: invalid SwanLab project name" in str(caught.value)
+    assert f"tracking.project {name!r} is not a valid SwanLab project name" in str(caught.value)
 
 
 def test_swanlab_project_name_accepted(tmp_path):
     assert load_config(write(tmp_path, MINIMAL), ["tracking.project=persona-cat_v1.2+b"]).tracking.project == "persona-cat_v1.2+b"
+    # TensorBoard and no tracking do not use the project name.
+    for backend in ("tensorboard", "none"):
+        config = load_config(write(tmp_path, MINIMAL), ["tracking.project=小橘项目", f"tracking.backend={backend}"])
+        assert config.tracking.project == "小橘项目"
 
 
 def test_saved_config_round_trips_chinese(tmp_path):

@@ -251,7 +251,7 @@ class TrackingSettings(_Section):
 
     backend: Literal["swanlab", "tensorboard", "none"] = Field("swanlab", description="swanlab, tensorboard or none.")
     project: str = Field(
-        "vlmtune", description="SwanLab project name: 1 to 100 ASCII letters, digits and _ - + . (a SwanLab rule)."
+        "vlmtune", description="SwanLab project name: 1 to 100 ASCII letters, digits and _ - + . (a SwanLab rule; other backends ignore it)."
     )
     experiment_name: str | None = Field(None, description="Run name. None: the output folder's name.")
     swanlab_mode: Literal["offline", "local", "cloud"] = Field(
@@ -262,16 +262,15 @@ class TrackingSettings(_Section):
     )
     log_dir: str | None = Field(None, description="Run folder root. None: OUTPUT_DIR/swanlog or OUTPUT_DIR/tensorboard.")
 
-    @field_validator("project")
-    @classmethod
-    def _check_project(cls, value: str) -> str:
+    @model_validator(mode="after")
+    def _check_project(self) -> TrackingSettings:
         # SwanLab's own rule (swanlab.sdk.internal.pkg.constraints.ProjectName), checked before the model loads.
-        if not SWANLAB_PROJECT_NAME.fullmatch(value):
+        if self.backend == "swanlab" and not SWANLAB_PROJECT_NAME.fullmatch(self.project):
             raise ValueError(
-                "invalid SwanLab project name: use 1 to 100 ASCII letters, digits and _ - + . "
-                "(for example persona-cat); experiment_name and output folders may use any characters"
+                f"tracking.project {self.project!r} is not a valid SwanLab project name: use 1 to 100 ASCII letters, "
+                "digits and _ - + . (for example persona-cat); experiment_name and output folders may use any characters"
             )
-        return value
+        return self
 
 
 class GenerationSettings(_Section):
