@@ -228,7 +228,7 @@ def test_adapter_only_export_with_card(adapter_dir, tmp_path):
     card = (output / "README.md").read_text(encoding="utf-8")
     assert "base_model:" in card
     assert "r=16, alpha=32" in card
-    assert "final training loss" in card
+    assert "mean training loss of the last training session" in card
 
 
 def test_predict_and_export_commands(adapter_dir, tiny_model_dir, tmp_path):

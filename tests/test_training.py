@@ -107,6 +107,8 @@ def test_output_folder_contents(run):
     assert card.startswith("---\nlibrary_name: peft")
     assert "# LoRA adapter trained with vlmtune" in card
     assert "More Information Needed" not in card  # peft's empty template is replaced
+    assert '- system prompt: "你是小橘。"' in card
+    assert "- mean training loss of the last training session: " in card
     manifest_text = (output_dir / "run_manifest.json").read_text(encoding="utf-8")
     assert "你是小橘。" in manifest_text  # written unescaped
     manifest = json.loads(manifest_text)

@@ -200,11 +200,15 @@ def model_card(adapter_dir: Path) -> str:
         config = manifest.get("config", {})
         lines.append(f"- data: {', '.join(item['path'] for item in manifest.get('datasets', []))} ({manifest.get('samples')} samples)")
         lines.append(f"- training: {json.dumps(config.get('train', {}), ensure_ascii=False)}")
+        system_prompt = config.get("data", {}).get("system_prompt")
+        # Chat, serve and predict send it by default; other clients must send it themselves.
+        lines.append(f"- system prompt: {json.dumps(system_prompt, ensure_ascii=False) if system_prompt else 'none'}")
         metrics = manifest.get("metrics", {})
         if metrics:
             loss = metrics.get("train_loss")
             shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else loss
-            lines.append(f"- final training loss: {shown}, steps: {metrics.get('global_step')}")
+            # transformers' train_loss: the mean over the steps of the last `vlmtune train` call (after --resume, its part only).
+            lines.append(f"- mean training loss of the last training session: {shown}, steps: {metrics.get('global_step')}")
         lines.append(f"- versions: {json.dumps(manifest.get('versions', {}))}")
     if (adapter_dir / "eval_report.md").is_file():
         lines += ["", "Sample-generation metrics before and after training: see eval_report.md."]
