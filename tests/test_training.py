@@ -427,6 +427,19 @@ def test_swanlab_local_mode_needs_dashboard(tmp_path):
     assert "tracking.backend=tensorboard" in hint
 
 
+def test_resumed_swanlab_run_lists_every_folder(tmp_path):
+    """Each training session of a resumed run writes its own SwanLab run folder, and all are needed."""
+    import os
+
+    from vlmtune.training.tracking import Tracking
+
+    for number, name in enumerate(["run-20261205_120000-a", "run-20261205_130000-b"]):
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (1_000_000 + number, 1_000_000 + number))
+    hint = Tracking("swanlab", tmp_path).describe()
+    assert f"swanlab sync {tmp_path / 'run-20261205_120000-a'}; swanlab sync {tmp_path / 'run-20261205_130000-b'}" in hint
+
+
 def test_tensorboard_gets_final_sample_generation(tiny_model_dir, tmp_path):
     """transformers closes its TensorBoard writer at train end, before the last sample generation is logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -113,7 +113,7 @@ def export_merged(
         logger.error("export to %s failed; removing what was written there", output)
         shutil.rmtree(output, ignore_errors=True)
         raise
-    logger.info("merged %s into %s and wrote %s", adapter_dir, base_path, output)
+    logger.info("merged the adapter %s with the base model %s into %s", adapter_dir, base_path, output)
 
     reloaded = load_model(settings.model_copy(update={"name_or_path": str(output)}))
     actual = _check_logits(reloaded, CHECK_PROMPTS)

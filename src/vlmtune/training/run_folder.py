@@ -132,7 +132,7 @@ class RunFolder:
             raise ConfigError(
                 f"--resume: the run in {self.path} finished (step {state['global_step']} of "
                 f"{state['max_steps']}), so there is nothing to continue. Raise train.num_train_epochs or "
-                f"train.max_steps to train it further. If you meant a stopped run: {RESUME_FIX}"
+                "train.max_steps to train it further, or choose another train.output_dir for a new run"
             )
 
     def check_steps_left(self, checkpoint: Path, total_steps: int) -> None:

@@ -85,7 +85,13 @@ class Tracking:
     def describe(self) -> str:
         folder = self.run_folder()
         if self.backend == "swanlab" and folder is not None:
-            text = f"SwanLab run folder: {folder}\n  upload it to view in the browser: swanlab sync {folder}"
+            # A resumed run adds one SwanLab run folder per training session; all of them make up the run.
+            runs = sorted(self.log_dir.glob("run-*"), key=lambda path: path.stat().st_mtime)
+            if len(runs) > 1:
+                text = f"SwanLab run folders, one per training session: {', '.join(str(run) for run in runs)}"
+                text += "\n  upload them to view in the browser: " + "; ".join(f"swanlab sync {run}" for run in runs)
+            else:
+                text = f"SwanLab run folder: {folder}\n  upload it to view in the browser: swanlab sync {folder}"
             if importlib.util.find_spec("swanboard") is not None:
                 text += f"\n  or train with tracking.swanlab_mode=local and run: swanlab watch {self.log_dir}"
             else:
