@@ -297,11 +297,18 @@ def test_resume_checks_saved_settings(tiny_model_dir, tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"--resume: train.learning_rate: 0.005 then, 0.001 now, but a resumed run keeps"):
         LoraRecipe(build_config(other_rate), resume=True).setup()
 
+    # The manifest of the first session recorded another version of the data file.
+    manifest_path = tmp_path / "out" / "run_manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["datasets"][0]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+
     tree["data"]["max_length"] = 256
     tree["train"]["save_steps"] = 2
     resumed = LoraRecipe(build_config(tree), resume=True)
     with caplog.at_level(logging.WARNING, logger="vlmtune"):
         resumed.setup()
+    assert f"data file(s) changed since the run last saved ({data_path})" in caplog.text
     assert "the new values apply from here on" in caplog.text
     assert "data.max_length: 128 then, 256 now" in caplog.text
     assert "train.num_train_epochs: 1.0 then, 2.0 now" in caplog.text
@@ -425,6 +432,20 @@ def test_swanlab_local_mode_needs_dashboard(tmp_path):
     assert "swanlab sync" in hint
     assert "swanlab watch" not in hint
     assert "tracking.backend=tensorboard" in hint
+
+
+def test_resume_names_split_changes(tiny_model_dir, tmp_path, caplog):
+    from vlmtune.config import save_config
+    from vlmtune.training.run_folder import RunFolder
+
+    config = build_config(training_tree(tiny_model_dir, tmp_path / "train.json", tmp_path / "out"))
+    save_config(config, tmp_path / "config.yaml")
+    changed = build_config({**training_tree(tiny_model_dir, tmp_path / "train.json", tmp_path / "out"),
+                            "data": {**config.data.model_dump(), "val_size": 0.1}})
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        RunFolder(tmp_path, changed, True, False, True)._check_resumed_settings(tmp_path / "checkpoint-1")
+    assert "data.val_size: 0.0 then, 0.1 now" in caplog.text
+    assert "(data.val_size also move examples between the training and validation splits)" in caplog.text
 
 
 def test_resumed_swanlab_run_lists_every_folder(tmp_path):

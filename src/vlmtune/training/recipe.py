@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -66,7 +65,7 @@ from vlmtune.training.progress import (
     QuietProgressCallback,
     StopOnSignalCallback,
 )
-from vlmtune.training.run_folder import RunFolder
+from vlmtune.training.run_folder import RunFolder, dataset_hashes
 from vlmtune.training.sampling import SampleGenerationCallback
 from vlmtune.training.tracking import Tracking, make_tracking
 
@@ -75,20 +74,6 @@ logger = logging.getLogger(__name__)
 # Initialisations that change base weights, so the saved adapter must be converted.
 CONVERTED_INITS = ("pissa", "olora")
 MANIFEST_PACKAGES = ("vlmtune", "torch", "transformers", "peft", "accelerate", "datasets", "swanlab")
-
-
-def dataset_paths(path: str) -> list[Path]:
-    """List every file behind a dataset path, for hashing: the file, or a folder's files."""
-    root = Path(path)
-    return sorted(child for child in root.rglob("*") if child.is_file()) if root.is_dir() else [root]
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _package_versions() -> dict[str, str]:
@@ -521,11 +506,7 @@ class LoraRecipe:
             "config": config_to_dict(self.config),
             "base_model": self.loaded.path,
             "versions": _package_versions(),
-            "datasets": [
-                {"path": str(path), "sha256": _file_sha256(path)}
-                for spec in [*self.config.data.train, *self.config.data.validation]
-                for path in dataset_paths(spec.path)
-            ],
+            "datasets": dataset_hashes(self.config),
             "samples": len(self.report.samples),
             "validation_samples": len(self.validation_samples),
             "length_stats": [row.as_dict() for row in length_stats(self.report.lengths, self.config.data.max_length)],

@@ -6,6 +6,7 @@ against: LoRA and quantization settings must stay, other changes are listed in t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -117,11 +118,14 @@ class RunFolder:
                 "new run that loads this adapter"
             )
         if changed:
+            split = [key for key in ("data.seed", "data.val_size") if key in changed]
             logger.warning(
-                "--resume: settings differ from the run saved in %s, and the new values apply from here on: %s",
+                "--resume: settings differ from the run saved in %s, and the new values apply from here on: %s%s",
                 self.path,
                 show(list(changed)),
+                f" ({' and '.join(split)} also move examples between the training and validation splits)" if split else "",
             )
+        self._warn_changed_data()
 
         # A finished run has nothing to continue unless the new settings train for longer.
         state_path = checkpoint / "trainer_state.json"
@@ -133,6 +137,19 @@ class RunFolder:
                 f"--resume: the run in {self.path} finished (step {state['global_step']} of "
                 f"{state['max_steps']}), so there is nothing to continue. Raise train.num_train_epochs or "
                 "train.max_steps to train it further, or choose another train.output_dir for a new run"
+            )
+
+    def _warn_changed_data(self) -> None:
+        """Warn about data files whose contents differ from those the run's manifest recorded (at its last save)."""
+        manifest_path = self.path / "run_manifest.json"
+        if not manifest_path.is_file():
+            return
+        recorded = {entry["path"]: entry["sha256"] for entry in json.loads(manifest_path.read_text(encoding="utf-8")).get("datasets", [])}
+        changed = [entry["path"] for entry in dataset_hashes(self.config) if recorded.get(entry["path"], entry["sha256"]) != entry["sha256"]]
+        if changed:
+            logger.warning(
+                "--resume: data file(s) changed since the run last saved (%s); the resumed epochs read the new contents",
+                ", ".join(changed),
             )
 
     def check_steps_left(self, checkpoint: Path, total_steps: int) -> None:
@@ -188,3 +205,25 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def dataset_hashes(config: RunConfig) -> list[dict[str, str]]:
+    """Return the path and sha256 of every file behind the config's datasets (a folder counts each of its files)."""
+    return [
+        {"path": str(path), "sha256": _file_sha256(path)}
+        for spec in [*config.data.train, *config.data.validation]
+        for path in _dataset_paths(spec.path)
+    ]
+
+
+def _dataset_paths(path: str) -> list[Path]:
+    root = Path(path)
+    return sorted(child for child in root.rglob("*") if child.is_file()) if root.is_dir() else [root]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
