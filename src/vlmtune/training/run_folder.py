@@ -1,7 +1,7 @@
 """A training run's output folder: one run per folder, continued (--resume) or replaced (--overwrite) only on request.
 
 The folder's `config.yaml`, written when the run starts, is what a resumed run is checked
-against: LoRA and quantization settings must stay, other changes are listed in the log.
+against: LoRA, quantization and optimizer settings must stay, other changes are listed in the log.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ RESUME_FIXED_SECTIONS = ("lora", "quantization")
 """Config sections a resumed run must share with its checkpoints, because they decide which weights train and their shapes."""
 
 RESUME_OPTIMIZER_KEYS = ("train.learning_rate", "train.weight_decay", "train.optim")
-"""Settings that a resumed run takes from the checkpoint's optimizer and scheduler state, whatever the config says.
+"""Settings that a resumed run takes from the checkpoint's optimizer and scheduler state, whatever the config sets.
 
 transformers restores `optimizer.pt` (its parameter groups carry the learning rate and weight
 decay) and `scheduler.pt` (whose base learning rates are the original ones), so a new value
