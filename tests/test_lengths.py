@@ -80,6 +80,13 @@ def test_data_stats_command(tiny_model_dir, tmp_path):
     assert "│      29 │" in result.stdout
     png = tmp_path / "out" / "length_histogram.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "validation" not in result.stdout
+
+    result = subprocess.run([vlmtune, "data", "stats", str(config), "data.val_size=0.1", "--png", str(tmp_path / "h.png")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "the table counts the training split only; 3 validation example(s)" in result.stdout
+    assert "│      26 │" in result.stdout
 
 
 def test_histogram_survives_training_runs(tiny_model_dir, tmp_path):

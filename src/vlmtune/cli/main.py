@@ -485,7 +485,8 @@ def data_stats(
     run_config = load_config(config, overrides)
     from vlmtune.data.loading import load_data
 
-    conversations = load_data(run_config.data).train
+    data = load_data(run_config.data)
+    conversations = data.train
     from vlmtune.encoding.encode import encode_conversations, overlength_reason
     from vlmtune.encoding.stats import length_stats, stats_table, text_histogram, write_histogram_png
     from vlmtune.outputs import LENGTH_HISTOGRAM
@@ -504,6 +505,12 @@ def data_stats(
     else:
         report = encode_conversations(encoder, conversations, run_config.data)
     console.print(stats_table(length_stats(report.lengths, max_length), max_length))
+    if data.validation:
+        console.print(
+            f"the table counts the training split only; {len(data.validation)} validation example(s) "
+            "(data.val_size or data.validation) are not in it",
+            soft_wrap=True,
+        )
     examples = sum(len(values) for values in report.lengths.values())
     too_long_dropped = len(report.dropped.get(overlength_reason(max_length), []))
     if policy != "error" and (report.trimmed or too_long_dropped):
