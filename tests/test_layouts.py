@@ -180,9 +180,9 @@ def test_validation_split_holds_out_all_copies(tmp_path):
     rows = [{"instruction": f"q{i}", "output": "a"} for i in range(10)]
     path = str(write_json(tmp_path / "train.json", rows))
     data = load_data(DataSettings(train=[{"path": path, "ratio": 2.0}], val_size=0.2, seed=1))
-    held = {c.source for c in data.validation}
-    assert len(held) == len(data.validation) == 2  # two distinct examples
-    assert not held & {c.source for c in data.train}
+    held_out_sources = {c.source for c in data.validation}
+    assert len(held_out_sources) == len(data.validation) == 2  # two distinct examples
+    assert not held_out_sources & {c.source for c in data.train}
     assert len(data.train) == 16  # the other 8 examples, twice each
 
 

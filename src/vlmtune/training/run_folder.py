@@ -54,7 +54,7 @@ class RunFolder:
         return get_last_checkpoint(str(self.path)) if self.path.is_dir() else None
 
     def check(self) -> None:
-        """Never mix two runs' checkpoints: resume, overwrite on request, or stop."""
+        """Raise ConfigError unless the folder is free, resumed (--resume) or replaced (--overwrite), so two runs never mix."""
         if self.resume:
             self._check_resume()
             return

@@ -31,8 +31,8 @@ class Tracking:
     log_dir: Path | None
     callbacks: list[TrainerCallback] = field(default_factory=list)
     writer: Any = None
-    """The TensorBoard SummaryWriter. Kept here because transformers' TensorBoardCallback drops its
-    reference at train end, before the last sample generation is logged; a closed writer reopens
+    """The TensorBoard SummaryWriter. transformers' TensorBoardCallback drops its reference at train
+    end, before the last sample generation is logged, so Tracking keeps one. A closed writer reopens
     on its next write, in a new event file of the same folder."""
 
     def run_folder(self) -> Path | None:
