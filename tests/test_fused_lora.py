@@ -118,6 +118,10 @@ def test_fused_layer_fallback_cases(tiny_model_dir, batch):
     assert layer._fusable_adapter((), {}) is None
     fused.unmerge_adapter()
     assert layer._fusable_adapter((), {}) == "default"
+    # DeepSpeed ZeRO-3 marks the parameters it partitions with ds_numel (deepspeed is not installed here).
+    layer.lora_B["default"].weight.ds_numel = 7
+    assert layer._fusable_adapter((), {}) is None
+    del layer.lora_B["default"].weight.ds_numel
 
 
 def test_only_plain_linear_layers_are_fused():

@@ -9,8 +9,9 @@ are peft's; only the forward pass differs.
 The layer is registered through peft's custom-module hook (`LoraConfig._register_custom_module`)
 for plain `torch.nn.Linear` layers. Quantised layers (bitsandbytes' Linear4bit subclasses
 nn.Linear) and everything else go to peft's own dispatch. Any case the fused path does not
-cover, such as DoRA, several active adapters, merged weights, a LoRA bias, or LoRA weights in
-another dtype than the layer's output outside autocast, runs peft's forward unchanged.
+cover, such as DoRA, several active adapters, merged weights, a LoRA bias, LoRA weights in
+another dtype than the layer's output outside autocast, or DeepSpeed ZeRO-3 partitioned weights,
+runs peft's forward unchanged. NOTE: DeepSpeed and FSDP runs have not been tried here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class FusedLoraLinear(LoraLinear):
             return None
         active = [name for name in self.active_adapters if name in self.lora_A]
         if len(active) != 1 or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None:
+            return None
+        # DeepSpeed ZeRO-3 gathers a partitioned weight (marked with ds_numel, which peft also checks) only
+        # when its own module runs, and the fused path reads lora_B's weight without calling lora_B.
+        if hasattr(self.lora_B[active[0]].weight, "ds_numel"):
             return None
         # addmm needs one dtype throughout. Outside autocast, LoRA weights in another dtype than the
         # layer's would mix two, so peft's forward runs and casts the sum back.
