@@ -229,7 +229,7 @@ def _load_specs(specs: list[DatasetSpec], settings: DataSettings, report: SkipRe
         read = _drop_duplicates(load_dataset_file(spec, settings.system_prompt, settings.on_invalid, report), settings.dedup, report)
         if spec.ratio != 1.0:
             sampled = _sample(read, spec.ratio, rng)
-            logger.info("using %d examples from %s: its %d x ratio %g", len(sampled), spec.path, len(read), spec.ratio)
+            logger.info("using %d examples from %s (%d examples x ratio %g)", len(sampled), spec.path, len(read), spec.ratio)
             read = sampled
         conversations.extend(read)
     return conversations

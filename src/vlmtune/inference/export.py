@@ -207,7 +207,7 @@ def model_card(adapter_dir: Path) -> str:
         if metrics:
             loss = metrics.get("train_loss")
             shown = f"{loss:.4f}" if isinstance(loss, (int, float)) else loss
-            # transformers' train_loss: the mean over the steps of the last `vlmtune train` call (after --resume, its part only).
+            # transformers' train_loss is the mean over the last `vlmtune train` call, so a resumed run shows its last part.
             lines.append(f"- mean training loss of the last training session: {shown}, steps: {metrics.get('global_step')}")
         lines.append(f"- versions: {json.dumps(manifest.get('versions', {}))}")
     if (adapter_dir / "eval_report.md").is_file():

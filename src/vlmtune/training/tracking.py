@@ -41,8 +41,14 @@ class Tracking:
             return None
         if self.backend != "swanlab":
             return self.log_dir
-        runs = sorted(self.log_dir.glob("run-*"), key=lambda path: path.stat().st_mtime)
+        runs = self.swanlab_runs()
         return runs[-1] if runs else None
+
+    def swanlab_runs(self) -> list[Path]:
+        """Return the SwanLab `run-*` folders under log_dir, oldest first: one per training session."""
+        if self.log_dir is None or not self.log_dir.is_dir():
+            return []
+        return sorted(self.log_dir.glob("run-*"), key=lambda path: path.stat().st_mtime)
 
     def record_config(self, values: dict[str, Any]) -> None:
         """Attach extra facts (such as length statistics) to the run's config."""
@@ -85,8 +91,8 @@ class Tracking:
     def describe(self) -> str:
         folder = self.run_folder()
         if self.backend == "swanlab" and folder is not None:
-            # A resumed run adds one SwanLab run folder per training session; all of them make up the run.
-            runs = sorted(self.log_dir.glob("run-*"), key=lambda path: path.stat().st_mtime)
+            # A resumed run adds one SwanLab run folder per training session, and all of them make up the run.
+            runs = self.swanlab_runs()
             if len(runs) > 1:
                 text = f"SwanLab run folders, one per training session: {', '.join(str(run) for run in runs)}"
                 text += "\n  upload them to view in the browser: " + "; ".join(f"swanlab sync {run}" for run in runs)
