@@ -61,7 +61,7 @@ class FusedLoraLinear(LoraLinear):
 
 
 def fused_linear_or_none(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> nn.Module | None:
-X
+    """Return a FusedLoraLinear for a plain nn.Linear, else None so that peft's own dispatch runs (peft's dispatch hook)."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if type(base) is not nn.Linear or kwargs.get("parameter_name") is not None:
         return None
