@@ -405,6 +405,36 @@ def test_moe_adapter_targets_and_learns(moe_dir, tmp_path, caplog):
     assert "keys did not match any targeted module" not in chat.stderr
 
 
+def test_glm45v_reply_layout(moe_dir):
+    """GLM-4.5V's tokenizer has GLM-4.1V's <answer> tags, but its template lays out replies itself."""
+    loaded = load(moe_dir)
+    encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
+    conversation = Conversation(
+        [message("user", "你是谁？"), message("assistant", "我是小橘"),
+         message("user", "再说一遍", images=(IMAGE,)), Message("assistant", [TextPart(REPLY)], reasoning="还是小橘")],
+        source="two turns",
+    )
+    sample = encoder.encode(conversation)
+    supervised = [loaded.tokenizer.decode(sample.input_ids[start:end]) for start, end in supervised_spans(sample)]
+
+    assert encoder.layout == "think"
+    assert check_sample(encoder, conversation, sample).ok
+    # A reply without reasoning gets the template's empty think block; no reply gets answer tags.
+    assert supervised == ["\n<think></think>\n我是小橘<|user|>", f"\n<think>还是小橘</think>\n{REPLY}<|user|>"]
+
+
+def supervised_spans(sample) -> list[tuple[int, int]]:
+    """The [start, end) ranges of consecutive supervised labels."""
+    spans, start = [], None
+    for index, label in enumerate([*sample.labels, IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = index
+        elif label == IGNORE_INDEX and start is not None:
+            spans.append((start, index))
+            start = None
+    return spans
+
+
 @pytest.mark.parametrize("architecture, model_class", [("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
                                                       ("qwen2.5", "Qwen2ForCausalLM"),
                                                       ("glm4.5v", "Glm4vMoeForConditionalGeneration")])

@@ -111,8 +111,8 @@ class DataSettings(_Section):
         "auto",
         description="Assistant reply layout. think_answer: <think>\\n{reasoning}</think>\\n<answer>{answer}</answer> "
         "(GLM-4.1V-Thinking). think: the reasoning goes to the chat template as reasoning_content, which renders it "
-        "(Qwen3 style). none: the answer alone, without reasoning or tags. auto: think_answer when the tokenizer has "
-        "<think> and <answer> tokens, else think when the template renders reasoning_content, else none.",
+        "(GLM-4.5V, Qwen3 style). none: the answer alone, without reasoning or tags. auto: think when the template "
+        "renders reasoning_content, else think_answer when the tokenizer has <think> and <answer> tokens, else none.",
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many examples (for quick runs).")
     cache: bool = Field(

@@ -135,11 +135,14 @@ class ConversationEncoder:
         return messages
 
     def _detect_layout(self) -> LayoutName:
-        """think_answer when the tokenizer has GLM's layout tags, think when the template renders reasoning_content."""
-        layout = detect_layout(self.tokenizer)
-        if layout == "none" and self.renders_reasoning_content:
+        """think when the template renders reasoning_content, else think_answer when the tokenizer has GLM's layout tags.
+
+        The template decides first: GLM-4.5V's tokenizer shares GLM-4.1V's tags, but its template
+        lays out replies itself, without answer tags.
+        """
+        if self.renders_reasoning_content:
             return "think"
-        return layout
+        return detect_layout(self.tokenizer)
 
     def _assistant_message(self, text: str, reasoning: str, conversation: Conversation) -> dict[str, Any]:
         """Lay out a reply: in vlmtune's think/answer layout, or with `reasoning_content` for templates that render it."""

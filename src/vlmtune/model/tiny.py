@@ -90,7 +90,7 @@ TINY_CHECKPOINT_FILES = frozenset(
 )
 
 
-BUNDLED_TEMPLATES = ("glm4v", "qwen2_5_vl", "qwen2")
+BUNDLED_TEMPLATES = ("glm4v", "glm4v_moe", "qwen2_5_vl", "qwen2")
 """vlmtune's chat templates for the tiny checkpoints, under templates/NAME.jinja."""
 
 
@@ -209,13 +209,14 @@ def build_tiny_config(tokenizer: PreTrainedTokenizerFast, config_class: type[Pre
     )
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast) -> Glm4vProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, chat_template: str | None = None) -> Glm4vProcessor:
+    """GLM-4.1V's processor (GLM-4.5V uses the same class) with vlmtune's GLM-4.1V template unless another is given."""
     size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
     return Glm4vProcessor(
         image_processor=Glm4vImageProcessor(size=size),
         tokenizer=tokenizer,
         video_processor=Glm4vVideoProcessor(size=size),
-        chat_template=glm4v_chat_template(),
+        chat_template=chat_template or glm4v_chat_template(),
     )
 
 
@@ -235,12 +236,13 @@ def build_tiny_glm4v_moe(output_dir: str | Path, corpus_files: Iterable[str | Pa
     """Write a tiny GLM-4.5V-shaped checkpoint: Glm4vMoeForConditionalGeneration with mixture-of-experts layers.
 
     transformers maps GLM-4.5V to GLM-4.1V's processor class (Glm4vProcessor), so the tokenizer
-    and processor are the tiny GLM-4.1V ones. NOTE: so is the chat template, which has not been
-    compared with GLM-4.5V's published one; the checkpoint tests the model side (fused experts).
+    and processor are the tiny GLM-4.1V ones. The chat template is the GLM-4.5 family's layout
+    (templates/glm4v_moe.jinja: reasoning from `reasoning_content`, no answer tags). NOTE: it
+    follows GLM-4.5's published template and has not been compared with GLM-4.5V's own file.
     """
     corpus_paths = [Path(path) for path in corpus_files]
     tokenizer = build_tokenizer(corpus_paths)
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, bundled_chat_template("glm4v_moe"))
     config = build_tiny_config(tokenizer, Glm4vMoeConfig, **MOE_TEXT_CONFIG)
 
     torch.manual_seed(seed)
