@@ -200,6 +200,14 @@ def test_cli_hides_kernel_lookup_warning(tiny_model_dir):
     assert "publisher trust check" not in chat.stderr
 
 
+def test_chat_model_error_names_the_option(tmp_path):
+    chat = run("chat", "--model", str(tmp_path / "missing"), "--message", "你好")
+    assert chat.returncode != 0
+    assert f"--model: local folder not found: {tmp_path / 'missing'}" in chat.stderr
+    assert "model.name_or_path" not in chat.stderr
+    assert "--hub" in chat.stderr
+
+
 def test_kernel_lookup_filter_keeps_other_warnings():
     script = (
         "import logging\n"

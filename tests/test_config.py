@@ -104,6 +104,14 @@ def test_yaml_boolean_where_text_belongs(tmp_path):
     assert "data.system_prompt (line 6): Input should be a valid string (got True); YAML reads unquoted yes" in str(caught.value)
 
 
+def test_full_width_colon_is_named(tmp_path):
+    """A Chinese input method types '：', and YAML's own error points at the line after it."""
+    text = MINIMAL + "  system_prompt: 你是小橘：一只猫\nlora:\n  r：16\n  alpha: 32\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert "line 8 has the full-width '：' (write ':'): r：16" in str(caught.value)
+
+
 def test_dataset_entry_of_wrong_shape(tmp_path):
     with pytest.raises(ConfigError, match=r"data.train.1 \(line 5\): must be a dataset path or a mapping with a path key \(got 5\)"):
         load_config(write(tmp_path, MINIMAL.replace("[train.json]", "[train.json, 5]")))

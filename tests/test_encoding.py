@@ -191,7 +191,10 @@ def test_visible_text_grows_while_streaming():
     "text, reasoning, answer",
     [
         ("想一想</think>\n<answer>好</answer>", "想一想", "好"),
-        ("</think>\n<answer>\n<think>\n<think>\n<answer>\n", "", "\n<think>\n<think>\n<answer>\n"),
+        # Layout tags inside the answer are stray control tokens: the answer leaves them out.
+        ("</think>\n<answer>\n<think>\n<think>\n<answer>\n", "", "\n\n\n\n"),
+        ("<think>\n</think>\n<answer></think>汪义</answer>", "", "汪义"),
+        ("<think>\n\n\n</think>\n<answer>汪</answer>", "", "汪"),  # line breaks alone are no reasoning
         ("<think>\na</think>b<answer>c", "a", "bc"),  # text between the blocks is kept
         ("<think>\na</think>\n b ", "a", "b"),
     ],

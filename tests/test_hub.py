@@ -68,6 +68,13 @@ def test_missing_local_folder_message(tmp_path):
         resolve_model_path(ModelSettings(name_or_path=str(tmp_path / "missing"), hub="local"))
 
 
+def test_model_path_that_is_a_file(tmp_path):
+    data = tmp_path / "persona.json"
+    data.write_text("[]", encoding="utf-8")
+    with pytest.raises(ModelError, match=r"persona.json is a file; give the model's folder"):
+        resolve_model_path(ModelSettings(name_or_path=str(data)))
+
+
 @pytest.mark.parametrize("name", ["/no/such/model", "./tiny-glmv", "../outputs/tiny-glmv", "~/tiny-glmv", "a/b/c"])
 def test_auto_hub_treats_paths_as_local(name):
     with pytest.raises(ModelError, match="local folder not found"):

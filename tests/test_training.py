@@ -461,6 +461,32 @@ def test_resumed_swanlab_run_lists_every_folder(tmp_path):
     assert f"swanlab sync {tmp_path / 'run-20261205_120000-a'}; swanlab sync {tmp_path / 'run-20261205_130000-b'}" in hint
 
 
+def test_swanlab_hint_follows_the_mode(tmp_path):
+    from vlmtune.training.tracking import Tracking
+
+    (tmp_path / "run-1").mkdir()
+    local = Tracking("swanlab", tmp_path, swanlab_mode="local").describe()
+    assert f"view it in the browser: swanlab watch {tmp_path}" in local
+    assert "swanlab sync" not in local
+    assert "tracking.swanlab_mode=local" not in local
+    cloud = Tracking("swanlab", tmp_path, swanlab_mode="cloud").describe()
+    assert "uploaded as it trained" in cloud
+    assert "swanlab sync" not in cloud
+
+
+def test_swanlab_cloud_without_login_fails_before_loading(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """Without an API key and a terminal, SwanLab's cloud mode would fail only once training starts."""
+    monkeypatch.delenv("SWANLAB_API_KEY", raising=False)
+    monkeypatch.setenv("SWANLAB_ROOT", str(tmp_path / "swanlab-home"))  # no saved login
+    monkeypatch.chdir(tmp_path)
+    tree = training_tree(tiny_model_dir, write_json(tmp_path / "train.json", [{"instruction": "问", "output": ANSWER}]),
+                         tmp_path / "out")
+    tree["tracking"] = {"backend": "swanlab", "swanlab_mode": "cloud"}
+    with caplog.at_level(logging.INFO, logger="vlmtune"), pytest.raises(ConfigError, match="run `swanlab login` first"):
+        LoraRecipe(build_config(tree)).setup()
+    assert "vlmtune.model.loading" not in caplog.text  # the weights were never loaded
+
+
 def test_tensorboard_gets_final_sample_generation(tiny_model_dir, tmp_path):
     """transformers closes its TensorBoard writer at train end, before the last sample generation is logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

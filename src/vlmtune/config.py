@@ -544,13 +544,28 @@ def build_config(
 
 def read_settings_tree(path: Path, label: str, fix: str = "") -> dict[str, Any]:
     """Read a YAML file of settings sections; errors start with `label` and end with `fix`, if given."""
+    text = path.read_text(encoding="utf-8")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{label}: invalid YAML: {error}{fix}") from None
+        raise ConfigError(f"{label}: invalid YAML: {error}{_full_width_hint(text)}{fix}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of sections (model, data, ...)")
     return tree
+
+
+FULL_WIDTH_PUNCTUATION = {"：": ":", "，": ",", "［": "[", "］": "]", "｛": "{", "｝": "}"}
+
+
+def _full_width_hint(text: str) -> str:
+    """Name the lines whose keys or lists use full-width punctuation, which Chinese input methods type and YAML does not read."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        code = line.split("#", 1)[0]
+        if re.match(r"\s*(-\s*)?[A-Za-z_][A-Za-z0-9_.-]*\s*(：|:\s*[［｛])", code):
+            found = sorted({mark for mark in FULL_WIDTH_PUNCTUATION if mark in code})
+            marks = ", ".join(f"'{mark}' (write '{FULL_WIDTH_PUNCTUATION[mark]}')" for mark in found)
+            return f"\nline {number} has the full-width {marks}: {line.strip()}"
+    return ""
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import jinja2
 import torch
 
 from vlmtune.config import DataSettings
@@ -132,7 +133,55 @@ class ConversationEncoder:
                 messages.append({"role": "system", "content": message.text})
             else:
                 messages.append({"role": "user", "content": self._user_content(message, conversation, with_images)})
+        if self.system_role_problem is not None and messages and messages[0]["role"] == "system":
+            messages = self._fold_system(messages, conversation)
         return messages
+
+    @functools.cached_property
+    def system_role_problem(self) -> str | None:
+        """The reason the chat template cannot take a system message as given, or None when it can.
+
+        Gemma's template raises an error on one, some templates leave it out, and Mistral's
+        moves it into the last user message, which changes earlier turns once a turn is
+        added. For these the system prompt goes at the start of the first user message,
+        in training and in inference alike.
+        """
+        marker, user = "vlmtune-system-probe", "vlmtune-user-probe"
+        probe = [{"role": "system", "content": marker}, {"role": "user", "content": user},
+                 {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+        try:
+            rendered = self.processor.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as error:
+            problem = f"it raises an error on one: {error}"
+        else:
+            if marker not in rendered:
+                problem = "it leaves the system message out"
+            elif user not in rendered or rendered.index(marker) > rendered.index(user):
+                problem = "it moves the system message after the first user message"
+            else:
+                return None
+        logger.info(
+            "the chat template has no usable system role (%s), so the system prompt goes at the start of the first "
+            "user message, in training and in inference",
+            problem,
+        )
+        return problem
+
+    def _fold_system(self, messages: list[dict[str, Any]], conversation: Conversation) -> list[dict[str, Any]]:
+        """Put the system message's text at the start of the first user message (as Gemma 3's own template does)."""
+        system, rest = messages[0]["content"], messages[1:]
+        if not rest or rest[0]["role"] != "user":
+            raise DataError(
+                f"{conversation.source}: the system message is not followed by a user message, and the chat template "
+                f"has no usable system role ({self.system_role_problem}); start the conversation with a user message",
+                "system message without a user message",
+            )
+        content = rest[0]["content"]
+        if isinstance(content, str):
+            content = f"{system}\n\n{content}"
+        else:
+            content = [{"type": "text", "text": f"{system}\n\n"}, *content]
+        return [{"role": "user", "content": content}, *rest[1:]]
 
     def _detect_layout(self) -> LayoutName:
         """think when the template renders reasoning_content, else think_answer when the tokenizer has GLM's layout tags.
@@ -189,18 +238,26 @@ class ConversationEncoder:
                 parts.append({"type": "image"})
         return parts
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, source: str = "") -> str:
+        return self.apply_template(messages, source, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def render_many(self, conversations: list[list[dict[str, Any]]], *, add_generation_prompt: bool) -> list[str]:
         """Render several message lists in one `apply_chat_template` call (the same text as one call each)."""
         if not conversations:
             return []
-        return self.processor.apply_chat_template(
-            conversations, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.apply_template(conversations, "", tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def apply_template(self, messages: list, source: str, **kwargs: Any) -> Any:
+        """Call the processor's `apply_chat_template`, and raise an error of the template as a DataError naming the source."""
+        try:
+            return self.processor.apply_chat_template(messages, **kwargs)
+        except jinja2.TemplateError as error:
+            where = f"{source}: " if source else ""
+            raise DataError(
+                f"{where}the chat template rejects this conversation: {error}; change the conversation to fit the "
+                "template (for example, alternate user and assistant messages)",
+                "rejected by the chat template",
+            ) from None
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -281,12 +338,12 @@ class ConversationEncoder:
             except DataError as error:
                 turns.append(error)
         planned = [item for item in turns if isinstance(item, _Turns)]
-        prompts = iter(
-            self.render_many([item.messages[:turn] for item in planned for turn in item.turns], add_generation_prompt=True)
-        )
-        fulls = iter(
-            self.render_many([item.messages[: turn + 1] for item in planned for turn in item.turns], add_generation_prompt=False)
-        )
+        try:
+            prompts, fulls = self._render_turns(planned)
+        except DataError:  # some conversation is rejected by the template: find which, one at a time
+            turns = [self._rendered_alone(item) for item in turns]
+            planned = [item for item in turns if isinstance(item, _Turns)]
+            prompts, fulls = self._render_turns(planned)
         texts: list[str] = []
         for item in planned:
             rendered = ""
@@ -296,13 +353,32 @@ class ConversationEncoder:
                 if not prompt_text.startswith(rendered) or not full_text.startswith(prompt_text):
                     raise TemplateError(
                         f"{item.conversation.source}: the chat template does not render this conversation as a "
-                        "growing prefix, so prompts and replies cannot be separated"
+                        "growing prefix (an earlier turn changes when a turn is added), so prompts and replies "
+                        "cannot be separated; run `vlmtune inspect` to see the rendering"
                     )
                 prompt_piece, image_cursor = self._expand_images(prompt_text[len(rendered) :], item.image_counts, image_cursor)
                 texts += [prompt_piece, full_text[len(prompt_text) :]]
                 rendered = full_text
         token_ids = iter(self._tokenize_many(texts))
         return [item if isinstance(item, DataError) else self._assemble(item, token_ids) for item in turns]
+
+    def _render_turns(self, planned: list[_Turns]) -> tuple[Iterator[str], Iterator[str]]:
+        """Render every turn's prompt and prompt + reply, each set in one template call."""
+        prompts = self.render_many([item.messages[:turn] for item in planned for turn in item.turns], add_generation_prompt=True)
+        fulls = self.render_many(
+            [item.messages[: turn + 1] for item in planned for turn in item.turns], add_generation_prompt=False
+        )
+        return iter(prompts), iter(fulls)
+
+    def _rendered_alone(self, item: _Turns | DataError) -> _Turns | DataError:
+        """Return the item, or the DataError that the template raises on the item's conversation alone."""
+        if isinstance(item, DataError):
+            return item
+        try:
+            self._render_turns([item])
+        except DataError as error:
+            return DataError(f"{item.conversation.source}: {error}", error.reason)
+        return item
 
     def _turns(self, conversation: Conversation) -> _Turns:
         messages = self.template_messages(conversation)
@@ -318,7 +394,9 @@ class ConversationEncoder:
         Such a reply stays in the sample as context but is not supervised: trained with an
         empty think part, it would teach the model to stop reasoning.
         """
-        if turn_index == len(item.messages) - 1 or not item.conversation.messages[turn_index].reasoning:
+        # A system message folded into the first user message shifts the indices by one.
+        message = item.conversation.messages[turn_index + len(item.conversation.messages) - len(item.messages)]
+        if turn_index == len(item.messages) - 1 or not message.reasoning:
             return False
         if not self._warned_dropped_reasoning:
             self._warned_dropped_reasoning = True

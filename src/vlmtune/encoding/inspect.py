@@ -28,8 +28,8 @@ class SelfCheck:
 
 def inference_prompt_ids(encoder: ConversationEncoder, conversation: Conversation, upto_message: int) -> list[int]:
     """Token ids that inference feeds the model before assistant message `upto_message`."""
-    messages = encoder.template_messages(conversation, with_images=True)[:upto_message]
-    # Inference keeps no reasoning in history, matching template_messages of the shorter conversation.
+    # Inference renders the conversation up to that message; its earlier replies keep no reasoning.
+    messages = encoder.template_messages(Conversation(conversation.messages[:upto_message], conversation.source), with_images=True)
     encoded = encoder.processor.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True
     )

@@ -90,9 +90,12 @@ def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = N
         elif state == "answer":
             if is_tag and piece == "</answer>":
                 state = "closed"
-            else:
+            elif not is_tag or (not answer_tags and piece == "<answer>"):
                 answer += piece
+            # Other layout tags inside the answer are stray control tokens, left out of the answer.
     reasoning = reasoning.removeprefix("\n")  # the line break the layout puts after <think>
+    if not reasoning.strip():
+        reasoning = ""  # a think block of line breaks holds no reasoning
     if state == "plain":
         # Stripping both ends keeps streamed results growing: trailing space returns once text follows it.
         answer = answer.strip() if final else _without_partial_tag(answer).strip()

@@ -84,12 +84,17 @@ def load_generator(
         raise ConfigError("invalid generation options: " + "; ".join(problems)) from None
     if adapter:
         check_adapter_folder(adapter)
+    option = "--model"
     if model is None:
         model = adapter_base_model(adapter) if adapter else None
         if model is None:
             raise ModelError("--model is required unless --adapter names a folder whose adapter_config.json records its base model")
+        option = f"the base model that {adapter}/adapter_config.json records (pass --model to use another)"
     resolve_device(device)  # an unavailable device fails here, before the model loads
-    loaded = load_model(ModelSettings(name_or_path=model, hub=hub, device=device))
+    try:
+        loaded = load_model(ModelSettings(name_or_path=model, hub=hub, device=device))
+    except ModelError as error:  # its message names the config key, and here the model came from an option
+        raise ModelError(str(error).replace("model.name_or_path", option, 1).replace("model.hub", "--hub")) from None
     if adapter:
         loaded = load_adapter(loaded, adapter)
     trained = trained_data_settings(adapter, model)

@@ -124,9 +124,20 @@ def _metric_rows(runs: list[EvalRun]) -> list[list[str]]:
 METRIC_NOTES = (
     "Stop rate: replies that ended on a stop token. Repetition: replies whose last 200 characters "
     "repeat with a period of 1 to 50 characters for 80% of them. Distinct-2: distinct character "
-    "bigrams over all bigrams. Format validity: replies in the exact <think>…</think><answer>…</answer> "
-    "layout. Style: replies matching each pattern."
+    "bigrams over all bigrams."
 )
+FORMAT_NOTE = "Format validity: replies in the exact <think>…</think><answer>…</answer> layout."
+STYLE_NOTE = "Style: replies matching each pattern."
+
+
+def metric_notes(runs: list[EvalRun]) -> str:
+    """Return the notes on the metrics that the table shows."""
+    notes = [METRIC_NOTES]
+    if any(run.metrics.format_validity is not None for run in runs):
+        notes.append(FORMAT_NOTE)
+    if runs[0].metrics.style:
+        notes.append(STYLE_NOTE)
+    return " ".join(notes)
 
 
 def _markdown_cell(text: str) -> str:
@@ -156,7 +167,7 @@ def write_report(runs: list[EvalRun], folder: str | Path) -> tuple[Path, Path]:
     header = "| metric | " + " | ".join(run.label for run in runs) + " |"
     lines = [f"# Sample generations ({runs[0].metrics.replies} prompts)", "", header, "|" + "---|" * (len(runs) + 1)]
     lines += ["| " + " | ".join(row) + " |" for row in _metric_rows(runs)]
-    lines += ["", METRIC_NOTES, ""]
+    lines += ["", metric_notes(runs), ""]
     for run in (runs[0], runs[-1]) if len(runs) > 1 else runs:
         lines += [f"## Replies: {run.label}", "", "| prompt | reply | tokens | ending |", "|---|---|---|---|"]
         for sample in run.samples:

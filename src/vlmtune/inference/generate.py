@@ -127,8 +127,8 @@ class Generator:
     def prepare_inputs(self, conversation: Conversation) -> dict[str, torch.Tensor]:
         """Tokenize the conversation with the chat template and a generation prompt."""
         messages = self.encoder.template_messages(conversation, with_images=True)
-        inputs = self.processor.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        inputs = self.encoder.apply_template(
+            messages, conversation.source, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
         )
         return {key: value.to(self.model.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
 
@@ -209,6 +209,9 @@ class Generator:
     def generate_batch(self, conversations: list[Conversation], max_new_tokens: int | None = None) -> list[Reply]:
         """Generate replies for several conversations at once, left-padded."""
         messages = [self.encoder.template_messages(conversation, with_images=True) for conversation in conversations]
+        for conversation, conversation_messages in zip(conversations, messages):
+            # A template error then names the conversation, which one call for the batch cannot.
+            self.encoder.render(conversation_messages, add_generation_prompt=True, source=conversation.source)
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:

@@ -48,6 +48,10 @@ def resolve_model_path(settings: ModelSettings) -> Path:
     if hub == "local":
         # Absolute, so adapters record a base model path that works from any folder.
         path = Path(name).expanduser().resolve()
+        if path.is_file():
+            raise ModelError(
+                f"model.name_or_path: {path} is a file; give the model's folder (the one holding config.json)"
+            )
         if not path.is_dir():
             raise ModelError(
                 f"model.name_or_path: local folder not found: {path}. Build the tiny model with "

@@ -66,17 +66,68 @@ class LoadedModel:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        return stop_token_ids(self.model.generation_config, self.tokenizer)
+        return stop_token_ids(self.model.generation_config, self.processor)
 
 
-def stop_token_ids(generation_config: GenerationConfig | None, tokenizer: Any) -> list[int]:
-    """Return every id that ends a reply: generation_config.eos_token_id, else the tokenizer's eos."""
+def stop_token_ids(generation_config: GenerationConfig | None, processor: Any) -> list[int]:
+    """Return every id that ends a reply: generation_config.eos_token_id (else the tokenizer's eos), and the
+    special token the chat template closes replies with when generation_config leaves it out.
+
+    Gemma's template, for one, ends a reply with `<end_of_turn>`; a model folder whose
+    generation_config names only `<eos>` would otherwise train and generate past it.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
     eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
     if eos is None:
         eos = tokenizer.eos_token_id
     if eos is None:
         raise ModelError("the model has no stop token: neither generation_config.eos_token_id nor an eos_token is set")
-    return [int(eos)] if isinstance(eos, int) else [int(token) for token in eos]
+    ids = [int(eos)] if isinstance(eos, int) else [int(token) for token in eos]
+    closing = template_reply_end(processor)
+    if closing is not None and closing not in ids:
+        _log_once(
+            logging.INFO,
+            "the chat template ends replies with %s, which generation_config.eos_token_id does not list; it is a stop "
+            "token too, in training and in generation",
+            tokenizer.convert_ids_to_tokens(closing),
+        )
+        ids.append(closing)
+    return ids
+
+
+REPLY_PROBE = "vlmtune-reply-probe"
+
+
+def template_reply_end(processor: Any) -> int | None:
+    """Return the special token the chat template writes right after an assistant reply's text, if any.
+
+    None for templates that write nothing there (GLM-4.1V: the next role token ends the
+    reply) or whose rendering of a one-turn probe fails.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": REPLY_PROBE}]
+    try:
+        closed = processor.apply_chat_template(probe, tokenize=False)
+    except Exception:  # a template that rejects the probe: the encoder reports its error on real data
+        return None
+    if REPLY_PROBE not in closed:
+        return None
+    following = closed[closed.rindex(REPLY_PROBE) + len(REPLY_PROBE) :]
+    ids = tokenizer(following, add_special_tokens=False)["input_ids"] if following else []
+    special = set(tokenizer.all_special_ids) | {
+        token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
+    }
+    return ids[0] if ids and ids[0] in special else None
+
+
+_logged: set[str] = set()
+
+
+def _log_once(level: int, message: str, *args: Any) -> None:
+    text = message % args
+    if text not in _logged:
+        _logged.add(text)
+        logger.log(level, text)
 
 
 def load_processor(path: str, trust_remote_code: bool = False) -> Any:
@@ -95,8 +146,7 @@ def load_processor_and_stop_ids(settings: ModelSettings) -> tuple[Any, list[int]
         generation_config = GenerationConfig.from_pretrained(path)
     except OSError:
         generation_config = None
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return processor, stop_token_ids(generation_config, tokenizer)
+    return processor, stop_token_ids(generation_config, processor)
 
 
 # Modules kept in full precision under quantization: the vision side and the output head.

@@ -354,7 +354,10 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         conversation = await asyncio.to_thread(_with_decoded_images, conversation, _image_params(body))
 
         request_generator = generator.with_settings(_generation_settings(body, settings, generator.settings))
-        inputs = await asyncio.to_thread(request_generator.prepare_inputs, conversation)
+        try:
+            inputs = await asyncio.to_thread(request_generator.prepare_inputs, conversation)
+        except VlmtuneError as error:  # the chat template rejects the messages (roles out of order, say)
+            raise APIError(400, str(error), "messages") from None
         prompt_tokens = inputs["input_ids"].shape[1]
         request_generator = _fit_context(request_generator, prompt_tokens, body.max_completion_tokens or body.max_tokens)
         if body.n != 1:

@@ -67,7 +67,7 @@ from vlmtune.training.progress import (
 )
 from vlmtune.training.run_folder import RunFolder, dataset_hashes
 from vlmtune.training.sampling import SampleGenerationCallback
-from vlmtune.training.tracking import Tracking, make_tracking
+from vlmtune.training.tracking import Tracking, check_swanlab_login, make_tracking
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ class LoraRecipe:
         conversations = data.train
         self._check_cpu_four_bit(bool(data.validation))
         self._check_lora_before_loading()
+        check_swanlab_login(config.tracking)
         self.loaded = load_model(config.model, for_training=True, quantization=config.quantization)
         encoder = ConversationEncoder.from_settings(self.loaded.processor, self.loaded.stop_token_ids, config.data)
         self._build_sample_prompts(encoder)

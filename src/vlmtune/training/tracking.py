@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class Tracking:
     """The TensorBoard SummaryWriter. transformers' TensorBoardCallback drops its reference at train
     end, before the last sample generation is logged, so Tracking keeps one. A closed writer reopens
     on its next write, in a new event file of the same folder."""
+    swanlab_mode: str = "offline"
+    """tracking.swanlab_mode: offline, local or cloud."""
 
     def run_folder(self) -> Path | None:
         """Return the newest run folder under log_dir (SwanLab writes one `run-*` folder per run)."""
@@ -95,9 +98,13 @@ class Tracking:
             runs = self.swanlab_runs()
             if len(runs) > 1:
                 text = f"SwanLab run folders, one per training session: {', '.join(str(run) for run in runs)}"
-                text += "\n  upload them to view in the browser: " + "; ".join(f"swanlab sync {run}" for run in runs)
             else:
-                text = f"SwanLab run folder: {folder}\n  upload it to view in the browser: swanlab sync {folder}"
+                text = f"SwanLab run folder: {folder}"
+            if self.swanlab_mode == "cloud":
+                return text + "\n  the run was uploaded as it trained: see it in your SwanLab project"
+            if self.swanlab_mode == "local":
+                return text + f"\n  view it in the browser: swanlab watch {self.log_dir}"
+            text += "\n  upload to view in the browser: " + "; ".join(f"swanlab sync {run}" for run in runs or [folder])
             if importlib.util.find_spec("swanboard") is not None:
                 text += f"\n  or train with tracking.swanlab_mode=local and run: swanlab watch {self.log_dir}"
             else:
@@ -106,6 +113,27 @@ class Tracking:
         if self.backend == "tensorboard" and folder is not None:
             return f"TensorBoard logs: {folder}\n  view them with: tensorboard --logdir {folder}"
         return "tracking is off (tracking.backend=none)"
+
+
+def check_swanlab_login(settings: TrackingSettings) -> None:
+    """Fail before the model loads when SwanLab's cloud mode has no API key and no terminal to ask for one.
+
+    SwanLab itself finds that out when the run starts, after the model and data have loaded.
+    """
+    if settings.backend != "swanlab" or settings.swanlab_mode != "cloud" or sys.stdin.isatty():
+        return
+    try:
+        from swanlab.sdk.internal.settings import Settings
+
+        api_key = Settings().api_key  # from SWANLAB_API_KEY or the .netrc that `swanlab login` saves
+    except Exception:  # another SwanLab version: its own error comes when the run starts
+        return
+    if api_key is None:
+        raise ConfigError(
+            "tracking.swanlab_mode=cloud needs a SwanLab API key, and none is saved or set, and there is no terminal "
+            "to ask for one: run `swanlab login` first or set SWANLAB_API_KEY, or use tracking.swanlab_mode=offline, "
+            "which needs no account (upload the run later with swanlab sync)"
+        )
 
 
 def make_tracking(settings: TrackingSettings, output_dir: str, run_config: dict[str, Any]) -> Tracking:
@@ -136,4 +164,4 @@ def make_tracking(settings: TrackingSettings, output_dir: str, run_config: dict[
     )
     callback.update_config({"vlmtune": run_config})
     logger.info("tracking with SwanLab in %s mode under %s", settings.swanlab_mode, log_dir)
-    return Tracking("swanlab", log_dir, callbacks=[callback])
+    return Tracking("swanlab", log_dir, callbacks=[callback], swanlab_mode=settings.swanlab_mode)
