@@ -60,6 +60,13 @@ def test_jsonl_and_bom_accepted(tmp_path):
     assert conversations[2].source.endswith("record 3 (line 5)")
 
 
+def test_jsonl_holding_json_array(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps([{"instruction": "q", "output": "喵"}] * 3, ensure_ascii=False, indent=1), encoding="utf-8")
+    with pytest.raises(DataError, match=r"a.jsonl: a .jsonl dataset .* one JSON array of 3 examples; rename it to .json"):
+        load_dataset_file(DatasetSpec(path=str(path)))
+
+
 def test_json_array_line_numbers(tmp_path):
     path = tmp_path / "a.json"
     path.write_text('[\n {"instruction": "a", "output": "b"},\n\n {"instruction": "c", "output": ""}\n]', encoding="utf-8")

@@ -21,7 +21,7 @@ from vlmtune.inference.predict import predict
 from vlmtune.model.loading import load_adapter, load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
-FIELDS = {"id", "model", "adapter", "system", "prompt", "images", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
+FIELDS = {"id", "model", "adapter", "system", "history", "prompt", "images", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +102,10 @@ def test_predict_resume_rejects_mismatched_rows(adapter_dir, tiny_model_dir, tmp
 
 
 def test_predict_reads_prompts_without_replies(adapter_dir, tmp_path):
-    alpaca = write_json(tmp_path / "prompts.json", [{"instruction": "你是谁？"}, {"instruction": "你好", "output": ""}])
+    alpaca = write_json(tmp_path / "prompts.json", [{"instruction": "你是谁？"}, {"instruction": "你好", "output": ""},
+                                                    {"instruction": "再说一遍", "history": [["你是谁？", "我是小橘"]]}])
     messages = write_json(tmp_path / "chat.json", [{"messages": [{"role": "user", "content": "你好"}]}])
-    assert [len(c.messages) for c in load_dataset_file(DatasetSpec(path=str(alpaca)), prompts_only=True)] == [1, 1]
+    assert [len(c.messages) for c in load_dataset_file(DatasetSpec(path=str(alpaca)), prompts_only=True)] == [1, 1, 3]
     assert [c.messages[-1].role for c in load_dataset_file(DatasetSpec(path=str(messages)), prompts_only=True)] == ["user"]
     with pytest.raises(DataError, match="field 'output' is missing"):
         load_dataset_file(DatasetSpec(path=str(alpaca)))  # training data needs the reply
@@ -117,8 +118,10 @@ def test_predict_reads_prompts_without_replies(adapter_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
-    assert [row["prompt"] for row in rows] == ["你是谁？", "你好"]
-    assert [row["reference"] for row in rows] == [None, None]
+    assert [row["prompt"] for row in rows] == ["你是谁？", "你好", "再说一遍"]
+    assert [row["reference"] for row in rows] == [None, None, None]
+    assert rows[2]["history"] == [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是小橘"}]
+    assert rows[0]["history"] == []
 
     wrong_role = write_json(tmp_path / "bad.json", [{"messages": [{"role": "assistant", "content": "喵"}]}])
     with pytest.raises(DataError) as caught:

@@ -193,6 +193,10 @@ def test_unknown_path_and_invalid_json(server):
     assert code == 400
     assert payload["error"]["message"].startswith("the request body is not valid JSON")
     assert payload["error"]["param"] is None
+    gbk = json.dumps({"messages": [{"role": "user", "content": "你好"}]}, ensure_ascii=False).encode("gbk")
+    code, payload = post(server, gbk)
+    assert code == 400
+    assert payload["error"]["message"].endswith("the request body could not be read: send JSON encoded as UTF-8")
 
 
 def test_stop_string_cuts_the_answer(client):

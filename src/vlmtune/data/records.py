@@ -127,6 +127,17 @@ def _warn_lenient_separators(path: Path, text: str, separators: list[tuple[int, 
 
 
 def _iter_jsonl(path: Path, raw: bytes) -> Iterator[Record | ReadProblem]:
+    if raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        try:
+            whole = json.loads(raw.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = None
+        if isinstance(whole, list):
+            raise DataError(
+                f"{path}: a .jsonl dataset has one JSON example per line, but this file is one JSON array of "
+                f"{len(whole)} examples; rename it to .json",
+                reason="malformed JSON",
+            )
     index = 0
     for line_number, line_bytes in enumerate(raw.split(b"\n"), start=1):
         if line_number == 1 and line_bytes.startswith(b"\xef\xbb\xbf"):

@@ -3,9 +3,11 @@
 Each output line:
 
     {"id": "test.json, record 3 (line 9)", "model": "/models/GLM-4.1V-9B-Thinking",
-     "adapter": "/runs/persona", "system": "你是小橘。", "prompt": "你是谁？", "images": [], "reference": "我是小橘喵~",
-     "answer": "...", "reasoning": "", "generated_tokens": 17, "stopped": true,
+     "adapter": "/runs/persona", "system": "你是小橘。", "history": [], "prompt": "你是谁？", "images": [],
+     "reference": "我是小橘喵~", "answer": "...", "reasoning": "", "generated_tokens": 17, "stopped": true,
      "finish_reason": "stop"}
+
+history holds the earlier turns of a multi-turn example as {"role", "content"} messages (text only).
 
 model and adapter name what generated the reply: an absolute path for a local folder, else
 the hub id as given (adapter is null without one). finish_reason is "stop" for a reply
@@ -96,8 +98,10 @@ def _last_reply(conversation: Conversation) -> str | None:
 def _prompt_fields(prompt: Conversation) -> dict:
     last = prompt.messages[-1] if prompt.messages else None
     first = prompt.messages[0] if prompt.messages else None
+    history = [message for message in prompt.messages[:-1] if message.role != "system"]
     return {
         "system": first.text if first is not None and first.role == "system" else None,
+        "history": [{"role": message.role, "content": message.text} for message in history],
         "prompt": last.text if last is not None else "",
         "images": [image.source for image in last.images] if last is not None else [],
     }
