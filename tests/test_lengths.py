@@ -89,6 +89,23 @@ def test_data_stats_command(tiny_model_dir, tmp_path):
     assert "│      26 │" in result.stdout
 
 
+def test_histogram_draws_chinese_dataset_names(tmp_path, caplog):
+    import logging
+    import warnings
+
+    from matplotlib import font_manager
+
+    from vlmtune.encoding.stats import CJK_FONTS, write_histogram_png
+
+    has_cjk_font = any(font.name in CJK_FONTS for font in font_manager.fontManager.ttflist)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="vlmtune"):
+        warnings.simplefilter("always")
+        write_histogram_png({"data/阿福人设.json": [3, 5, 8], "data/b.json": [4, 4]}, 10, tmp_path / "h.png")
+    assert [str(warning.message) for warning in caught if "Glyph" in str(warning.message)] == []
+    # With a CJK font the name is drawn; without one the legend numbers the datasets and the log says which is which.
+    assert ("dataset 1 = 阿福人设.json" in caplog.text) is not has_cjk_font
+
+
 def test_histogram_survives_training_runs(tiny_model_dir, tmp_path):
     data = write_json(tmp_path / "train.json", [{"instruction": f"第{n}个问题", "output": "好的喵"} for n in range(4)])
     config = tmp_path / "run.yaml"

@@ -417,21 +417,42 @@ def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path):
     assert [sample["answer"] for sample in report[0]["samples"]] == base_replies
 
 
-def test_swanlab_local_mode_needs_dashboard(tmp_path):
-    import importlib.util
+def test_swanlab_local_run_shows_in_dashboard(tiny_model_dir, tmp_path):
+    """A run in SwanLab's local mode opens in `swanlab watch` on 127.0.0.1, without an account."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    from vlmtune.config import TrackingSettings
-    from vlmtune.training.tracking import Tracking, make_tracking
+    from test_serving import free_port
 
-    if importlib.util.find_spec("swanboard") is not None:
-        pytest.skip("swanboard is installed here, so local mode works")
-    with pytest.raises(ConfigError, match=r"tracking.swanlab_mode=local needs SwanLab's dashboard"):
-        make_tracking(TrackingSettings(swanlab_mode="local"), str(tmp_path), {})
-    (tmp_path / "run-1").mkdir()
-    hint = Tracking("swanlab", tmp_path).describe()
-    assert "swanlab sync" in hint
-    assert "swanlab watch" not in hint
-    assert "tracking.backend=tensorboard" in hint
+    rows = [{"instruction": f"问题{i}", "input": "", "output": ANSWER} for i in range(8)]
+    tree = training_tree(tiny_model_dir, write_json(tmp_path / "train.json", rows), tmp_path / "out", max_steps=2)
+    tree["tracking"] = {"backend": "swanlab", "swanlab_mode": "local", "experiment_name": "本地运行"}
+    recipe = LoraRecipe(build_config(tree))
+    recipe.setup()
+    recipe.train()
+    recipe.save()
+    hint = recipe.tracking.describe()
+    assert f"view it in the browser: swanlab watch {tmp_path / 'out' / 'swanlog'}" in hint
+
+    port = free_port()
+    swanlab = str(Path(sys.executable).parent / "swanlab")
+    watch = subprocess.Popen([swanlab, "watch", "--host", "127.0.0.1", "--port", str(port), str(tmp_path / "out" / "swanlog")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, project = time.time() + 60, None
+        while project is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/project", timeout=5) as response:
+                    project = json.loads(response.read())
+            except OSError:
+                time.sleep(0.5)
+    finally:
+        watch.terminate()
+        watch.wait(timeout=30)
+    assert project is not None, "swanlab watch did not answer within 60 s"
+    assert [experiment["name"] for experiment in project["data"]["experiments"]] == ["本地运行"]
 
 
 def test_resume_names_split_changes(tiny_model_dir, tmp_path, caplog):

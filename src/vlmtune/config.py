@@ -256,9 +256,9 @@ class TrackingSettings(_Section):
     experiment_name: str | None = Field(None, description="Run name. None: the output folder's name.")
     swanlab_mode: Literal["offline", "local", "cloud"] = Field(
         "offline",
-        description="offline: write the run folder only (upload it later with `swanlab sync`). local: for "
-        "`swanlab watch`, which needs SwanLab's dashboard (`pip install 'swanlab[dashboard]'`, not installed with "
-        "vlmtune). cloud: upload while training (needs `swanlab login`).",
+        description="offline: write the run folder only (upload it later with `swanlab sync`). local: also keep the "
+        "run in a local database, for SwanLab's dashboard on this machine (`swanlab watch OUTPUT_DIR/swanlog`, no "
+        "account). cloud: upload while training (needs `swanlab login`).",
     )
     log_dir: str | None = Field(None, description="Run folder root. None: OUTPUT_DIR/swanlog or OUTPUT_DIR/tensorboard.")
 

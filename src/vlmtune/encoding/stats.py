@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.table import Table
+
+logger = logging.getLogger(__name__)
 
 HISTOGRAM_BINS = 20
 
@@ -86,22 +89,40 @@ def text_histogram(values: list[int], width: int = 40) -> str:
     return "\n".join(lines)
 
 
+# Fonts with Chinese glyphs that matplotlib falls back to for dataset names, where installed.
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+             "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
+
+
 def write_histogram_png(lengths: dict[str, list[int]], max_length: int, path: str | Path) -> Path:
-    """Write a histogram per dataset with the max_length cut marked."""
+    """Write a histogram per dataset with the max_length cut marked.
+
+    Dataset names in Chinese are drawn with an installed CJK font. Without one, the legend
+    numbers the datasets instead of drawing empty boxes, and the log lists the numbers.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot
+    from matplotlib import font_manager, pyplot
 
-    figure, axis = pyplot.subplots(figsize=(8, 4.5))
-    for dataset, values in lengths.items():
-        axis.hist(values, bins=40, alpha=0.6, label=Path(dataset).name)
-    axis.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
-    axis.set_xlabel("encoded sample length (tokens)")
-    axis.set_ylabel("samples")
-    axis.legend()
-    figure.tight_layout()
-    output = Path(path)
-    figure.savefig(output, dpi=100)
-    pyplot.close(figure)
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    fallback = [name for name in CJK_FONTS if name in installed]
+    labels = [Path(dataset).name for dataset in lengths]
+    if not fallback and not all(label.isascii() for label in labels):
+        numbered = [f"dataset {number}" for number in range(1, len(labels) + 1)]
+        logger.info("no font with Chinese glyphs is installed, so the histogram's legend numbers the datasets: %s",
+                    ", ".join(f"{number} = {label}" for number, label in zip(numbered, labels)))
+        labels = numbered
+    with matplotlib.rc_context({"font.family": ["DejaVu Sans", *fallback]}):
+        figure, axis = pyplot.subplots(figsize=(8, 4.5))
+        for label, values in zip(labels, lengths.values()):
+            axis.hist(values, bins=40, alpha=0.6, label=label)
+        axis.axvline(max_length, color="red", linestyle="--", label=f"max_length={max_length}")
+        axis.set_xlabel("encoded sample length (tokens)")
+        axis.set_ylabel("samples")
+        axis.legend()
+        figure.tight_layout()
+        output = Path(path)
+        figure.savefig(output, dpi=100)
+        pyplot.close(figure)
     return output

@@ -6,7 +6,6 @@ network are needed, and `swanlab sync RUN_FOLDER` can upload it later.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
@@ -105,11 +104,7 @@ class Tracking:
             if self.swanlab_mode == "local":
                 return text + f"\n  view it in the browser: swanlab watch {self.log_dir}"
             text += "\n  upload to view in the browser: " + "; ".join(f"swanlab sync {run}" for run in runs or [folder])
-            if importlib.util.find_spec("swanboard") is not None:
-                text += f"\n  or train with tracking.swanlab_mode=local and run: swanlab watch {self.log_dir}"
-            else:
-                text += "\n  or, to view runs without an upload, train with tracking.backend=tensorboard"
-            return text
+            return text + "\n  or, to view runs without an account, train with tracking.swanlab_mode=local"
         if self.backend == "tensorboard" and folder is not None:
             return f"TensorBoard logs: {folder}\n  view them with: tensorboard --logdir {folder}"
         return "tracking is off (tracking.backend=none)"
@@ -148,12 +143,6 @@ def make_tracking(settings: TrackingSettings, output_dir: str, run_config: dict[
         writer = SummaryWriter(log_dir=str(log_dir))
         return Tracking("tensorboard", log_dir, callbacks=[TensorBoardCallback(tb_writer=writer)], writer=writer)
 
-    if settings.swanlab_mode == "local" and importlib.util.find_spec("swanboard") is None:
-        raise ConfigError(
-            "tracking.swanlab_mode=local needs SwanLab's dashboard (pip install 'swanlab[dashboard]'), which is not "
-            "installed: its swanboard package requires rich<14, older than vlmtune's pinned rich. Use "
-            "tracking.swanlab_mode=offline and swanlab sync, or tracking.backend=tensorboard to view runs locally"
-        )
     from swanlab.integration.transformers import SwanLabCallback
 
     callback = SwanLabCallback(
