@@ -26,6 +26,7 @@ from vlmtune.encoding.encode import IGNORE_INDEX
 from vlmtune.encoding.inspect import check_sample
 from vlmtune.errors import DataError
 from vlmtune.inference import Generator
+from vlmtune.inference.export import export_merged
 from vlmtune.model.loading import load_adapter, load_model, load_processor_and_stop_ids
 from vlmtune.model.tiny import TEXT_INITIALIZER_RANGE, build_tokenizer, write_checkpoint
 from vlmtune.serving import ServerSettings
@@ -177,3 +178,10 @@ def test_adapter_stops_and_serves(gemma_dir, tmp_path):
         assert status == 400
         assert error["error"]["param"] == "messages"
         assert "Conversation roles must alternate" in error["error"]["message"]
+
+    # The merged model's generation_config lists <end_of_turn>, so tools other than vlmtune stop there too.
+    check = export_merged(str(adapter), str(tmp_path / "merged"), ModelSettings(name_or_path=str(gemma_dir), device="cpu"))
+    assert check.ok, check
+    saved = json.loads((tmp_path / "merged" / "generation_config.json").read_text(encoding="utf-8"))
+    tokenizer = generator.tokenizer
+    assert saved["eos_token_id"] == [token(tokenizer, "<eos>"), token(tokenizer, "<end_of_turn>")]

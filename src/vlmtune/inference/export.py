@@ -107,6 +107,7 @@ def export_merged(
     adapted = load_adapter(load_model(settings), adapter_dir)
     expected = _check_logits(adapted, CHECK_PROMPTS)
     merged = adapted.model.merge_and_unload()
+    _record_stop_ids(merged, adapted.stop_token_ids)
     try:
         _save_merged(merged, base_path, Path(adapter_dir), output, max_shard_size)
     except BaseException:  # Ctrl-C included: a partial folder would block the next export to it
@@ -151,6 +152,20 @@ def _failed_check_message(check: ExportCheck, output: Path, work_dtype: str) -> 
             "cause: export again with --dtype float32 (or --dtype auto if the base model is saved in float32)."
         )
     return message + f" To export again into {output}, delete that folder first or pass a new --output."
+
+
+def _record_stop_ids(merged, stop_ids: list[int]) -> None:
+    """List every stop id in the merged model's generation_config, so that other tools stop where vlmtune does.
+
+    They differ when the chat template closes replies with a token that the base model's
+    generation_config leaves out (see `stop_token_ids`).
+    """
+    eos = merged.generation_config.eos_token_id
+    listed = [eos] if isinstance(eos, int) else list(eos or [])
+    if set(stop_ids) - set(listed):
+        logger.info("the merged model's generation_config.eos_token_id lists the stop ids %s (the base model's: %s)",
+                    stop_ids, listed)
+        merged.generation_config.eos_token_id = list(stop_ids)
 
 
 def _save_merged(merged, base_path: Path, adapter_dir: Path, output: Path, max_shard_size: str) -> None:
