@@ -102,7 +102,7 @@ def test_histogram_draws_chinese_dataset_names(tmp_path, caplog):
         warnings.simplefilter("always")
         write_histogram_png({"data/阿福人设.json": [3, 5, 8], "data/b.json": [4, 4]}, 10, tmp_path / "h.png")
     assert [str(warning.message) for warning in caught if "Glyph" in str(warning.message)] == []
-    # With a CJK font the name is drawn; without one the legend numbers the datasets and the log says which is which.
+    # With a CJK font the name is drawn; without one the legend numbers the datasets and the log maps the numbers to names.
     assert ("dataset 1 = 阿福人设.json" in caplog.text) is not has_cjk_font
 
 

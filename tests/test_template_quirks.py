@@ -82,6 +82,14 @@ def text(role: str, content: str) -> Message:
     return Message(role, [TextPart(content)])
 
 
+def two_turns_with_system() -> Conversation:
+    return Conversation(
+        [text("system", "你是小橘"), text("user", "你是谁？"), text("assistant", "我是小橘"),
+         text("user", "再说一遍"), text("assistant", REPLY)],
+        source="two turns",
+    )
+
+
 def token(tokenizer, name: str) -> int:
     return tokenizer.convert_tokens_to_ids(name)
 
@@ -97,11 +105,7 @@ def test_system_prompt_goes_into_the_first_user_message(gemma_dir, caplog):
     loaded = load(gemma_dir)
     with caplog.at_level(logging.INFO, logger="vlmtune"):
         encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
-        conversation = Conversation(
-            [text("system", "你是小橘"), text("user", "你是谁？"), text("assistant", "我是小橘"),
-             text("user", "再说一遍"), text("assistant", REPLY)],
-            source="two turns",
-        )
+        conversation = two_turns_with_system()
         sample = encoder.encode(conversation)
     rendered = loaded.tokenizer.decode(sample.input_ids)
     end_of_turn = token(loaded.tokenizer, "<end_of_turn>")
@@ -136,11 +140,7 @@ def test_system_message_moved_by_the_template_is_folded(gemma_dir):
     loaded = load(gemma_dir)
     loaded.tokenizer.chat_template = LAST_USER_SYSTEM_TEMPLATE
     encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
-    conversation = Conversation(
-        [text("system", "你是小橘"), text("user", "你是谁？"), text("assistant", "我是小橘"),
-         text("user", "再说一遍"), text("assistant", REPLY)],
-        source="two turns",
-    )
+    conversation = two_turns_with_system()
     sample = encoder.encode(conversation)
 
     assert encoder.system_role_problem == "it moves the system message after the first user message"
