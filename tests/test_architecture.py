@@ -14,6 +14,7 @@ PACKAGE = REPO_ROOT / "src" / "vlmtune"
 # Stage -> stages it must not import (anything else of ours is allowed by the table in docs/architecture.md).
 FORBIDDEN = {
     "outputs": {"config", "data", "encoding", "model", "training", "inference", "serving", "webui", "cli"},
+    "notices": {"config", "data", "encoding", "model", "training", "inference", "serving", "webui", "cli"},
     "config": {"data", "encoding", "model", "training", "inference", "serving", "cli"},
     "data": {"encoding", "model", "training", "inference", "serving", "cli"},
     "encoding": {"model", "training", "inference", "serving", "cli"},

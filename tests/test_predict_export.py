@@ -266,3 +266,14 @@ def test_predict_and_export_commands(adapter_dir, tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "merged model written to" in result.stdout
     assert "it/s]" not in result.stderr  # no shard-writing bar either
+
+    # The two folders swapped: each command names what the folder is.
+    swapped = subprocess.run([vlmtune, "export", "--adapter", str(tiny_model_dir), "--output", str(tmp_path / "m2")],
+                             capture_output=True, text=True, timeout=300)
+    assert swapped.returncode != 0
+    assert f"--adapter: no adapter_config.json in {tiny_model_dir}" in swapped.stderr
+    swapped = subprocess.run([vlmtune, "chat", "--model", str(adapter_dir), "--message", "你好"],
+                             capture_output=True, text=True, timeout=300)
+    assert swapped.returncode != 0
+    assert "is a LoRA adapter folder" in swapped.stderr
+    assert "Traceback" not in swapped.stderr

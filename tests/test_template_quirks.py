@@ -120,6 +120,17 @@ def test_system_prompt_goes_into_the_first_user_message(gemma_dir, caplog):
     assert token(loaded.tokenizer, "<eos>") not in sample.input_ids  # nothing that inference would not render
 
 
+def test_several_system_messages_are_folded_once(gemma_dir, caplog):
+    """serve turns a `developer` message into a system message, so a request can bring two."""
+    loaded = load(gemma_dir)
+    conversation = Conversation([text("system", "甲"), text("system", "乙"), text("user", "你好"), text("assistant", REPLY)])
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        for _ in range(2):  # as each sample generation does
+            sample = ConversationEncoder(loaded.processor, loaded.stop_token_ids).encode(conversation)
+    assert loaded.tokenizer.decode(sample.input_ids).startswith("<bos><start_of_turn>user\n甲\n\n乙\n\n你好<end_of_turn>")
+    assert caplog.text.count("no usable system role") <= 1  # logged once per process
+
+
 def test_conversation_the_template_rejects_is_named(gemma_dir):
     loaded = load(gemma_dir)
     encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
@@ -159,6 +170,11 @@ def test_adapter_stops_and_serves(gemma_dir, tmp_path):
     reply = generator.generate(Conversation([text("system", "你是小橘"), text("user", "第3个问题")]))
     assert reply.stopped
     assert reply.answer == REPLY
+    # A text-only model's tokenizer pads prompts of different lengths in one batch.
+    batch = generator.generate_batch([Conversation([text("user", "第3个问题")]),
+                                      Conversation([text("user", "第5个问题，" * 6)])])
+    assert batch[0].answer == REPLY
+    assert len(batch) == 2
 
     def post(messages):
         body = json.dumps({"model": "gemma", "messages": messages}).encode()

@@ -366,8 +366,9 @@ def export(
     """Merge an adapter into its base model (checked by reloading), or copy it with a model card."""
     from vlmtune.config import ModelSettings
     from vlmtune.inference.export import export_adapter_only, export_merged
-    from vlmtune.model.loading import adapter_base_model
+    from vlmtune.model.loading import adapter_base_model, check_adapter_folder
 
+    check_adapter_folder(adapter)
     if adapter_only:
         folder = export_adapter_only(adapter, str(output))
         console.print(f"adapter and model card written to {folder}", soft_wrap=True)

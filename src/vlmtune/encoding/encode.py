@@ -27,6 +27,7 @@ from vlmtune.data.conversation import Conversation, Message, TextPart
 from vlmtune.encoding.images import apply_image_limits, load_image_part
 from vlmtune.encoding.thinking import LayoutName, build_reply, detect_layout, split_reply
 from vlmtune.errors import DataError, TemplateError
+from vlmtune.notices import log_once
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class ConversationEncoder:
                 messages.append({"role": "system", "content": message.text})
             else:
                 messages.append({"role": "user", "content": self._user_content(message, conversation, with_images)})
-        if self.system_role_problem is not None and messages and messages[0]["role"] == "system":
+        if messages and messages[0]["role"] == "system" and self.system_role_problem is not None:
             messages = self._fold_system(messages, conversation)
         return messages
 
@@ -160,7 +161,9 @@ class ConversationEncoder:
                 problem = "it moves the system message after the first user message"
             else:
                 return None
-        logger.info(
+        log_once(
+            logger,
+            logging.INFO,
             "the chat template has no usable system role (%s), so the system prompt goes at the start of the first "
             "user message, in training and in inference",
             problem,
@@ -168,8 +171,12 @@ class ConversationEncoder:
         return problem
 
     def _fold_system(self, messages: list[dict[str, Any]], conversation: Conversation) -> list[dict[str, Any]]:
-        """Put the system message's text at the start of the first user message (as Gemma 3's own template does)."""
-        system, rest = messages[0]["content"], messages[1:]
+        """Put the system messages' text at the start of the first user message (as Gemma 3's own template does)."""
+        leading = 0
+        while leading < len(messages) and messages[leading]["role"] == "system":
+            leading += 1
+        system = "\n\n".join(message["content"] for message in messages[:leading])
+        rest = messages[leading:]
         if not rest or rest[0]["role"] != "user":
             raise DataError(
                 f"{conversation.source}: the system message is not followed by a user message, and the chat template "

@@ -214,14 +214,11 @@ class Generator:
             self.encoder.render(conversation_messages, add_generation_prompt=True, source=conversation.source)
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
+        # A processor takes the padding setting for its tokenizer call; a text-only model's tokenizer takes it directly.
+        padding = {"padding": True} if self.processor is self.tokenizer else {"processor_kwargs": {"padding": True}}
         try:
             inputs = self.processor.apply_chat_template(
-                messages,
-                tokenize=True,
-                add_generation_prompt=True,
-                return_dict=True,
-                return_tensors="pt",
-                processor_kwargs={"padding": True},
+                messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", **padding
             )
         finally:
             self.tokenizer.padding_side = padding_side

@@ -57,6 +57,13 @@ def resolve_model_path(settings: ModelSettings) -> Path:
                 f"model.name_or_path: local folder not found: {path}. Build the tiny model with "
                 "`vlmtune tiny-model PATH`, or set model.hub to modelscope or huggingface for a hub id"
             )
+        if not (path / "config.json").is_file():
+            if (path / "adapter_config.json").is_file():
+                raise ModelError(
+                    f"model.name_or_path: {path} is a LoRA adapter folder (it has adapter_config.json, no config.json); "
+                    "give the base model here and the adapter with --adapter"
+                )
+            raise ModelError(f"model.name_or_path: {path} has no config.json, so it is not a model folder")
         return path
 
     logger.info("downloading %s from %s (revision %s)", name, hub, settings.revision or "default")

@@ -23,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_
 from vlmtune.config import ModelSettings, QuantizationSettings
 from vlmtune.errors import ModelError
 from vlmtune.model.hub import resolve_model_path
+from vlmtune.notices import log_once
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def stop_token_ids(generation_config: GenerationConfig | None, processor: Any) -
     ids = [int(eos)] if isinstance(eos, int) else [int(token) for token in eos]
     closing = template_reply_end(processor)
     if closing is not None and closing not in ids:
-        _log_once(
+        log_once(
+            logger,
             logging.INFO,
             "the chat template ends replies with %s, which generation_config.eos_token_id does not list; it is a stop "
             "token too, in training and in generation",
@@ -118,16 +120,6 @@ def template_reply_end(processor: Any) -> int | None:
         token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special
     }
     return ids[0] if ids and ids[0] in special else None
-
-
-_logged: set[str] = set()
-
-
-def _log_once(level: int, message: str, *args: Any) -> None:
-    text = message % args
-    if text not in _logged:
-        _logged.add(text)
-        logger.log(level, text)
 
 
 def load_processor(path: str, trust_remote_code: bool = False) -> Any:

@@ -338,7 +338,7 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         if error.status_code == 400 and error.detail == "There was an error parsing the body":
             # FastAPI's reply to a body it cannot decode, such as JSON in GBK instead of UTF-8.
             message = f"{request.method} {request.url.path}: the request body could not be read: send JSON encoded as UTF-8"
-            logger.info("request %s rejected (400): %s", getattr(request.state, "request_id", "-"), error.detail)
+            logger.info("request %s rejected (400): %s", getattr(request.state, "request_id", "-"), message)
         return error_response(error.status_code, message, kind=kind)
 
     @app.get("/v1/models")
