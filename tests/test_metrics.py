@@ -60,17 +60,19 @@ def test_compute_metrics_mixed_replies():
         reply(LOOPING, stopped=False, tokens=200),
         reply("好的喵~", tokens=6),
         reply("broken", text="broken</think><answer>broken</answer>", tokens=12),
+        reply("", text="\n<think></think>\n<think></think>", tokens=9),  # stops, with nothing to show
     ]
     metrics = compute_metrics(replies, thinking_layout=True, style_patterns=["喵", "^好"])
-    assert metrics.replies == 4
-    assert metrics.stop_rate == pytest.approx(0.75)
-    assert metrics.repetition_rate == pytest.approx(0.25)
-    assert metrics.length_median == pytest.approx(21)
+    assert metrics.replies == 5
+    assert metrics.stop_rate == pytest.approx(0.8)
+    assert metrics.empty_rate == pytest.approx(0.2)
+    assert metrics.repetition_rate == pytest.approx(0.2)
+    assert metrics.length_median == pytest.approx(12)
     assert metrics.length_p95 == 200
-    assert metrics.format_validity == pytest.approx(0.75)
-    assert metrics.style == {"喵": pytest.approx(0.75), "^好": pytest.approx(0.25)}
+    assert metrics.format_validity == pytest.approx(0.6)
+    assert metrics.style == {"喵": pytest.approx(0.6), "^好": pytest.approx(0.2)}
     scalars = metrics.scalars()
-    assert scalars["style/喵"] == pytest.approx(0.75)
+    assert scalars["style/喵"] == pytest.approx(0.6)
     assert "style" not in scalars
 
 

@@ -371,7 +371,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     The value is read as YAML, so `true`, `3`, `[a, b]` and `null` keep their types.
     """
     if "=" not in text:
-        raise ConfigError(f"invalid override {text!r}: expected SECTION.KEY=VALUE, for example train.learning_rate=2e-4")
+        hint = " (write '=' where the full-width '：' is)" if "：" in text else ""
+        raise ConfigError(f"invalid override {text!r}: expected SECTION.KEY=VALUE{hint}, for example train.learning_rate=2e-4")
     key, raw_value = text.split("=", 1)
     parts = [part for part in key.strip().split(".") if part]
     if not parts:
@@ -522,6 +523,8 @@ def _format_validation_error(error: ValidationError, source: str, lines: dict[tu
             message = SECTION_SHAPES.get(item["ctx"]["class_name"], "must be a mapping of settings")
         if item["type"] == "string_type" and isinstance(value, bool):
             shown += f"; {YAML_BOOLEANS}"
+        if isinstance(value, str) and "：" in value:
+            shown += "; the full-width '：' in it reads as text, so write ':' after a key"
         if item["type"] == "value_error" and not item["loc"]:
             problems.append(f"  - {message}")  # a rule across sections; the message names the keys
         else:

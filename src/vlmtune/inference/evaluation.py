@@ -101,6 +101,7 @@ def run_evaluation(
 
 METRIC_ROWS = [
     ("stop rate", "stop_rate", "{:.2f}"),
+    ("empty answers", "empty_rate", "{:.2f}"),
     ("repetition", "repetition_rate", "{:.2f}"),
     ("distinct-2", "distinct_2", "{:.2f}"),
     ("median length (tokens)", "length_median", "{:g}"),
@@ -122,7 +123,8 @@ def _metric_rows(runs: list[EvalRun]) -> list[list[str]]:
 
 
 METRIC_NOTES = (
-    "Stop rate: replies that ended on a stop token. Repetition: replies whose last 200 characters "
+    "Stop rate: replies that ended on a stop token. Empty answers: replies with no answer text. "
+    "Repetition: replies whose last 200 characters "
     "repeat with a period of 1 to 50 characters for 80% of them. Distinct-2: distinct character "
     "bigrams over all bigrams."
 )

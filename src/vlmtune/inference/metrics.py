@@ -3,6 +3,8 @@
 Definitions (all shares are between 0 and 1):
 
 - stop rate: replies that ended on a stop token before max_new_tokens.
+- empty answers: replies with no answer text once the layout tags are read (a reply of
+  empty think blocks, for one), which the stop rate counts as stopped.
 - repetition: replies whose tail is a loop. The tail is the last 200 characters of the
   answer; it is a loop when, for some period p from 1 to 50 characters, at least 80% of
   the tail's characters equal the character p places earlier. Answers shorter than 40
@@ -62,6 +64,7 @@ class ReplyMetrics:
 
     replies: int
     stop_rate: float
+    empty_rate: float
     repetition_rate: float
     distinct_2: float
     length_median: float
@@ -85,6 +88,7 @@ def compute_metrics(replies: list[Reply], thinking_layout: bool, style_patterns:
     return ReplyMetrics(
         replies=count,
         stop_rate=sum(reply.stopped for reply in replies) / count,
+        empty_rate=sum(not answer.strip() for answer in answers) / count,
         repetition_rate=sum(is_repetitive(answer) for answer in answers) / count,
         distinct_2=distinct_n(answers, 2),
         length_median=statistics.median(lengths),
