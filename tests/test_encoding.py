@@ -192,7 +192,8 @@ def test_visible_text_grows_while_streaming():
     [
         ("想一想</think>\n<answer>好</answer>", "想一想", "好"),
         # Layout tags inside the answer are stray control tokens: the answer leaves them out.
-        ("</think>\n<answer>\n<think>\n<think>\n<answer>\n", "", "\n\n\n\n"),
+        ("</think>\n<answer>\n<think>\n<think>\n<answer>\n", "", ""),
+        ("</think>\n</think>\n<answer>喵~<think>\n</think>\n<answer>\n\n", "", "喵~"),  # tags between the blocks
         ("<think>\n</think>\n<answer></think>汪义</answer>", "", "汪义"),
         ("<think>\n\n\n</think>\n<answer>汪</answer>", "", "汪"),  # line breaks alone are no reasoning
         ("<think>\na</think>b<answer>c", "a", "bc"),  # text between the blocks is kept

@@ -85,8 +85,8 @@ def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = N
             if is_tag and piece == "<answer>":
                 # Text between </think> and <answer> breaks the layout; it is kept as the answer's start, not dropped.
                 state, answer, pending = "answer", pending.strip(), ""
-            else:
-                pending += piece
+            elif not is_tag:
+                pending += piece  # a stray layout tag here is left out, as in the answer
         elif state == "answer":
             if is_tag and piece == "</answer>":
                 state = "closed"
@@ -107,8 +107,9 @@ def split_reply(text: str, final: bool = True, opened_by_prompt: bool | None = N
         return ParsedReply(reasoning, pending.strip() if final else "", answer_begun=final)
     if state == "answer" and not final:
         answer = _without_partial_tag(answer)
-    if not answer_tags:
-        answer = answer.lstrip()
+    # Line breaks around the answer, or left where stray tags were, are not part of it. Streamed
+    # results still grow: trailing space returns once text follows it.
+    answer = answer.strip()
     return ParsedReply(reasoning, answer, answer_begun=state in ("answer", "closed"))
 
 
