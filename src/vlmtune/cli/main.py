@@ -240,7 +240,13 @@ def _program() -> str:
 def inspect(
     config: Annotated[Path, typer.Argument(help="YAML config file.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
-    count: Annotated[int, typer.Option("--count", "-n", min=1, help="Number of training samples to show, from the first (the training split is shuffled when data.val_size > 0).")] = 3,
+    count: Annotated[
+        int,
+        typer.Option(
+            "--count", "-n", min=1,
+            help="Number of training samples to show, from the first (the training split is shuffled when data.val_size > 0).",
+        ),
+    ] = 3,
 ) -> None:
     """Show encoded samples (supervised tokens in green) and check them against inference rendering.
 
