@@ -74,6 +74,7 @@ def test_compute_metrics_mixed_replies():
     scalars = metrics.scalars()
     assert scalars["style/喵"] == pytest.approx(0.6)
     assert "style" not in scalars
+    assert "replies" not in scalars  # a count that never changes makes a flat chart
 
 
 def test_format_validity_absent_without_thinking():

@@ -275,9 +275,11 @@ def test_preview_shows_image_runs(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_job_stops_and_resumes(tiny_model_dir, tmp_path):
+def test_job_stops_and_resumes(tiny_model_dir, tmp_path, caplog):
     """A real `vlmtune train` subprocess: stopped mid-run, it leaves a checkpoint, the adapter and configs. Resume continues it."""
     import time
+
+    caplog.set_level(logging.INFO, logger="vlmtune")
 
     preset = write_preset(tmp_path / "presets", tiny_model_dir)
     form = make_form(preset, tiny_model_dir, tmp_path / "run", max_steps=2000, learning_rate=1e-3)
@@ -328,6 +330,12 @@ def test_job_stops_and_resumes(tiny_model_dir, tmp_path):
         jobs.shutdown(timeout=30)
     assert resumed.state == "finished"
     assert resumed.progress().step == stopped_at + 2
+    # The server log says how each run ended, from a thread that waits for the process.
+    deadline = time.time() + 10
+    while f"training run {resumed.process.pid} finished" not in caplog.text and time.time() < deadline:
+        time.sleep(0.1)
+    assert f"training run {job.process.pid} stopped (exit status {128 + signal.SIGINT})" in caplog.text
+    assert f"training run {resumed.process.pid} finished (exit status 0)" in caplog.text
     assert (output / f"checkpoint-{stopped_at + 2}").is_dir()
     assert "train.max_steps" in resumed.log_tail()  # the changed setting is listed
 

@@ -73,8 +73,10 @@ class ReplyMetrics:
     style: dict[str, float] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float]:
-        """Flat name -> value pairs for a tracker, without empty entries."""
-        values = {key: value for key, value in asdict(self).items() if key != "style" and value is not None}
+        """Flat name -> value pairs for a tracker, without empty entries and the reply count, which never changes."""
+        values = {
+            key: value for key, value in asdict(self).items() if key not in ("style", "replies") and value is not None
+        }
         values.update({f"style/{pattern}": share for pattern, share in self.style.items()})
         return values
 

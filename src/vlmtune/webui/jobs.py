@@ -179,7 +179,7 @@ class JobManager:
             finally:
                 log.close()  # the child keeps its own copy of the descriptor
             logger.info("started training run %d: %s", process.pid, shell_command)
-            self.job = TrainingJob(
+            job = TrainingJob(
                 command=command,
                 shell_command=shell_command,
                 output_dir=folder,
@@ -188,7 +188,9 @@ class JobManager:
                 progress_offset=offset,
                 form=form,
             )
-            return self.job
+            self.job = job
+            threading.Thread(target=_log_end, args=(job,), daemon=True).start()
+            return job
 
     def stop(self) -> None:
         with self._lock:
@@ -206,3 +208,10 @@ class JobManager:
         except subprocess.TimeoutExpired:
             logger.error("training run %d did not stop within %.0f s; killing it", job.process.pid, timeout)
             job.process.kill()
+
+
+def _log_end(job: TrainingJob) -> None:
+    """Log how a training run ended, once its process exits (the page shows it only while open)."""
+    code = job.process.wait()
+    log = logger.info if job.state in ("finished", "stopped") else logger.warning
+    log("training run %d %s (exit status %d); its log: %s", job.process.pid, job.state, code, job.log_path)
