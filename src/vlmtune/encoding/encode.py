@@ -401,7 +401,7 @@ class ConversationEncoder:
         Such a reply stays in the sample as context but is not supervised: trained with an
         empty think part, it would teach the model to stop reasoning.
         """
-        # A system message folded into the first user message shifts the indices by one.
+        # System messages folded into the first user message shift the indices by their number.
         message = item.conversation.messages[turn_index + len(item.conversation.messages) - len(item.messages)]
         if turn_index == len(item.messages) - 1 or not message.reasoning:
             return False
