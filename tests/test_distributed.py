@@ -83,6 +83,11 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
         assert (output / name).is_file(), name
     assert len(list((output / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert ddp.stderr.count("training on 16 samples") == 1
+    assert "training on 2 processes: a global batch of 4 = 2 per process x 1 accumulation steps x 2 processes" in ddp.stderr
+    events = [json.loads(line)["event"] for line in (output / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert events.count("train_begin") == 1  # one line per event, from rank 0
+    assert events.count("train_end") == 1
+    assert events.count("log") == 5  # four steps and the closing summary
     assert ddp.stderr.count("saved the adapter and run manifest") == 1
     assert ddp.stdout.count("adapter saved to") == 1
     assert "find_unused_parameters=True" not in ddp.stderr  # no per-step search when every parameter gets a gradient
@@ -128,7 +133,12 @@ def test_accelerate_launch_matches_one_process(tiny_model_dir, tmp_path):
                str(ddp_config)]
     ddp = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    assert ddp.stderr.count("training on 16 samples") == 1  # two processes, one of them logging
+    assert ddp.stderr.count("training on 16 samples") == 1
+    assert "training on 2 processes: a global batch of 4 = 2 per process x 1 accumulation steps x 2 processes" in ddp.stderr
+    events = [json.loads(line)["event"] for line in (output / "progress.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert events.count("train_begin") == 1  # one line per event, from rank 0
+    assert events.count("train_end") == 1
+    assert events.count("log") == 5  # four steps and the closing summary  # two processes, one of them logging
     single = subprocess.run([str(BIN / "vlmtune"), "train", str(single_config)], capture_output=True, text=True,
                             timeout=600, check=False)
     assert single.returncode == 0, single.stderr[-4000:]

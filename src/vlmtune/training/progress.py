@@ -41,6 +41,8 @@ class ProgressFileCallback(TrainerCallback):
         self.path = Path(output_dir) / PROGRESS_FILE
 
     def write(self, event: str, state: TrainerState, **fields: Any) -> None:
+        if not state.is_world_process_zero:  # under several processes, one line per event
+            return
         record = {"event": event, "step": state.global_step, "max_steps": state.max_steps, "time": time.time(), **fields}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:

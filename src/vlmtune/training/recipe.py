@@ -466,6 +466,13 @@ class LoraRecipe:
             self.folder.check_steps_left(Path(checkpoint), total_steps)
             self.folder.save_config_at_start()
             logger.info("resuming from %s", checkpoint)
+        args = self.trainer.args
+        if args.world_size > 1 and self.is_main_process:
+            logger.info(
+                "training on %d processes: a global batch of %d = %d per process x %d accumulation steps x %d processes",
+                args.world_size, args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
+            )
         started = time.time()
         try:
             result = self.trainer.train(resume_from_checkpoint=checkpoint)
