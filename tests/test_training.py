@@ -400,7 +400,7 @@ def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path):
     rows = [{"instruction": f"第{i}个问题", "input": "", "output": ANSWER} for i in range(8)]
     data_path = write_json(tmp_path / "train.json", rows)
     tree = training_tree(tiny_model_dir, data_path, tmp_path / "out", max_steps=4, save_steps=2, eval_steps=2)
-    tree["tracking"] = {"backend": "none"}
+    tree["tracking"] = {"backend": "swanlab", "swanlab_mode": "offline", "project": "vlmtune-tests"}
     tree["evaluation"] = {"generate": True, "num_data_prompts": 2, "max_new_tokens": 8}
     first = LoraRecipe(build_config(tree))
     first.setup()
@@ -415,6 +415,11 @@ def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text(encoding="utf-8"))
     assert [run["label"] for run in report] == ["base", "step 6"]
     assert [sample["answer"] for sample in report[0]["samples"]] == base_replies
+    # The manifest names both sessions' SwanLab folders, and says whose mean train_loss is.
+    manifest = json.loads((tmp_path / "out" / "run_manifest.json").read_text(encoding="utf-8"))
+    assert len(manifest["tracking_runs"]) == 2
+    assert manifest["tracking_run"] == manifest["tracking_runs"][-1]
+    assert manifest["metrics_note"] == "train_loss is transformers' mean over the last training session only"
 
 
 def test_swanlab_local_run_shows_in_dashboard(tiny_model_dir, tmp_path):

@@ -521,7 +521,11 @@ class LoraRecipe:
             **example_counts(self.data.report, self.report, self.validation_report),
             "metrics": self.metrics,
             "tracking_run": str(self.tracking.run_folder() or ""),
+            # A resumed SwanLab run writes one run folder per training session; all of them make up the run.
+            "tracking_runs": [str(run) for run in self.tracking.swanlab_runs()] if self.tracking.backend == "swanlab" else [],
         }
+        if self.resume:
+            manifest["metrics_note"] = "train_loss is transformers' mean over the last training session only"
         if self.sampling is not None and self.sampling.runs:
             write_report(self.evaluation_runs(), self.output_dir)
         write_loss_plot(self.trainer.state.log_history, self.output_dir / "loss.png")

@@ -57,8 +57,8 @@ def read_progress(path: str | Path, offset: int = 0) -> Progress:
         progress.max_steps = record.get("max_steps", progress.max_steps)
         event = record.get("event")
         logs = record.get("logs") or {}
-        if event == "train_begin":
-            progress.training_started = True
+        if event == "train_begin":  # a resumed run's new session: the flags describe the latest one
+            progress.training_started, progress.training_ended, progress.stop_requested = True, False, False
         elif event == "log" and "loss" in logs:
             progress.losses.append((progress.step, float(logs["loss"])))
         elif event == "log" and "eval_loss" in logs:
@@ -152,12 +152,19 @@ class JobManager:
         self.job: TrainingJob | None = None
 
     def start(
-        self, command: list[str], shell_command: str, output_dir: str | Path, form: Any = None, overwrite: bool = False
+        self,
+        command: list[str],
+        shell_command: str,
+        output_dir: str | Path,
+        form: Any = None,
+        overwrite: bool = False,
+        resume: bool = False,
     ) -> TrainingJob:
         """Start the command with its output in OUTPUT_DIR/train.log; fail when a run is active.
 
         With overwrite (the command replaces an earlier run), the earlier run's progress.jsonl goes first,
-        so the page shows only the new run's progress.
+        so the page shows only the new run's progress. With resume, the file's earlier sessions are the
+        same run's, so the page shows them too.
         """
         with self._lock:
             if self.job is not None and self.job.return_code is None:
@@ -169,7 +176,7 @@ class JobManager:
             progress_path = folder / PROGRESS_FILE
             if overwrite:
                 progress_path.unlink(missing_ok=True)
-            offset = progress_path.stat().st_size if progress_path.is_file() else 0
+            offset = progress_path.stat().st_size if progress_path.is_file() and not resume else 0
             log = open(folder / LOG_FILE_NAME, "a", encoding="utf-8")
             log.write(f"\n$ {shell_command}\n")
             log.flush()

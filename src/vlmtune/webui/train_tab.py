@@ -266,7 +266,9 @@ class TrainTab:
         config_path = write_run_config(config)
         command = train_command(config_path, overwrite=overwrite, resume=resume)
         typed_command = shell_command(command)
-        self.jobs.start(command, typed_command, config.train.output_dir, form=list(form_values), overwrite=overwrite)
+        self.jobs.start(
+            command, typed_command, config.train.output_dir, form=list(form_values), overwrite=overwrite, resume=resume
+        )
         return f"{'Resumed' if resume else 'Started'}; the config is {config_path}.", typed_command
 
     def stop_run(self) -> str:
