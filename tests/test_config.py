@@ -111,7 +111,7 @@ def test_full_width_colon_is_named(tmp_path):
         load_config(write(tmp_path, text))
     assert "line 8 has the full-width '：' (write ':'): r：16" in str(caught.value)
 
-    # The only key of a section: YAML reads the line as text, and the section's error says why.
+    # The only key of a section: YAML reads the line as text, and the section's error explains why.
     with pytest.raises(ConfigError, match="the full-width '：' in it reads as text, so write ':' after a key"):
         load_config(write(tmp_path, MINIMAL + "train:\n  max_steps： 20\n"))
     with pytest.raises(ConfigError, match="write '=' where the full-width '：' is"):

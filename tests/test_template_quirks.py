@@ -143,8 +143,11 @@ def test_conversation_the_template_rejects_is_named(gemma_dir):
     assert [type(result).__name__ for result in results] == ["EncodedSample", "DataError", "EncodedSample"]
     assert str(results[1]).startswith("data.json, record 2 (line 5): the chat template rejects this conversation")
     assert "Conversation roles must alternate" in str(results[1])
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=4))
     with pytest.raises(DataError, match="record 2 .*roles must alternate"):
-        Generator(loaded, GenerationSettings(max_new_tokens=4)).prepare_inputs(two_users)
+        generator.prepare_inputs(two_users)
+    with pytest.raises(DataError, match="record 2 .*roles must alternate"):
+        generator.generate_batch([good, two_users])
 
 
 def test_system_message_moved_by_the_template_is_folded(gemma_dir):

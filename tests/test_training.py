@@ -415,7 +415,7 @@ def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path):
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text(encoding="utf-8"))
     assert [run["label"] for run in report] == ["base", "step 6"]
     assert [sample["answer"] for sample in report[0]["samples"]] == base_replies
-    # The manifest names both sessions' SwanLab folders, and says whose mean train_loss is.
+    # The manifest names both sessions' SwanLab folders, and states whose mean train_loss is.
     manifest = json.loads((tmp_path / "out" / "run_manifest.json").read_text(encoding="utf-8"))
     assert len(manifest["tracking_runs"]) == 2
     assert manifest["tracking_run"] == manifest["tracking_runs"][-1]

@@ -332,7 +332,7 @@ def test_job_stops_and_resumes(tiny_model_dir, tmp_path, caplog):
     assert resumed.progress().step == stopped_at + 2
     assert resumed.progress().losses[: len(progress.losses)] == progress.losses  # the chart keeps the first session
     assert not resumed.progress().stop_requested  # that flag was the first session's
-    # The server log says how each run ended, from a thread that waits for the process.
+    # The server log records how each run ended, from a thread that waits for the process.
     deadline = time.time() + 10
     while f"training run {resumed.process.pid} finished" not in caplog.text and time.time() < deadline:
         time.sleep(0.1)

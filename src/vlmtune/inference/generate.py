@@ -14,6 +14,7 @@ from vlmtune.config import GenerationSettings
 from vlmtune.data.conversation import Conversation
 from vlmtune.encoding.encode import ConversationEncoder
 from vlmtune.encoding.thinking import THINK_ANSWER_TOKENS, ParsedReply, split_reply
+from vlmtune.errors import DataError
 from vlmtune.model.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -209,17 +210,19 @@ class Generator:
     def generate_batch(self, conversations: list[Conversation], max_new_tokens: int | None = None) -> list[Reply]:
         """Generate replies for several conversations at once, left-padded."""
         messages = [self.encoder.template_messages(conversation, with_images=True) for conversation in conversations]
-        for conversation, conversation_messages in zip(conversations, messages):
-            # A template error then names the conversation, which one call for the batch cannot.
-            self.encoder.render(conversation_messages, add_generation_prompt=True, source=conversation.source)
         padding_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         # A processor takes the padding setting for its tokenizer call; a text-only model's tokenizer takes it directly.
         padding = {"padding": True} if self.processor is self.tokenizer else {"processor_kwargs": {"padding": True}}
         try:
-            inputs = self.processor.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", **padding
+            inputs = self.encoder.apply_template(
+                messages, "", tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", **padding
             )
+        except DataError:
+            # The template rejects some conversation. Rendering them one at a time names the first such.
+            for conversation, conversation_messages in zip(conversations, messages):
+                self.encoder.render(conversation_messages, add_generation_prompt=True, source=conversation.source)
+            raise
         finally:
             self.tokenizer.padding_side = padding_side
         inputs = {key: value.to(self.model.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
