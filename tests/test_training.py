@@ -98,6 +98,19 @@ def test_padded_batches_leave_out_attention_mask(run):
     assert "attention_mask" not in recipe.collator(recipe.report.samples[:2])
 
 
+def test_training_batches_build_no_kv_cache(run):
+    """A training forward pass must not fill a KV cache (a copy of every layer's keys and values)."""
+    recipe = run["recipe"]
+    model = recipe.loaded.model
+    batch = recipe.collator(recipe.report.samples[:2])
+    batch.pop("labels")  # logits are kept at supervised positions only; the trainer's loss matches them
+    model.train()
+    outputs = model(**batch)
+    assert outputs.past_key_values is None
+    del batch["use_cache"]
+    assert model(**batch).past_key_values is not None  # the model's config would build one
+
+
 def test_output_folder_contents(run):
     output_dir = run["recipe"].output_dir
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "run_manifest.json",

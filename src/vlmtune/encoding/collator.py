@@ -116,6 +116,10 @@ class ChatCollator:
     def __call__(self, samples: list[EncodedSample | dict]) -> dict[str, Any]:
         samples = [item["sample"] if isinstance(item, dict) else item for item in samples]
         batch = self._padding_free(samples) if self.positions is not None else self._padded(samples)
+        # Without it the model fills a KV cache in every training forward pass: a copy of each
+        # layer's keys and values that nothing reads. For padding-free batches it also matters for
+        # the mask: transformers builds the per-sample mask from position ids only without a cache.
+        batch["use_cache"] = False
         if self.supervised_logits_only:
             batch["logits_to_keep"] = supervised_positions(batch["labels"])
         with_images = [sample for sample in samples if sample.pixel_values is not None]
@@ -137,8 +141,6 @@ class ChatCollator:
             "input_ids": torch.tensor([[token for sample in samples for token in sample.input_ids]]),
             "labels": torch.tensor([labels]),
             "position_ids": positions.unsqueeze(1) if positions.shape[0] > 1 else positions,
-            # transformers builds the per-sample mask from position ids only when no KV cache is passed.
-            "use_cache": False,
         }
         if any(sample.mm_token_type_ids is not None for sample in samples):
             batch["mm_token_type_ids"] = torch.tensor(
