@@ -98,12 +98,12 @@ def test_padded_batches_leave_out_attention_mask(run):
     assert "attention_mask" not in recipe.collator(recipe.report.samples[:2])
 
 
-def test_training_batches_build_no_kv_cache(run):
-    """A training forward pass must not fill a KV cache (a copy of every layer's keys and values)."""
+def test_training_batch_skips_kv_cache(run):
+    """A training forward pass must not fill a KV cache, a copy of every layer's keys and values."""
     recipe = run["recipe"]
     model = recipe.loaded.model
     batch = recipe.collator(recipe.report.samples[:2])
-    batch.pop("labels")  # logits are kept at supervised positions only; the trainer's loss matches them
+    batch.pop("labels")  # the model's own loss cannot read logits kept at supervised positions only
     model.train()
     outputs = model(**batch)
     assert outputs.past_key_values is None

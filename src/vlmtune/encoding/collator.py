@@ -116,9 +116,8 @@ class ChatCollator:
     def __call__(self, samples: list[EncodedSample | dict]) -> dict[str, Any]:
         samples = [item["sample"] if isinstance(item, dict) else item for item in samples]
         batch = self._padding_free(samples) if self.positions is not None else self._padded(samples)
-        # Without it the model fills a KV cache in every training forward pass: a copy of each
-        # layer's keys and values that nothing reads. For padding-free batches it also matters for
-        # the mask: transformers builds the per-sample mask from position ids only without a cache.
+        # Otherwise each forward pass copies every layer's keys and values into an unused KV cache, and
+        # transformers builds a padding-free batch's per-sample mask from position ids only without one.
         batch["use_cache"] = False
         if self.supervised_logits_only:
             batch["logits_to_keep"] = supervised_positions(batch["labels"])
