@@ -160,8 +160,58 @@ def test_qlora_fits_24_gib_where_bf16_does_not():
     assert qlora.estimate.fits is True
     assert bf16.estimate.total > qlora.estimate.total + 5 * GIB
     assert bf16.estimate.fits is False
-    assert bf16.lever is not None
-    assert "quantization.bits=4" in bf16.lever[0]
+    assert len(bf16.levers) == 1
+    assert "quantization.bits=4" in bf16.levers[0].label
+    assert bf16.levers[0].estimate.total == qlora.estimate.total
+
+
+def render(report) -> str:
+    from rich.console import Console
+
+    from vlmtune.model.estimate_report import estimate_table
+
+    console = Console(width=400, record=True)
+    console.print(estimate_table(report))
+    return console.export_text()
+
+
+def test_levers_chain_until_run_fits():
+    common = {"train": {"per_device_train_batch_size": 4, "gradient_checkpointing": True}}
+    report = run_estimate(run_config(GLM_9B, **common), gpu_gib=12)
+    totals = [lever.estimate.total for lever in report.levers]
+    assert len(report.levers) >= 2
+    assert totals == sorted(totals, reverse=True)
+    assert report.levers[-1].estimate.fits is True
+    assert all(lever.estimate.fits is False for lever in report.levers[:-1])
+    # Each change is applied on top of the ones before it.
+    last = report.levers[-1].config
+    assert last.quantization.bits == 4
+    assert last.train.per_device_train_batch_size < 4
+    text = render(report)
+    assert "one change is not enough; apply these in order:" in text
+    assert f"with these {len(report.levers)} changes the run fits on a 12 GiB GPU" in text
+
+
+def test_levers_say_when_nothing_fits(tmp_path):
+    from vlmtune.model.estimate_report import write_estimate_json
+
+    report = run_estimate(run_config(GLM_9B, train={"gradient_checkpointing": True}), gpu_gib=8)
+    assert report.levers
+    smallest = report.levers[-1].estimate
+    assert smallest.fits is False
+    text = render(report)
+    assert f"even with all of them it needs {smallest.total / GIB:.2f} GiB, more than 8 GiB" in text
+    assert "DeepSpeed ZeRO-3 (examples/deepspeed/zero3.json)" in text
+    write_estimate_json(report, tmp_path / "estimate.json")
+    written = json.loads((tmp_path / "estimate.json").read_text(encoding="utf-8"))
+    assert [lever["change"] for lever in written["levers"]] == [lever.label for lever in report.levers]
+    assert written["levers"][-1]["total_bytes"] == smallest.total
+
+    zero3 = run_estimate(
+        run_config(GLM_9B, train={"gradient_checkpointing": True, "deepspeed": "examples/deepspeed/zero3.json"}), gpu_gib=8
+    )
+    assert zero3.zero3 is True
+    assert "ZeRO-3 (examples" not in render(zero3)
 
 
 @pytest.mark.parametrize(
@@ -292,7 +342,7 @@ def test_deepspeed_run_states_ddp_assumption():
     report = run_estimate(run_config(GLM_9B, train=train), gpu_gib=80)
     assert any("ZeRO-3" in line for line in report.assumptions)
     assert report.estimate.fits is True
-    assert report.lever is None
+    assert report.levers == []
 
 
 @pytest.mark.parametrize("count, text", [(9_410_000_000, "9.41B"), (4_234_000, "4.23M"), (120_000, "120K"), (999, "999")])

@@ -466,7 +466,7 @@ def estimate(
     report = run_estimate(run_config, images_per_sample=images, device=device, gpu_gib=gpu_gib)
     console.print(estimate_table(report))
     if json_path is not None:
-        write_estimate_json(report.estimate, json_path)
+        write_estimate_json(report, json_path)
         console.print(f"estimate written to {json_path}", soft_wrap=True)
 
 

@@ -1,10 +1,11 @@
-"""The `vlmtune estimate` report: the workload a config implies, the fit verdict and the biggest lever."""
+"""The `vlmtune estimate` report: the workload a config implies, the fit verdict and the setting changes that make a run fit."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,8 @@ def with_change(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
     return config.model_copy(update=updates)
 
 
-def suggest_lever(
-    config: RunConfig, model_config: PretrainedConfig, workload: Workload, estimate: MemoryEstimate
-) -> tuple[str, MemoryEstimate] | None:
-    """Find the single setting change that lowers the estimate most; None when nothing helps."""
+def _lever_candidates(config: RunConfig, workload: Workload) -> list[tuple[str, RunConfig, Workload]]:
+    """List the setting changes that can lower a run's memory, each with the config and workload it gives."""
     candidates: list[tuple[str, RunConfig, Workload]] = []
     if config.train.gradient_checkpointing is not True:
         candidates.append(("train.gradient_checkpointing=true", with_change(config, train={"gradient_checkpointing": True}), workload))
@@ -41,15 +40,50 @@ def suggest_lever(
         candidates.append(("train.optim=paged_adamw_8bit", with_change(config, train={"optim": "paged_adamw_8bit"}), workload))
     if workload.sequence_length > 256:
         shorter = workload.sequence_length // 2
-        candidates.append((f"data.max_length={shorter}", with_change(config, data={"max_length": shorter}),
+        candidates.append((f"data.max_length={shorter} (longer samples are trimmed or dropped, see data.on_overlength)", with_change(config, data={"max_length": shorter}),
                            replace(workload, sequence_length=shorter)))
-    best: tuple[str, MemoryEstimate] | None = None
-    for label, changed_config, changed_workload in candidates:
-        gib = estimate.gpu_bytes / GIB if estimate.gpu_bytes else None
+    return candidates
+
+
+@dataclass
+class Lever:
+    """One setting change of a memory plan and the estimate after it (and after the changes before it)."""
+
+    label: str
+    estimate: MemoryEstimate
+    config: RunConfig
+    workload: Workload
+
+
+def suggest_lever(
+    config: RunConfig, model_config: PretrainedConfig, workload: Workload, estimate: MemoryEstimate
+) -> Lever | None:
+    """Find the single setting change that lowers the estimate most; None when nothing helps."""
+    best: Lever | None = None
+    gib = estimate.gpu_bytes / GIB if estimate.gpu_bytes else None
+    for label, changed_config, changed_workload in _lever_candidates(config, workload):
         result = estimate_memory(changed_config, model_config, changed_workload, device=estimate.device, gpu_gib=gib)
-        if result.total < estimate.total and (best is None or result.total < best[1].total):
-            best = (label, result)
+        if result.total < estimate.total and (best is None or result.total < best.estimate.total):
+            best = Lever(label, result, changed_config, changed_workload)
     return best
+
+
+def plan_levers(
+    config: RunConfig, model_config: PretrainedConfig, workload: Workload, estimate: MemoryEstimate
+) -> list[Lever]:
+    """Return setting changes to apply in order, each the biggest lever left, until the run fits or none helps.
+
+    An empty list means no change lowers the estimate. When the last lever's estimate still
+    does not fit, that estimate is the least memory these settings can reach.
+    """
+    plan: list[Lever] = []
+    while estimate.fits is False:
+        lever = suggest_lever(config, model_config, workload, estimate)
+        if lever is None:
+            break
+        plan.append(lever)
+        config, workload, estimate = lever.config, lever.workload, lever.estimate
+    return plan
 
 
 def estimate_as_dict(estimate: MemoryEstimate) -> dict[str, Any]:
@@ -61,19 +95,27 @@ def estimate_as_dict(estimate: MemoryEstimate) -> dict[str, Any]:
     }
 
 
-def write_estimate_json(estimate: MemoryEstimate, path: Path) -> None:
-    path.write_text(json.dumps(estimate_as_dict(estimate), indent=2), encoding="utf-8")
+def write_estimate_json(report: EstimateReport, path: Path) -> None:
+    """Write the estimate, and the setting changes to apply in order when it does not fit."""
+    tree = estimate_as_dict(report.estimate)
+    tree["levers"] = [
+        {"change": lever.label, "total_bytes": lever.estimate.total, "fits": lever.estimate.fits} for lever in report.levers
+    ]
+    path.write_text(json.dumps(tree, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 @dataclass
 class EstimateReport:
-    """An estimate with the workload it assumed and the lever to pull when it does not fit."""
+    """An estimate with the workload it assumed and the setting changes to apply when it does not fit."""
 
     estimate: MemoryEstimate
     workload: Workload
     model_name: str
     assumptions: list[str]
-    lever: tuple[str, MemoryEstimate] | None = None
+    levers: list[Lever] = field(default_factory=list)
+    """The setting changes to apply, in order, when the run does not fit (see plan_levers)."""
+    zero3: bool = False
+    """The run already shards its weights with DeepSpeed ZeRO-3."""
 
 
 def run_estimate(config: RunConfig, *, images_per_sample: int = 1, device: str = "cuda", gpu_gib: float | None = 24.0) -> EstimateReport:
@@ -110,10 +152,22 @@ def run_estimate(config: RunConfig, *, images_per_sample: int = 1, device: str =
         image_pixels=pixels,
     )
     estimate = estimate_memory(config, model_config, workload, device=device, gpu_gib=gpu_gib)
-    report = EstimateReport(estimate, workload, config.model.name_or_path, assumptions)
+    report = EstimateReport(estimate, workload, config.model.name_or_path, assumptions, zero3=_zero_stage(config) == 3)
     if estimate.fits is False:
-        report.lever = suggest_lever(config, model_config, workload, estimate)
+        report.levers = plan_levers(config, model_config, workload, estimate)
     return report
+
+
+def _zero_stage(config: RunConfig) -> int | None:
+    """Return the ZeRO stage of the run's DeepSpeed file, or None without one (or without a readable stage)."""
+    if not config.train.deepspeed:
+        return None
+    try:
+        tree = json.loads(Path(config.train.deepspeed).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    stage = (tree.get("zero_optimization") or {}).get("stage") if isinstance(tree, dict) else None
+    return stage if isinstance(stage, int) else None
 
 
 def _processor_max_pixels(name_or_path: str) -> int | None:
@@ -157,13 +211,35 @@ def estimate_table(report: EstimateReport):
         lines.append(Text(f"fits on a {estimate.gpu_bytes / GIB:g} GiB GPU: {verdict}", style="green" if estimate.fits else "red"))
     elif estimate.device == "cpu":
         lines.append(Text(_cpu_memory_line(estimate.total)))
-    if report.lever is not None:
-        label, changed = report.lever
-        fits = "fits" if changed.fits else "still does not fit"
-        lines.append(Text(f"biggest lever: {label} -> {changed.total / GIB:.2f} GiB ({fits})"))
-    elif estimate.fits is False:
-        lines.append(Text("no single setting change lowers the estimate; use a GPU with more memory"))
+    if estimate.fits is False:
+        lines.extend(Text(line) for line in lever_lines(report.levers, estimate.gpu_bytes, sharded=report.zero3))
     return Group(table, *lines)
+
+
+def lever_lines(levers: list[Lever], gpu_bytes: int, sharded: bool = False) -> list[str]:
+    """Describe a plan of setting changes: what to change, in which order, and whether the run then fits.
+
+    `sharded`: the run already shards its weights with ZeRO-3, so the lines do not suggest it.
+    """
+    gpu = f"{gpu_bytes / GIB:g} GiB"
+    sharding = "" if sharded else ", or shard the weights over several GPUs with DeepSpeed ZeRO-3 (examples/deepspeed/zero3.json)"
+    if not levers:
+        return [f"no setting change lowers the estimate: use a GPU with more than {gpu}{sharding}"]
+    first = levers[0]
+    if len(levers) == 1 and first.estimate.fits:
+        return [f"biggest lever: {first.label} -> {first.estimate.total / GIB:.2f} GiB (fits)"]
+    lines = ["one change is not enough; apply these in order:"]
+    for number, lever in enumerate(levers, start=1):
+        lines.append(f"  {number}. {lever.label} -> {lever.estimate.total / GIB:.2f} GiB")
+    last = levers[-1].estimate
+    if last.fits:
+        lines.append(f"with these {len(levers)} changes the run fits on a {gpu} GPU")
+    else:
+        lines.append(
+            f"even with all of them it needs {last.total / GIB:.2f} GiB, more than {gpu}: use a GPU with at least "
+            f"{math.ceil(last.total / GIB * 10) / 10:g} GiB{sharding}"
+        )
+    return lines
 
 
 def _cpu_memory_line(total: int) -> str:
