@@ -106,6 +106,28 @@ def test_missing_dataset_named_in_message(tiny_model_dir, tmp_path):
     assert "upload" in str(error.value)
 
 
+def test_wrong_model_paths_rejected_before_run(tiny_model_dir, tmp_path, monkeypatch):
+    preset = write_preset(tmp_path / "presets", tiny_model_dir)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "outputs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        str(tmp_path / "nowhere"): f"base model: local folder not found: {tmp_path / 'nowhere'}",
+        "outputs/tiny-glm4vv": f"base model: local folder not found: {tmp_path / 'outputs' / 'tiny-glm4vv'}",
+        str(adapter): "is a LoRA adapter folder",
+        str(PERSONA_DATA): "is a file; give the model's folder",
+    }
+    for model, expected in cases.items():
+        with pytest.raises(ConfigError) as error:
+            build_run_config(make_form(preset, model, tmp_path / "run"))
+        assert expected in str(error.value), model
+    # A hub id is left to the run, which downloads it.
+    config = build_run_config(make_form(preset, "zai-org/GLM-4.1V-9B-Thinking", tmp_path / "run"))
+    assert config.model.name_or_path == "zai-org/GLM-4.1V-9B-Thinking"
+
+
 def test_empty_fields_reported_together(tiny_model_dir, tmp_path):
     preset = write_preset(tmp_path / "presets", tiny_model_dir)
     form = TrainForm(dataset="", model="", output_dir="", preset=str(preset))

@@ -35,6 +35,21 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1
 
 
+def check_model_folder(path: Path, key: str, not_found_hint: str) -> None:
+    """Raise ModelError, naming `key`, unless `path` is a folder with config.json (a file or an adapter folder is named as such)."""
+    if path.is_file():
+        raise ModelError(f"{key}: {path} is a file; give the model's folder (the one holding config.json)")
+    if not path.is_dir():
+        raise ModelError(f"{key}: local folder not found: {path}. {not_found_hint}")
+    if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ModelError(
+                f"{key}: {path} is a LoRA adapter folder (it has adapter_config.json, no config.json); "
+                "give the base model here and the adapter with --adapter"
+            )
+        raise ModelError(f"{key}: {path} has no config.json, so it is not a model folder")
+
+
 def resolve_model_path(settings: ModelSettings) -> Path:
     """Return a local folder holding the model, downloading it from the chosen hub if needed.
 
@@ -48,22 +63,11 @@ def resolve_model_path(settings: ModelSettings) -> Path:
     if hub == "local":
         # Absolute, so adapters record a base model path that works from any folder.
         path = Path(name).expanduser().resolve()
-        if path.is_file():
-            raise ModelError(
-                f"model.name_or_path: {path} is a file; give the model's folder (the one holding config.json)"
-            )
-        if not path.is_dir():
-            raise ModelError(
-                f"model.name_or_path: local folder not found: {path}. Build the tiny model with "
-                "`vlmtune tiny-model PATH`, or set model.hub to modelscope or huggingface for a hub id"
-            )
-        if not (path / "config.json").is_file():
-            if (path / "adapter_config.json").is_file():
-                raise ModelError(
-                    f"model.name_or_path: {path} is a LoRA adapter folder (it has adapter_config.json, no config.json); "
-                    "give the base model here and the adapter with --adapter"
-                )
-            raise ModelError(f"model.name_or_path: {path} has no config.json, so it is not a model folder")
+        check_model_folder(
+            path,
+            "model.name_or_path",
+            "Build the tiny model with `vlmtune tiny-model PATH`, or set model.hub to modelscope or huggingface for a hub id",
+        )
         return path
 
     logger.info("downloading %s from %s (revision %s)", name, hub, settings.revision or "default")

@@ -23,7 +23,8 @@ from vlmtune.config import (
 from vlmtune.data.loading import load_conversations
 from vlmtune.encoding import ConversationEncoder, encode_with_policy
 from vlmtune.encoding.inspect import SegmentKind, SelfCheck, check_sample, sample_segments
-from vlmtune.errors import ConfigError
+from vlmtune.errors import ConfigError, ModelError
+from vlmtune.model.hub import check_model_folder, looks_like_path
 from vlmtune.model.loading import load_processor_and_stop_ids
 
 logger = logging.getLogger(__name__)
@@ -87,9 +88,29 @@ def _check_form(form: TrainForm) -> list[str]:
         problems.append(f"dataset: file not found: {form.dataset}. Check the path or upload the file")
     if not form.model.strip():
         problems.append("base model: empty. Enter a local model folder, a ModelScope id or a Hugging Face id")
+    elif (problem := _local_model_problem(form.model.strip())) is not None:
+        problems.append(problem)
     if not form.output_dir.strip():
         problems.append("output folder: empty. Enter a folder for the adapter and checkpoints, e.g. outputs/my-run")
     return problems
+
+
+def _local_model_problem(name: str) -> str | None:
+    """Return what is wrong with a base model that names a local folder, or None, so a wrong path fails before the run.
+
+    A name is taken as local when it exists, can only be a path, or is `FOLDER/NAME` with FOLDER
+    an existing folder here (for example outputs/tiny-glm4v with a typo). Hub ids are checked
+    by the run, which downloads them.
+    """
+    path = Path(name).expanduser()
+    is_local = path.exists() or looks_like_path(name) or (len(path.parts) == 2 and Path(path.parts[0]).is_dir())
+    if not is_local:
+        return None
+    try:
+        check_model_folder(path.resolve(), "base model", "Check the path, or enter a ModelScope or Hugging Face id")
+    except ModelError as error:
+        return str(error)
+    return None
 
 
 def preset_form_values(preset: str) -> list[Any]:
