@@ -97,7 +97,7 @@ class TrainTab:
         with gr.Row():
             with gr.Column():
                 self.dataset = gr.Textbox(label=t("dataset"), elem_id="train-dataset")
-                self.upload = gr.File(label=t("upload_dataset"), file_types=[".json", ".jsonl", ".csv", ".parquet"], height=90)
+                self.upload = gr.File(label=t("upload_dataset"), file_types=[".json", ".jsonl", ".csv", ".parquet"], height=140)
                 self.model_box = gr.Textbox(label=t("base_model"), value=self.model, elem_id="train-model")
                 self.output_dir = gr.Textbox(
                     label=t("output_dir"), value=str(Path(self.outputs_dir) / "webui-run"), elem_id="train-output"
@@ -134,7 +134,7 @@ class TrainTab:
         self.command = gr.Textbox(label=t("command"), interactive=False, elem_id="train-command")
         self.progress = gr.HTML(progress_html(0, 0, "idle"), label=t("progress"))
         self.loss_plot = gr.LinePlot(
-            loss_frame([], []), x="step", y="loss", color="series", label=t("loss"), height=260, elem_id="train-loss"
+            loss_frame([], []), x="step", y="loss", color="series", label=t("loss"), elem_id="train-loss"
         )
         self.log = gr.Textbox(label=t("log"), lines=12, max_lines=12, autoscroll=True, interactive=False, elem_id="train-log")
         self.timer = gr.Timer(1.0)
