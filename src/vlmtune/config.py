@@ -58,13 +58,29 @@ class ModelSettings(_Section):
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. Off unless you trust it.")
 
 
+DATASET_HUB_PREFIXES = {"modelscope:": "modelscope", "huggingface:": "huggingface"}
+"""Prefixes of a dataset path that name a hub: `modelscope:namespace/name`."""
+
+
 class DatasetSpec(_Section):
-    """One dataset file or folder and how to read it."""
+    """One dataset file or folder, local or on a hub, and how to read it."""
 
     path: str = Field(
         description="A .json (array), .jsonl, .csv or .parquet file, a folder of them, or a save_to_disk "
-        "folder; relative to the working folder or the config file."
+        "folder; relative to the working folder or the config file. With a hub: the dataset id, "
+        "e.g. modelscope:namespace/name."
     )
+    hub: Literal["local", "modelscope", "huggingface"] = Field(
+        "local",
+        description="Where the dataset is: a local path, or a dataset repository on ModelScope or the Hugging Face "
+        "Hub, downloaded into the hub client's cache. A path that starts with modelscope: or huggingface: sets it.",
+    )
+    files: list[str] = Field(
+        default_factory=list,
+        description="With a hub: the files of the repository to download, as glob patterns (train/*.jsonl). "
+        "Empty: all of them, which must then contain exactly one dataset file.",
+    )
+    revision: str | None = Field(None, description="With a hub: branch, tag or commit. None: the default branch.")
     layout: Literal["auto", "alpaca", "sharegpt", "messages", "query_response"] = Field(
         "auto", description="auto: detected from the first example's keys."
     )
@@ -77,12 +93,42 @@ class DatasetSpec(_Section):
     )
     split: str | None = Field(None, description="Split of a save_to_disk DatasetDict. None: train.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_hub_prefix(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("path"), str) and "hub" not in value:
+            for prefix, hub in DATASET_HUB_PREFIXES.items():
+                if value["path"].startswith(prefix):
+                    return {**value, "path": value["path"].removeprefix(prefix), "hub": hub}
+        return value
+
+    @model_validator(mode="after")
+    def _check_hub_fields(self) -> DatasetSpec:
+        if self.hub == "local":
+            if self.files or self.revision is not None:
+                raise ValueError(
+                    "files and revision apply to hub datasets only; set hub: modelscope or huggingface, or remove them"
+                )
+            return self
+        if self.path.count("/") != 1 or self.path.startswith("/") or self.path.endswith("/"):
+            raise ValueError(
+                f"{self.hub} dataset id {self.path!r} is not of the form namespace/name; copy it from the dataset's page"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """The path as the user wrote it, with the hub prefix for a hub dataset."""
+        return self.path if self.hub == "local" else f"{self.hub}:{self.path}"
+
 
 class DataSettings(_Section):
     """Training files and the rules that turn their conversations into encoded samples."""
 
     train: list[DatasetSpec] = Field(
-        min_length=1, description="Training datasets: a list of paths, or of {path, layout, columns, ratio} entries."
+        min_length=1,
+        description="Training datasets: a list of paths (modelscope:ID or huggingface:ID for a hub dataset), "
+        "or of {path, hub, files, layout, columns, ratio} entries.",
     )
     validation: list[DatasetSpec] = Field(
         default_factory=list, description="Validation datasets. Empty: hold out val_size of the training data."
@@ -593,7 +639,8 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     config = build_config(tree, source=source, lines=lines)
     for field, specs in (("data.train", config.data.train), ("data.validation", config.data.validation)):
         for index, spec in enumerate(specs):
-            spec.path = _find_beside_config(spec.path, config_path, f"{field}[{index}].path: dataset", Path.exists)
+            if spec.hub == "local":
+                spec.path = _find_beside_config(spec.path, config_path, f"{field}[{index}].path: dataset", Path.exists)
     if config.train.deepspeed is not None:
         config.train.deepspeed = _find_beside_config(
             config.train.deepspeed,
@@ -662,7 +709,8 @@ def portable_config_dict(config: RunConfig) -> dict[str, Any]:
 
     for section in ("train", "validation"):
         for spec in tree["data"][section]:
-            spec["path"] = absolute(spec["path"])
+            if spec["hub"] == "local":
+                spec["path"] = absolute(spec["path"])
     tree["train"]["deepspeed"] = absolute(tree["train"]["deepspeed"])
     if tree["model"]["hub"] in ("auto", "local"):
         tree["model"]["name_or_path"] = absolute(tree["model"]["name_or_path"], Path.is_dir)

@@ -17,7 +17,8 @@ from vlmtune.data.alpaca import (
 )
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.messages import looks_like_messages, messages_to_conversation
-from vlmtune.data.records import ReadProblem, Record, dataset_files, iter_records
+from vlmtune.data.hub import spec_files
+from vlmtune.data.records import ReadProblem, Record, iter_records
 from vlmtune.data.sharegpt import looks_like_sharegpt, sharegpt_to_conversation
 from vlmtune.data.validate import check_conversation, conversation_key
 from vlmtune.errors import DataError
@@ -185,7 +186,7 @@ def load_dataset_file(
     """
     report = report if report is not None else SkipReport()
     conversations = []
-    for path in dataset_files(spec.path):
+    for path in spec_files(spec):
         conversations.extend(_read_one_file(spec, path, default_system, on_invalid, report, prompts_only))
     return conversations
 
@@ -229,7 +230,7 @@ def _load_specs(specs: list[DatasetSpec], settings: DataSettings, report: SkipRe
         read = _drop_duplicates(load_dataset_file(spec, settings.system_prompt, settings.on_invalid, report), settings.dedup, report)
         if spec.ratio != 1.0:
             sampled = _sample(read, spec.ratio, rng)
-            logger.info("using %d examples from %s (%d examples x ratio %g)", len(sampled), spec.path, len(read), spec.ratio)
+            logger.info("using %d examples from %s (%d examples x ratio %g)", len(sampled), spec.label, len(read), spec.ratio)
             read = sampled
         conversations.extend(read)
     return conversations

@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
-from vlmtune.config import RunConfig, portable_config_dict, save_config
+from vlmtune.config import DatasetSpec, RunConfig, portable_config_dict, save_config
+from vlmtune.data.hub import hub_dataset_files
 from vlmtune.errors import ConfigError
 from vlmtune.outputs import MODEL_CARD, PROGRESS_FILE, earlier_run_files
 
@@ -212,12 +213,15 @@ def dataset_hashes(config: RunConfig) -> list[dict[str, str]]:
     return [
         {"path": str(path), "sha256": _file_sha256(path)}
         for spec in [*config.data.train, *config.data.validation]
-        for path in _dataset_paths(spec.path)
+        for path in _dataset_paths(spec)
     ]
 
 
-def _dataset_paths(path: str) -> list[Path]:
-    root = Path(path)
+def _dataset_paths(spec: DatasetSpec) -> list[Path]:
+    """List every file of a local dataset path (a saved dataset's too), or the files read from a hub dataset."""
+    if spec.hub != "local":
+        return hub_dataset_files(spec)
+    root = Path(spec.path)
     return sorted(child for child in root.rglob("*") if child.is_file()) if root.is_dir() else [root]
 
 
