@@ -106,6 +106,13 @@ def test_missing_dataset_named_in_message(tiny_model_dir, tmp_path):
     assert "upload" in str(error.value)
 
 
+def test_hub_dataset_passes_through(tiny_model_dir, tmp_path):
+    preset = write_preset(tmp_path / "presets", tiny_model_dir)
+    form = make_form(preset, tiny_model_dir, tmp_path / "run", dataset="modelscope:himzhzx/muice-dataset-train.catgirl")
+    [spec] = build_run_config(form).data.train
+    assert (spec.hub, spec.path) == ("modelscope", "himzhzx/muice-dataset-train.catgirl")
+
+
 def test_wrong_model_paths_rejected_before_run(tiny_model_dir, tmp_path, monkeypatch):
     preset = write_preset(tmp_path / "presets", tiny_model_dir)
     adapter = tmp_path / "adapter"

@@ -12,6 +12,7 @@ from typing import Any
 
 
 from vlmtune.config import (
+    DATASET_HUB_PREFIXES,
     DataSettings,
     LoraSettings,
     RunConfig,
@@ -80,12 +81,19 @@ def _absolute_if_exists(value: str, *folders: Path) -> str:
     return value
 
 
+def _is_hub_dataset(dataset: str) -> bool:
+    return dataset.startswith(tuple(DATASET_HUB_PREFIXES))
+
+
 def _check_form(form: TrainForm) -> list[str]:
     problems = []
     if not form.dataset.strip():
         problems.append("dataset: no file chosen. Enter the path of a dataset file or upload one")
-    elif not Path(form.dataset).exists():
-        problems.append(f"dataset: file not found: {form.dataset}. Check the path or upload the file")
+    elif not _is_hub_dataset(form.dataset) and not Path(form.dataset).exists():
+        problems.append(
+            f"dataset: file not found: {form.dataset}. Check the path, upload the file, or enter a hub dataset as "
+            "modelscope:namespace/name"
+        )
     if not form.model.strip():
         problems.append("base model: empty. Enter a local model folder, a ModelScope id or a Hugging Face id")
     elif (problem := _local_model_problem(form.model.strip())) is not None:
@@ -156,7 +164,7 @@ def build_run_config(form: TrainForm) -> RunConfig:
         model["hub"] = "auto"
 
     data = tree.setdefault("data", {})
-    data["train"] = [str(Path(form.dataset).resolve())]
+    data["train"] = [form.dataset if _is_hub_dataset(form.dataset) else str(Path(form.dataset).resolve())]
     data.pop("validation", None)
     data["max_length"] = form.max_length
     data["thinking"] = form.thinking

@@ -33,7 +33,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "regenerate": ("Regenerate", "重新生成"),
     "undo": ("Undo last turn", "撤销上一轮"),
     "clear": ("Clear", "清空"),
-    "dataset": ("Dataset file (path on the server)", "数据集文件（服务器上的路径）"),
+    "dataset": ("Dataset file (path on the server, or modelscope:ID)", "数据集文件（服务器上的路径，或 modelscope:ID）"),
     "upload_dataset": ("Or upload a dataset file", "或上传数据集文件"),
     "base_model": ("Base model (folder, ModelScope or Hugging Face id)", "基座模型（文件夹、ModelScope 或 Hugging Face ID）"),
     "output_dir": ("Output folder", "输出文件夹"),
