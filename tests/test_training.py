@@ -409,7 +409,7 @@ def test_group_by_length_cuts_padding(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path):
+def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path, caplog):
     rows = [{"instruction": f"第{i}个问题", "input": "", "output": ANSWER} for i in range(8)]
     data_path = write_json(tmp_path / "train.json", rows)
     tree = training_tree(tiny_model_dir, data_path, tmp_path / "out", max_steps=4, save_steps=2, eval_steps=2)
@@ -420,19 +420,36 @@ def test_resumed_report_keeps_base_column(tiny_model_dir, tmp_path):
     first.train()
     base_replies = [sample["answer"] for sample in first.evaluation_runs()[0].samples]
 
+    saved = json.loads((tmp_path / "out" / "samples_base.json").read_text(encoding="utf-8"))
+    assert [sample["answer"] for sample in saved["samples"]] == base_replies
+
     tree["train"]["max_steps"] = 6
     resumed = LoraRecipe(build_config(tree), resume=True)
     resumed.setup()
-    resumed.train()
+    with caplog.at_level(logging.INFO, logger="vlmtune.training.sampling"):
+        resumed.train()
     resumed.save()
+    assert "resumed run: the base model's replies come from" in caplog.text  # not generated again
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text(encoding="utf-8"))
     assert [run["label"] for run in report] == ["base", "step 6"]
     assert [sample["answer"] for sample in report[0]["samples"]] == base_replies
+    assert report[0]["metrics"] == saved["metrics"]
     # The manifest names both sessions' SwanLab folders, and states whose mean train_loss is.
     manifest = json.loads((tmp_path / "out" / "run_manifest.json").read_text(encoding="utf-8"))
     assert len(manifest["tracking_runs"]) == 2
     assert manifest["tracking_run"] == manifest["tracking_runs"][-1]
     assert manifest["metrics_note"] == "train_loss is transformers' mean over the last training session only"
+
+    # Other generation settings make the saved replies stale, so the resumed run generates them again.
+    caplog.clear()
+    tree["train"]["max_steps"] = 8
+    tree["evaluation"]["max_new_tokens"] = 6
+    again = LoraRecipe(build_config(tree), resume=True)
+    again.setup()
+    with caplog.at_level(logging.INFO, logger="vlmtune.training.sampling"):
+        again.train()
+    assert "generating again" in caplog.text
+    assert again.evaluation_runs()[0].label == "base"
 
 
 def test_swanlab_local_run_shows_in_dashboard(tiny_model_dir, tmp_path):

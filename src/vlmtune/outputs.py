@@ -23,6 +23,9 @@ So it is not in RUN_OUTPUTS, which means it does not count as an earlier run and
 MODEL_CARD = "README.md"
 """The adapter's model card, which peft's save_pretrained writes beside the adapter."""
 
+BASE_SAMPLES = "samples_base.json"
+"""The base model's replies to the sample prompts, which a resumed run reuses instead of generating them again."""
+
 # The run's own files in train.output_dir, besides the processor files that the next run rewrites.
 # train_config.yaml and train.log belong to the web UI, which starts the run with them.
 RUN_OUTPUTS = (
@@ -33,6 +36,7 @@ RUN_OUTPUTS = (
     "run_manifest.json",
     "eval_report.md",
     "eval_report.json",
+    BASE_SAMPLES,
     "loss.png",
     PROGRESS_FILE,
     "initial_adapter",

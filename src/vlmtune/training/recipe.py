@@ -56,7 +56,7 @@ from vlmtune.model.loading import (
 )
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
 from vlmtune.model.packing import PackedPositions
-from vlmtune.outputs import MODEL_CARD
+from vlmtune.outputs import BASE_SAMPLES, MODEL_CARD
 from vlmtune.training.batch_checks import BATCH_TOLERANCE, padding_free_difference, padding_mask_difference
 from vlmtune.training.loss import token_mean_loss
 from vlmtune.training.progress import (
@@ -433,6 +433,7 @@ class LoraRecipe:
             thinking=self.config.data.thinking,
             pixel_limits=(self.config.data.min_pixels, self.config.data.max_pixels),
             base_without_adapter=self.config.lora.init not in CONVERTED_INITS,
+            base_samples_path=self.output_dir / BASE_SAMPLES,
         )
 
     def _log_padding_share(self) -> None:
