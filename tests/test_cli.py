@@ -490,3 +490,25 @@ def test_reply_end_notes(answer, reasoning, show_thinking, note):
         assert printed.strip() == ""
     else:
         assert note in printed
+
+
+@pytest.mark.slow
+def test_sigint_predict_says_how_to_continue(tiny_model_dir, tmp_path):
+    from conftest import PERSONA_DATA
+
+    output = tmp_path / "predictions.jsonl"
+    command = [VLMTUNE, "predict", "--model", str(tiny_model_dir), "--data", str(PERSONA_DATA), "--output", str(output),
+               "--batch-size", "1", "--max-new-tokens", "16", "--system", ""]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if output.is_file() and output.read_text(encoding="utf-8").count("\n") >= 2:
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    finished = output.read_text(encoding="utf-8").count("\n")
+    assert f"predict interrupted: {finished} of 387 examples have a prediction in {output}" in stderr
+    assert "run the same command again to predict the others" in stderr

@@ -17,7 +17,7 @@ from vlmtune.errors import DataError, ModelError
 from vlmtune.inference import Generator
 from vlmtune.inference.cli_chat import system_prompt_for, trained_data_settings
 from vlmtune.inference.export import MERGED_CONFIG_NAME, export_adapter_only, export_merged, tensor_names
-from vlmtune.inference.predict import predict
+from vlmtune.inference.predict import example_id, predict
 from vlmtune.model.loading import load_adapter, load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
@@ -56,6 +56,27 @@ def test_predict_fields_and_resume(adapter_dir, tiny_model_dir, tmp_path):
     assert len(set(ids)) == 5
 
 
+def test_predict_resume_after_partial_line(adapter_dir, tiny_model_dir, tmp_path):
+    loaded = load_adapter(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), str(adapter_dir))
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=8))
+    conversations = load_dataset_file(DatasetSpec(path=str(PERSONA_DATA)), "你是小橘。")[:4]
+    output = tmp_path / "predictions.jsonl"
+    labels = {"model": str(tiny_model_dir), "adapter": str(adapter_dir)}
+    predict(generator, conversations[:3], output, batch_size=3, **labels)
+    lines = output.read_text(encoding="utf-8").splitlines()
+
+    # A run killed in the middle of the third row, then resumed.
+    output.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40], encoding="utf-8")
+    assert predict(generator, conversations, output, batch_size=3, **labels) == 2
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [row["id"] for row in rows] == [example_id(conversation) for conversation in conversations]
+
+    # A complete last row without its newline is kept.
+    output.write_text("\n".join(lines), encoding="utf-8")
+    assert predict(generator, conversations, output, batch_size=3, **labels) == 1
+    assert len([json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]) == 4
+
+
 def test_predict_resume_rejects_mismatched_rows(adapter_dir, tiny_model_dir, tmp_path):
     loaded = load_adapter(load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")), str(adapter_dir))
     generator = Generator(loaded, GenerationSettings(max_new_tokens=2))
@@ -89,7 +110,7 @@ def test_predict_resume_rejects_mismatched_rows(adapter_dir, tiny_model_dir, tmp
 
     # Another system prompt gives other replies, so those rows do not belong either.
     write_json(data, rows)
-    with pytest.raises(DataError, match=r'its system null differs from this run\'s "你是沐雪。", so the system prompt'):
+    with pytest.raises(DataError, match=r'its system \(none\) differs from this run\'s "你是沐雪。", so the system prompt'):
         predict(generator, load_dataset_file(DatasetSpec(path=str(data)), "你是沐雪。"), output, **producer)
 
     # Rows that record no model (an older vlmtune wrote them) are not trusted either.

@@ -355,7 +355,17 @@ def predict(
         console.print(f"every example already has a prediction in {output}; nothing to do", soft_wrap=True)
         return
     generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
-    written = run_predict(generator, conversations, output, batch_size=batch_size, model=base, adapter=adapter)
+    try:
+        written = run_predict(generator, conversations, output, batch_size=batch_size, model=base, adapter=adapter)
+    except KeyboardInterrupt:
+        finished = len(conversations) - len(pending_examples(conversations, output, producer_labels(base, adapter)))
+        error_console.print(
+            f"predict interrupted: {finished} of {len(conversations)} examples have a prediction in {output}; run the "
+            "same command again to predict the others",
+            soft_wrap=True,
+            markup=False,
+        )
+        raise typer.Exit(128 + signal.SIGINT) from None
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
 
 

@@ -52,6 +52,32 @@ def finished_rows(output_path: Path) -> dict[str, tuple[int, dict]]:
     return done
 
 
+def end_last_line(output_path: Path) -> None:
+    """Make the output file end with a newline, so the next row starts a line of its own.
+
+    A run killed while writing leaves a partial last line, which is cut off (finished_rows
+    skipped it, so its example is predicted again). A complete row that only lacks its
+    newline, such as one after a hand edit, gets the newline.
+    """
+    if not output_path.is_file():
+        return
+    data = output_path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        complete = "id" in json.loads(data[start:].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        complete = False
+    if complete:
+        with open(output_path, "ab") as handle:
+            handle.write(b"\n")
+        return
+    with open(output_path, "r+b") as handle:
+        handle.truncate(start)
+    logger.warning("%s: removed the partly written last line (%d bytes)", output_path, len(data) - start)
+
+
 def model_label(name: str | None) -> str | None:
     """Return how a row names a model or adapter: the absolute path of a local folder, else the hub id as given."""
     if name is None:
@@ -77,11 +103,15 @@ def _resume_mismatch(row: dict, expected: dict) -> str | None:
     for key, cause in (("prompt", "the data file changed"), ("images", "the data file changed"),
                        ("system", "the system prompt (--system, the data or the adapter's run) changed")):
         if row.get(key) != expected[key]:
-            return (
-                f"its {key} {_shorten(json.dumps(row.get(key), ensure_ascii=False))} differs from this run's "
-                f"{_shorten(json.dumps(expected[key], ensure_ascii=False))}, so {cause} since it was written"
-            )
+            return f"its {key} {_field_text(key, row.get(key))} differs from this run's {_field_text(key, expected[key])}, so {cause} since it was written"
     return None
+
+
+def _field_text(key: str, value) -> str:
+    """Show a row field in a message: JSON, shortened, and `none` for a missing system prompt."""
+    if key == "system" and value is None:
+        return "(none)"
+    return _shorten(json.dumps(value, ensure_ascii=False))
 
 
 def example_id(conversation: Conversation) -> str:
@@ -132,7 +162,7 @@ def pending_examples(
                 f"--output {output}, line {line_number} ({example}): {problem}. Resuming would mix replies that do "
                 "not belong together; pass a new --output file, or delete this one to predict every example again"
             )
-    if done:
+    if done and pending:
         logger.info("%d of %d examples are already in %s; predicting the other %d", len(conversations) - len(pending), len(conversations), output, len(pending))
     return pending
 
@@ -161,6 +191,7 @@ def predict(
     output.parent.mkdir(parents=True, exist_ok=True)
     producer = producer_labels(model, adapter)
     pending = pending_examples(conversations, output, producer)
+    end_last_line(output)
 
     written = 0
     with tqdm(total=len(pending), desc="predict", unit="example", disable=None) as progress:
