@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -91,6 +92,14 @@ def test_models_endpoint(client):
     models = client.models.list().data
     assert [model.id for model in models] == ["persona"]
     assert models[0].created > 1_700_000_000  # the server's start time, a Unix timestamp
+
+
+def test_model_retrieve_and_health(client, server):
+    assert client.models.retrieve("persona").id == "persona"
+    with pytest.raises(openai.NotFoundError, match="model 'other' not found"):
+        client.models.retrieve("other")
+    with urllib.request.urlopen(f"{server}/health", timeout=10) as response:  # no API key needed
+        assert json.loads(response.read()) == {"status": "ok"}
 
 
 def test_chat_completion_stops_and_splits_reasoning(client):
@@ -260,6 +269,31 @@ def test_oversized_body_rejected(server):
     assert "exceeds the limit" in payload["error"]["message"]
 
 
+def post_chunked(server: str, body: bytes) -> tuple[int, dict]:
+    """POST the body with Transfer-Encoding: chunked, so the request has no Content-Length."""
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    pieces = (body[start : start + 65536] for start in range(0, len(body), 65536))
+    connection.request("POST", "/v1/chat/completions", pieces, headers, encode_chunked=True)
+    response = connection.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    connection.close()
+    return status, payload
+
+
+def test_chunked_body_limited(server):
+    code, payload = post_chunked(server, json.dumps({"messages": [{"role": "user", "content": "喵" * 50_000}]}).encode())
+    assert code == 413
+    assert "request body exceeds the limit of 200000 bytes" in payload["error"]["message"]
+
+    code, payload = post_chunked(server, json.dumps({"messages": [{"role": "user", "content": PROMPT}]}).encode())
+    assert code == 200, payload
+    assert payload["choices"][0]["message"]["content"] == "好的喵~"
+
+
 def test_api_key_enforced(server):
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
     for key in (None, "wrong"):
@@ -355,6 +389,8 @@ def test_request_errors_name_fields(server):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]},
          "messages[0].content[0].image_url", "expected {'url': URL} or a URL string, got 5"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop", "expected a string or a list of strings"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": ["喵", ""]}, "stop", "stop strings must not be empty"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": ""}, "stop", "stop strings must not be empty"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "Input should be 'system', 'developer', 'user' or 'assistant'"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}]}]},
          "messages[0].content[0]", "image"),
@@ -376,3 +412,43 @@ def test_body_without_json_content_type(server):
     payload = json.loads(caught.value.read())
     assert caught.value.code == 400
     assert "sent with 'Content-Type: application/json'" in payload["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def long_server(tiny_model_dir):
+    """The base model, whose random weights rarely stop, with room for long replies."""
+    loaded = load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=3000))
+    yield from start_server(generator, ServerSettings(model_name="base", max_tokens_limit=3000))
+
+
+def test_disconnected_stream_stops_generation(long_server, caplog):
+    import http.client
+
+    from vlmtune.serving.app import GENERATION_THREAD
+
+    def generating() -> list[threading.Thread]:
+        return [thread for thread in threading.enumerate() if thread.name.startswith(GENERATION_THREAD)]
+
+    host, port = long_server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "讲个故事"}]}
+    with caplog.at_level("INFO", logger="vlmtune.serving.app"):
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        for _ in range(5):  # a few chunks, then the client goes away
+            assert response.readline()
+        assert generating(), "the generation runs while the client reads"
+        connection.close()
+
+        # The next request waits for the lock, which the abandoned generation holds until it stops.
+        status, reply = post(long_server, json.dumps({"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}).encode(), key=None)
+        assert status == 200
+        assert reply["usage"]["completion_tokens"] <= 4
+        deadline = time.time() + 5
+        while generating() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not generating(), "a generation kept running after its client disconnected"
+    assert "the client disconnected" in caplog.text
+    [stopped] = re.findall(r"generation stopped after (\d+) tokens", caplog.text)
+    assert int(stopped) < 3000

@@ -91,6 +91,16 @@ class AnswerStopCriteria(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class CancelCriteria(StoppingCriteria):
+    """Stop every row once the event is set, for example when the client that requested the reply disconnected."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class Generator:
     """Generates replies to conversations with one loaded model (and adapter)."""
 
@@ -146,8 +156,12 @@ class Generator:
         stop_strings: list[str] | None = None,
         prompt_length: int = 0,
         opened_by_prompt: bool = False,
+        cancel: threading.Event | None = None,
     ) -> dict[str, Any]:
-        """Build generate() arguments. Stop strings end the answer: in a reply with reasoning they are not looked for there."""
+        """Build generate() arguments. Stop strings end the answer: in a reply with reasoning they are not looked for there.
+
+        Setting `cancel` stops generation after the current token.
+        """
         settings = self.settings
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens or settings.max_new_tokens,
@@ -156,11 +170,13 @@ class Generator:
             "do_sample": settings.do_sample,
             "repetition_penalty": settings.repetition_penalty,
         }
+        criteria: list[StoppingCriteria] = [CancelCriteria(cancel)] if cancel is not None else []
         if stop_strings and self.layout == "none":
             kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         elif stop_strings:
-            criteria = AnswerStopCriteria(self, prompt_length, stop_strings, opened_by_prompt)
-            kwargs["stopping_criteria"] = StoppingCriteriaList([criteria])
+            criteria.append(AnswerStopCriteria(self, prompt_length, stop_strings, opened_by_prompt))
+        if criteria:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
         else:
@@ -197,11 +213,12 @@ class Generator:
         max_new_tokens: int | None = None,
         stop_strings: list[str] | None = None,
         inputs: dict[str, torch.Tensor] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Reply:
         """Generate one reply. `inputs`, if given, is prepare_inputs(conversation), already computed by the caller."""
         inputs = inputs if inputs is not None else self.prepare_inputs(conversation)
         opened = self._opens_think(inputs["input_ids"][0])
-        kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened)
+        kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened, cancel)
         output = self.model.generate(**inputs, **kwargs)
         prompt_tokens = inputs["input_ids"].shape[1]
         return self._to_reply(output[0, prompt_tokens:].tolist(), prompt_tokens, opened)
@@ -242,15 +259,17 @@ class Generator:
         on_parts: Callable[[str, str], None] | None = None,
         stop_strings: list[str] | None = None,
         inputs: dict[str, torch.Tensor] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Reply:
         """Generate while calling on_text with each new piece of visible text.
 
         on_parts, if given, receives the whole reasoning and answer so far after each piece.
         `inputs`, if given, is prepare_inputs(conversation), already computed by the caller.
+        Setting `cancel` stops generation after the current token.
         """
         inputs = inputs if inputs is not None else self.prepare_inputs(conversation)
         opened = self._opens_think(inputs["input_ids"][0])
-        kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened)
+        kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened, cancel)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
         result: dict[str, Any] = {}
 

@@ -108,7 +108,7 @@ def _resume_mismatch(row: dict, expected: dict) -> str | None:
 
 
 def _field_text(key: str, value) -> str:
-    """Show a row field in a message: JSON, shortened, and `none` for a missing system prompt."""
+    """Format a row field for a message: JSON, shortened, and (none) for a missing system prompt."""
     if key == "system" and value is None:
         return "(none)"
     return _shorten(json.dumps(value, ensure_ascii=False))

@@ -8,12 +8,14 @@ Errors use OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -94,6 +96,14 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1)
     stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        # An empty string would match at once and end every reply before it starts.
+        if stop == "" or (isinstance(stop, list) and "" in stop):
+            raise ValueError("stop strings must not be empty")
+        return stop
 
 
 class APIError(Exception):
@@ -287,10 +297,43 @@ def _streamable_answer(answer: str, stops: list[str]) -> str:
     return answer
 
 
+GENERATION_THREAD = "vlmtune-generate"
+"""Name prefix of the threads that run the server's generations."""
+
+
 def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="vlmtune OpenAI-compatible server")
+    # One generation at a time. The worker thread releases the lock when it ends, so a request that goes
+    # away while its generation runs does not let the next one start beside it.
     lock = asyncio.Lock()
     started_at = int(time.time())
+
+    async def start_generation(work: Callable[[], Reply], request_id: str) -> asyncio.Future:
+        """Wait for the lock, then run `work` in a thread that releases the lock when it ends; return its result's future."""
+        loop = asyncio.get_running_loop()
+        await lock.acquire()
+        future = loop.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(result)
+
+        def run() -> None:
+            result, error = None, None
+            try:
+                result = work()
+            except Exception as caught:  # handed to the awaiting request
+                error = caught
+            finally:
+                loop.call_soon_threadsafe(settle, result, error)
+                loop.call_soon_threadsafe(lock.release)
+
+        try:
+            threading.Thread(target=run, name=f"{GENERATION_THREAD}-{request_id}", daemon=True).start()
+        except BaseException:
+            lock.release()
+            raise
+        return future
 
     @app.middleware("http")
     async def limit_and_authorize(request: Request, call_next):
@@ -305,6 +348,20 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
                     pass
             logger.info("request %s rejected: body of %s bytes is over the limit", request_id, length)
             return error_response(413, f"request body of {length} bytes exceeds the limit of {settings.max_request_bytes} bytes")
+        if length is None and request.method == "POST":
+            # A chunked body has no Content-Length, so the limit is checked while reading it.
+            body = bytearray()
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > DRAIN_FACTOR * settings.max_request_bytes:
+                    break
+            if len(body) > settings.max_request_bytes:
+                logger.info("request %s rejected: chunked body of over %d bytes", request_id, settings.max_request_bytes)
+                return error_response(
+                    413, f"request body exceeds the limit of {settings.max_request_bytes} bytes (read {len(body)} bytes)"
+                )
+            # What Request.body() caches; Starlette hands it to the route in place of the consumed stream.
+            request._body = bytes(body)
         if settings.api_key is not None and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization") != f"Bearer {settings.api_key}":
                 logger.info("request %s rejected: missing or wrong API key", request_id)
@@ -341,9 +398,25 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
             logger.info("request %s rejected (400): %s", getattr(request.state, "request_id", "-"), message)
         return error_response(error.status_code, message, kind=kind)
 
+    model_entry = {"id": settings.model_name, "object": "model", "created": started_at, "owned_by": "vlmtune"}
+
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": started_at, "owned_by": "vlmtune"}]}
+        return {"object": "list", "data": [model_entry]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        if model_id != settings.model_name:
+            raise APIError(
+                404, f"model {model_id!r} not found: this server serves {settings.model_name!r}", "model",
+                kind="not_found_error", code="model_not_found",
+            )
+        return model_entry
+
+    @app.get("/health")
+    async def health():
+        """Return 200 while the server runs, without an API key (for load balancers and scripts)."""
+        return {"status": "ok"}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -374,11 +447,11 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
             return StreamingResponse(stream, media_type="text/event-stream")
 
         started = time.perf_counter()
-        async with lock:
-            try:
-                reply = await asyncio.to_thread(_generate, request_generator, conversation, inputs, stops, body.seed)
-            except VlmtuneError as error:
-                raise APIError(400, str(error)) from None
+        work = functools.partial(_generate, request_generator, conversation, inputs, stops, body.seed)
+        try:
+            reply = await (await start_generation(work, request_id))
+        except VlmtuneError as error:
+            raise APIError(400, str(error)) from None
 
         answer, stopped_by_string = _cut_at_stop(reply.answer, stops)
         finish = "stop" if reply.stopped or stopped_by_string else "length"
@@ -441,15 +514,23 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         def on_parts(reasoning: str, answer: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("parts", reasoning, answer))
 
-        def run() -> None:
+        def run() -> Reply:
             try:
-                reply = _generate(request_generator, conversation, inputs, stops, body.seed, on_parts)
+                reply = _generate(request_generator, conversation, inputs, stops, body.seed, on_parts, cancel)
+                if cancel.is_set():
+                    logger.info("request %s: generation stopped after %d tokens", request_id, reply.generated_tokens)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", reply, None))
+                return reply
             except Exception as error:  # reported to the client as a final error event
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", error, None))
+                raise
 
-        async with lock:
-            threading.Thread(target=run, daemon=True).start()
+        cancel = threading.Event()
+        finished = False
+        generation = await start_generation(run, request_id)
+        # The error, if any, reaches the client through the queue.
+        generation.add_done_callback(lambda future: future.exception() if not future.cancelled() else None)
+        try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
                 kind, first, second = await queue.get()
@@ -477,6 +558,15 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
                     error = {"error": {"message": str(first), "type": "server_error", "param": None, "code": None}}
                     yield f"data: {json.dumps(error, ensure_ascii=False)}\n\n"
                     break
+            finished = True
+        finally:
+            if not finished:
+                # The client went away: stop generating after the current token.
+                cancel.set()
+                logger.info(
+                    "request %s: the client disconnected after %.2f s; stopping its generation", request_id,
+                    time.perf_counter() - started,
+                )
         yield "data: [DONE]\n\n"
 
     return app
@@ -489,12 +579,13 @@ def _generate(
     stops: list[str],
     seed: int | None,
     on_parts=None,
+    cancel: threading.Event | None = None,
 ) -> Reply:
     if seed is not None:
         torch.manual_seed(seed)
     if on_parts is None:
         return generator.generate(conversation, stop_strings=stops or None, inputs=inputs)
-    return generator.stream(conversation, on_parts=on_parts, stop_strings=stops or None, inputs=inputs)
+    return generator.stream(conversation, on_parts=on_parts, stop_strings=stops or None, inputs=inputs, cancel=cancel)
 
 
 def _usage(reply: Reply) -> dict[str, int]:
