@@ -191,6 +191,22 @@ def test_export_round_trip(adapter_dir, tiny_model_dir, tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted.model(input_ids=ids).logits, rtol=0, atol=1e-4)
 
 
+def test_checkpoint_export_keeps_run_config(adapter_dir, tiny_model_dir, tmp_path):
+    import shutil
+
+    # A checkpoint-N folder holds the adapter but not config.yaml, which is in its run folder.
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-5"
+    shutil.copytree(adapter_dir, checkpoint, ignore=shutil.ignore_patterns("config.yaml", "checkpoint-*"))
+    shutil.copy2(adapter_dir / "config.yaml", run / "config.yaml")
+    merged = tmp_path / "merged"
+    assert export_merged(str(checkpoint), str(merged), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")).ok
+    assert (merged / MERGED_CONFIG_NAME).read_text(encoding="utf-8") == (run / "config.yaml").read_text(encoding="utf-8")
+    assert system_prompt_for(None, None, str(merged)) == system_prompt_for(None, str(checkpoint))
+    copied = export_adapter_only(str(checkpoint), str(tmp_path / "copy"))
+    assert (copied / "config.yaml").is_file()
+
+
 def test_merged_model_keeps_system_prompt(tmp_path):
     merged = tmp_path / "merged"
     merged.mkdir()

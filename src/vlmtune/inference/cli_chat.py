@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from vlmtune.config import GenerationSettings, ModelSettings
 from vlmtune.encoding.images import load_image
 from vlmtune.errors import ConfigError, DataError, ModelError, VlmtuneError
 from vlmtune.inference.chat import ChatSession
-from vlmtune.inference.export import MERGED_CONFIG_NAME
+from vlmtune.inference.export import MERGED_CONFIG_NAME, training_config_path
 from vlmtune.inference.generate import Generator, Reply
 from vlmtune.model.loading import adapter_base_model, check_adapter_folder, load_adapter, load_model, resolve_device
 
@@ -46,10 +45,8 @@ def trained_data_settings(adapter: str | None, model: str | None = None) -> dict
     A checkpoint-N folder has no config.yaml of its own, so its training run's folder is read.
     """
     candidates = []
-    if adapter:
-        candidates.append(Path(adapter) / "config.yaml")
-        if re.fullmatch(r"checkpoint-\d+", Path(adapter).resolve().name):
-            candidates.append(Path(adapter).resolve().parent / "config.yaml")
+    if adapter and (trained := training_config_path(adapter)) is not None:
+        candidates.append(trained)
     if model:
         candidates.append(Path(model) / MERGED_CONFIG_NAME)
     for config_path in candidates:

@@ -23,6 +23,7 @@ from vlmtune.data.conversation import Conversation, Message, TextPart
 from vlmtune.errors import ModelError
 from vlmtune.model.hub import resolve_model_path
 from vlmtune.model.loading import LoadedModel, load_adapter, load_model
+from vlmtune.outputs import CHECKPOINT_NAME
 
 MERGED_CONFIG_NAME = "vlmtune_config.yaml"
 """The adapter's training config, kept in a merged model folder under this name."""
@@ -168,15 +169,29 @@ def _record_stop_ids(merged, stop_ids: list[int]) -> None:
         merged.generation_config.eos_token_id = list(stop_ids)
 
 
+def training_config_path(adapter_dir: str | Path) -> Path | None:
+    """Return the config.yaml of the run that trained an adapter: its own, or for a checkpoint-N folder its run folder's."""
+    folder = Path(adapter_dir).resolve()
+    candidates = [folder / "config.yaml"]
+    if CHECKPOINT_NAME.fullmatch(folder.name):
+        candidates.append(folder.parent / "config.yaml")
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def _save_merged(merged, base_path: Path, adapter_dir: Path, output: Path, max_shard_size: str) -> None:
     merged.save_pretrained(str(output), max_shard_size=max_shard_size, safe_serialization=True)
     for path in base_path.iterdir():
         if path.is_file() and not _is_weight_file(path) and not (output / path.name).exists():
             shutil.copy2(path, output / path.name)
-    training_config = adapter_dir / "config.yaml"
-    if training_config.is_file():
+    training_config = training_config_path(adapter_dir)
+    if training_config is not None:
         # `vlmtune chat/serve/predict --model` read the system prompt, reply layout and pixel limits from it.
         shutil.copy2(training_config, output / MERGED_CONFIG_NAME)
+    else:
+        logger.warning(
+            "no config.yaml in %s or its run folder, so the merged model does not record the training run's system "
+            "prompt, reply layout or image limits; pass them to chat/serve/predict (--system)", adapter_dir,
+        )
 
 
 def export_adapter_only(adapter_dir: str, output_dir: str) -> Path:
@@ -187,9 +202,12 @@ def export_adapter_only(adapter_dir: str, output_dir: str) -> Path:
     if missing:
         raise ModelError(f"--adapter: {source} lacks {', '.join(missing)}; pass the output folder of `vlmtune train`")
     output.mkdir(parents=True, exist_ok=True)
-    for name in (*ADAPTER_FILES, "config.yaml", "eval_report.md", "loss.png"):
+    for name in (*ADAPTER_FILES, "eval_report.md", "loss.png"):
         if (source / name).is_file():
             shutil.copy2(source / name, output / name)
+    training_config = training_config_path(source)
+    if training_config is not None:
+        shutil.copy2(training_config, output / "config.yaml")
     (output / "README.md").write_text(model_card(source), encoding="utf-8")
     return output
 
