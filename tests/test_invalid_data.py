@@ -64,6 +64,16 @@ CASES = {
     ),
     "not_utf8.jsonl": ("invalid UTF-8", ", line 2: not valid UTF-8 (byte 17 of the line); re-save the file as UTF-8" + SKIP_HINT),
     "empty.json": ("empty file", ": the file is empty"),
+    "messages_null_content.jsonl": (
+        "wrong type",
+        ", record 1 (line 1): field 'messages[1].content' is null; give the message's text as a string or a list of "
+        "content parts, or remove the message" + SKIP_HINT,
+    ),
+    "messages_missing_content.jsonl": (
+        "missing field",
+        ", record 1 (line 1): field 'messages[1].content' is missing; give the message's text as a string or a list "
+        "of content parts, or remove the message" + SKIP_HINT,
+    ),
     "tool_turn.jsonl": (
         "unsupported role",
         ", record 1 (line 1): field 'conversations[1].from' is 'function_call'; tool turns are not supported yet, "

@@ -80,6 +80,13 @@ def messages_to_conversation(record: Record, default_system: str | None = None) 
                 f"{record.location}: field '{record.field_name(field)}.role' is {role!r}; expected one of {', '.join(ROLES)}", "unknown role"
             )
         content = item.get("content")
+        if content is None:
+            state, reason = ("is null", "wrong type") if "content" in item else ("is missing", "missing field")
+            raise DataError(
+                f"{record.location}: field '{record.field_name(field)}.content' {state}; give the message's text as a "
+                "string or a list of content parts, or remove the message",
+                reason,
+            )
         if isinstance(content, list):
             parts = _content_parts(record, content, f"{field}.content")
         else:

@@ -50,7 +50,11 @@ def check_local_images(conversation: Conversation) -> None:
             with Image.open(path) as opened:
                 opened.verify()
         except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"{conversation.source}: corrupt or unreadable image {path}: {error}", "corrupt image") from None
+            raise DataError(
+                f"{conversation.source}: corrupt or unreadable image {path}: {error}; replace the file or remove the "
+                "image from the example",
+                "corrupt image",
+            ) from None
 
 
 def check_conversation(conversation: Conversation, reply_required: bool = True) -> None:
