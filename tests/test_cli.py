@@ -249,6 +249,16 @@ def test_int8_cast_warning_logged_once():
     assert result.stderr.count("another bitsandbytes warning") == 2
 
 
+def test_image_option_goes_with_first_message(tiny_model_dir):
+    image = Path(__file__).resolve().parents[1] / "data" / "images" / "orange_cat.png"
+    result = run("-v", "chat", "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--image", str(image),
+                 stdin="这只猫怎么样？\n还有呢？\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "1 image(s) attached to your next message" in result.stdout
+    assert "sending a message with 1 image(s) after 0 earlier message(s)" in result.stderr
+    assert "sending a message with 0 image(s) after 2 earlier message(s)" in result.stderr
+
+
 def test_interactive_chat_with_image(tiny_model_dir):
     image = Path(__file__).resolve().parents[1] / "data" / "images" / "orange_cat.png"
     script = f"/image {image}\n这只猫怎么样？\n/clear\n/unknown\n/exit\n"

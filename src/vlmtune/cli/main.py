@@ -564,7 +564,7 @@ def chat(
     adapter: AdapterOption = None,
     hub: HubOption = "auto",
     message: Annotated[Optional[str], typer.Option("--message", "-m", help="Ask once, print the reply and exit.")] = None,
-    image: Annotated[Optional[list[str]], typer.Option(help="Image path or URL for --message; repeat for several.")] = None,
+    image: Annotated[Optional[list[str]], typer.Option(help="Image path or URL for --message (without it, for the first message); repeat for several.")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt. Default: the training run's (adapter or merged model); '' for none.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Maximum tokens per reply.")] = 1024,
     sample: Annotated[bool, typer.Option(help="Sample instead of greedy decoding.")] = False,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from vlmtune.data.conversation import Conversation, ContentPart, ImagePart, Message, TextPart
 from vlmtune.inference.generate import Generator, Reply
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,6 +27,7 @@ class ChatSession:
         """Send one user message and add the reply to the history; streams when on_text or on_parts is given."""
         content: list[ContentPart] = [ImagePart(image) for image in images or []]
         content.append(TextPart(text))
+        logger.debug("sending a message with %d image(s) after %d earlier message(s)", len(images or []), len(self.history))
         self.history.append(Message("user", content))
         try:
             if on_text is None and on_parts is None:

@@ -149,7 +149,10 @@ def run_chat(
         return
 
     console.print("vlmtune chat. Type /help for commands.")
-    pending_images: list[str] = []
+    # --image without --message: the images go with the first message, as if attached with /image.
+    pending_images: list[str] = list(images)
+    if pending_images:
+        console.print(f"{len(pending_images)} image(s) attached to your next message")
     while True:
         try:
             line = console.input("[bold cyan]you>[/bold cyan] ").strip()
