@@ -139,6 +139,32 @@ def test_duplicates_reported_and_removed_on_request(caplog):
     assert "1 duplicated example(s), removed (data.dedup=true)" in caplog.text
 
 
+def test_duplicates_across_files_and_validation(tmp_path, caplog):
+    from conftest import write_json
+
+    first = write_json(tmp_path / "first.json", [{"instruction": "一", "output": "喵"}, {"instruction": "二", "output": "喵喵"}])
+    second = write_json(tmp_path / "second.json", [{"instruction": "二", "output": "喵喵"}, {"instruction": "三", "output": "喵"}])
+    held = write_json(tmp_path / "validation.json", [{"instruction": "一", "output": "喵"}, {"instruction": "四", "output": "喵"}])
+
+    kept = load_data(DataSettings(train=[str(first), str(second)], validation=[str(held)]))
+    assert len(kept.train) == 4
+    assert kept.report.duplicates == [f"{second}, record 1 (line 2)"]
+    assert kept.report.originals[f"{second}, record 1 (line 2)"] == f"{first}, record 2 (line 6)"
+    assert kept.report.validation_overlap == [f"{held}, record 1 (line 2)"]
+    assert len(kept.validation) == 2
+    assert "1 validation example(s) repeat a training example" in caplog.text
+    assert f"{held}, record 1 (line 2) repeats {first}, record 1 (line 2)" in caplog.text
+
+    removed = load_data(DataSettings(train=[str(first), str(second)], validation=[str(held)], dedup=True))
+    assert len(removed.train) == 3
+    assert [conversation.source for conversation in removed.validation] == [f"{held}, record 2 (line 6)"]
+
+    # A ratio above 1 repeats a file on purpose: its copies are no duplicates.
+    repeated = load_data(DataSettings(train=[{"path": str(first), "ratio": 2.0}]))
+    assert len(repeated.train) == 4
+    assert repeated.report.duplicates == []
+
+
 def test_nothing_valid_left_is_an_error():
     with pytest.raises(DataError, match="no valid training example was read"):
         load_data(DataSettings(train=[str(INVALID / "missing_field.jsonl")], on_invalid="skip"))

@@ -138,7 +138,11 @@ class DataSettings(_Section):
     on_invalid: Literal["error", "skip"] = Field(
         "error", description="error: stop at the first invalid example. skip: skip it, count it and report at the end."
     )
-    dedup: bool = Field(False, description="Remove duplicated examples (they are always reported).")
+    dedup: bool = Field(
+        False,
+        description="Remove duplicated training examples (across all training files) and validation examples that "
+        "repeat a training example. Both are always reported.",
+    )
     system_prompt: str | None = Field(
         None, description="System prompt for examples that carry none. None: no system turn."
     )

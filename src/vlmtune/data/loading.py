@@ -54,6 +54,8 @@ class SkipReport:
     originals: dict[str, str] = field(default_factory=dict)
     """For each duplicate, the earlier example it repeats."""
     duplicates_removed: bool = False
+    validation_overlap: list[str] = field(default_factory=list)
+    """Validation examples that repeat a training example (each mapped to it in `originals`)."""
     first_messages: dict[str, str] = field(default_factory=dict)
     """The full error message of the first example skipped for each reason."""
 
@@ -77,6 +79,13 @@ class SkipReport:
             action = "removed (data.dedup=true)" if self.duplicates_removed else "kept; set data.dedup: true to remove them"
             first = "; ".join(f"{source} repeats {self.originals[source]}" for source in self.duplicates[:3])
             logger.warning("%d duplicated example(s), %s. First: %s", len(self.duplicates), action, first)
+        if self.validation_overlap:
+            action = "removed from validation (data.dedup=true)" if self.duplicates_removed else "kept; set data.dedup: true to remove them"
+            first = "; ".join(f"{source} repeats {self.originals[source]}" for source in self.validation_overlap[:3])
+            logger.warning(
+                "%d validation example(s) repeat a training example, so their evaluation loss measures memorisation; %s. "
+                "First: %s", len(self.validation_overlap), action, first,
+            )
 
 
 def _rename_columns(record: Record, columns: dict[str, str], configured: dict[str, str] | None = None) -> Record:
@@ -200,8 +209,10 @@ def _sample(conversations: list[Conversation], ratio: float, rng: random.Random)
     return sampled
 
 
-def _drop_duplicates(conversations: list[Conversation], dedup: bool, report: SkipReport) -> list[Conversation]:
-    first_seen: dict[tuple, str] = {}
+def _drop_duplicates(
+    conversations: list[Conversation], dedup: bool, report: SkipReport, first_seen: dict[tuple, str]
+) -> list[Conversation]:
+    """Report (and with dedup, remove) the conversations already in first_seen, which maps content keys to sources."""
     kept = []
     report.duplicates_removed = dedup
     for conversation in conversations:
@@ -225,9 +236,11 @@ class LoadedData:
 
 def _load_specs(specs: list[DatasetSpec], settings: DataSettings, report: SkipReport, rng: random.Random) -> list[Conversation]:
     conversations: list[Conversation] = []
+    first_seen: dict[tuple, str] = {}
     for spec in specs:
-        # Duplicates are looked for within a file before sampling, since ratio > 1 repeats on purpose.
-        read = _drop_duplicates(load_dataset_file(spec, settings.system_prompt, settings.on_invalid, report), settings.dedup, report)
+        # Duplicates are looked for across the files before sampling, since a ratio above 1 repeats on purpose.
+        read = load_dataset_file(spec, settings.system_prompt, settings.on_invalid, report)
+        read = _drop_duplicates(read, settings.dedup, report, first_seen)
         if spec.ratio != 1.0:
             sampled = _sample(read, spec.ratio, rng)
             logger.info("using %d examples from %s (%d examples x ratio %g)", len(sampled), spec.label, len(read), spec.ratio)
@@ -261,10 +274,29 @@ def load_data(settings: DataSettings) -> LoadedData:
     if settings.max_samples is not None and len(train) > settings.max_samples:
         logger.info("using the first %d of %d examples (data.max_samples)", settings.max_samples, len(train))
         train = train[: settings.max_samples]
+    validation = _check_overlap(train, validation, settings.dedup, report)
     report.log()
     if not train:
         raise DataError("no valid training example was read; check the files and data.on_invalid", "no examples")
     return LoadedData(train, validation, report)
+
+
+def _check_overlap(
+    train: list[Conversation], validation: list[Conversation], dedup: bool, report: SkipReport
+) -> list[Conversation]:
+    """Report the validation examples that repeat a training example; with dedup, leave them out of validation."""
+    training_sources = {conversation_key(conversation): conversation.source for conversation in reversed(train)}
+    kept = []
+    for conversation in validation:
+        original = training_sources.get(conversation_key(conversation))
+        if original is None:
+            kept.append(conversation)
+            continue
+        report.validation_overlap.append(conversation.source)
+        report.originals[conversation.source] = original
+        if not dedup:
+            kept.append(conversation)
+    return kept
 
 
 def load_conversations(settings: DataSettings) -> list[Conversation]:

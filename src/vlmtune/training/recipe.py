@@ -539,6 +539,7 @@ def example_counts(read: SkipReport, training: EncodingReport, validation: Encod
     counts: dict[str, Any] = {
         "skipped_invalid": {reason: len(locations) for reason, locations in read.skipped.items()},
         "duplicates": len(read.duplicates),
+        "validation_overlap": len(read.validation_overlap),
         "dropped": {reason: len(sources) for reason, sources in training.dropped.items()},
         "trimmed": training.trimmed,
     }
