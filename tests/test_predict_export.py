@@ -207,6 +207,21 @@ def test_checkpoint_export_keeps_run_config(adapter_dir, tiny_model_dir, tmp_pat
     assert (copied / "config.yaml").is_file()
 
 
+def test_adapter_on_its_merged_model_warned(adapter_dir, tiny_model_dir, tmp_path, caplog):
+    from vlmtune.inference.cli_chat import load_generator
+
+    merged = tmp_path / "merged"
+    assert export_merged(str(adapter_dir), str(merged), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu")).ok
+    with caplog.at_level("WARNING", logger="vlmtune.inference.cli_chat"):
+        load_generator(str(merged), str(adapter_dir), "local", {"max_new_tokens": 4}, "auto", "cpu")
+    assert f"--model {merged} is a merged model" in caplog.text
+    assert "it now applies twice" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmtune.inference.cli_chat"):
+        load_generator(str(tiny_model_dir), str(adapter_dir), "local", {"max_new_tokens": 4}, "auto", "cpu")
+    assert "applies twice" not in caplog.text
+
+
 def test_merged_model_keeps_system_prompt(tmp_path):
     merged = tmp_path / "merged"
     merged.mkdir()

@@ -81,6 +81,8 @@ def load_generator(
         raise ConfigError("invalid generation options: " + "; ".join(problems)) from None
     if adapter:
         check_adapter_folder(adapter)
+        if model is not None:
+            _warn_if_merged_twice(model, adapter)
     option = "--model"
     if model is None:
         model = adapter_base_model(adapter) if adapter else None
@@ -103,6 +105,21 @@ def load_generator(
         thinking=thinking,
         min_pixels=trained.get("min_pixels"),
         max_pixels=trained.get("max_pixels"),
+    )
+
+
+def _warn_if_merged_twice(model: str, adapter: str) -> None:
+    """Warn when --model is a vlmtune-merged model and the adapter was not trained on it, as it may be merged in already."""
+    merged = Path(model).expanduser()
+    if not (merged / MERGED_CONFIG_NAME).is_file():
+        return
+    base = adapter_base_model(adapter)
+    if base is not None and Path(base).expanduser().resolve() == merged.resolve():
+        return  # an adapter trained on top of the merged model
+    logger.warning(
+        "--model %s is a merged model (it has %s) and the adapter %s was trained on %s, not on it. If the merged "
+        "model contains this adapter, it now applies twice; pass its base model with --model, or drop --adapter",
+        model, MERGED_CONFIG_NAME, adapter, base or "another model",
     )
 
 
