@@ -286,6 +286,20 @@ def test_adapter_only_export_with_card(adapter_dir, tmp_path):
     assert "mean training loss of the last training session" in card
 
 
+def test_predict_skips_invalid_on_request(adapter_dir, tmp_path):
+    vlmtune = str(Path(sys.executable).parent / "vlmtune")
+    data = write_json(tmp_path / "test.json", [{"instruction": "你是谁？"}, {"instruction": 5}, {"instruction": "早上好"}])
+    command = [vlmtune, "predict", "--adapter", str(adapter_dir), "--data", str(data), "--max-new-tokens", "4"]
+    stopped = subprocess.run([*command, "--output", str(tmp_path / "a.jsonl")], capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 2
+    assert "field 'instruction' must be a string, got int 5" in stopped.stderr
+    skipped = subprocess.run([*command, "--output", str(tmp_path / "b.jsonl"), "--on-invalid", "skip"],
+                             capture_output=True, text=True, timeout=300)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "wrote 2 prediction(s)" in skipped.stdout
+    assert "skipped 1 invalid example(s)" in skipped.stderr
+
+
 def test_predict_and_export_commands(adapter_dir, tiny_model_dir, tmp_path):
     vlmtune = str(Path(sys.executable).parent / "vlmtune")
     data = write_json(tmp_path / "test.json", [{"instruction": "你是谁？", "output": "小橘喵~"}])

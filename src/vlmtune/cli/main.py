@@ -337,10 +337,13 @@ def predict(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Maximum tokens per reply.")] = 512,
     system: Annotated[Optional[str], typer.Option(help="System prompt for examples without one. Default: the training run's (adapter or merged model); '' for none.")] = None,
     device: DeviceOption = "auto",
+    on_invalid: Annotated[
+        str, typer.Option(help="error: stop at the first invalid example. skip: skip it, and log a table of reasons at the end.")
+    ] = "error",
 ) -> None:
     """Generate a reply for every example of a dataset and write JSONL (resumable)."""
     from vlmtune.config import DatasetSpec
-    from vlmtune.data.loading import load_dataset_file
+    from vlmtune.data.loading import SkipReport, load_dataset_file
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
     from vlmtune.inference.predict import pending_examples, producer_labels
     from vlmtune.inference.predict import predict as run_predict
@@ -348,7 +351,15 @@ def predict(
 
     if adapter:
         check_adapter_folder(adapter)  # before the resume check, which would blame a mistyped folder on --output
-    conversations = load_dataset_file(DatasetSpec(path=data), system_prompt_for(system, adapter, model), prompts_only=True)
+    if on_invalid not in ("error", "skip"):
+        raise VlmtuneError(f"--on-invalid: expected error or skip, got {on_invalid!r}")
+    report = SkipReport()
+    conversations = load_dataset_file(
+        DatasetSpec(path=data), system_prompt_for(system, adapter, model), on_invalid, report, prompts_only=True
+    )
+    report.log()
+    if not conversations:
+        raise VlmtuneError(f"--data {data}: no valid example to predict; see the skipped examples above")
     base = model or (adapter_base_model(adapter) if adapter else None)
     # Rows already in --output are checked before the model loads, so a mismatch fails at once.
     if not pending_examples(conversations, output, producer_labels(base, adapter)):
