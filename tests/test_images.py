@@ -180,6 +180,26 @@ def test_image_error_names_whole_path(tmp_path):
     assert "A" * 100 not in str(caught.value)  # a data: URL is cut to its start
 
 
+def test_data_url_payload_checked():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from vlmtune.encoding.images import load_image
+    from vlmtune.errors import DataError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (240, 150, 40)).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    wrapped = "\n".join(encoded[start : start + 76] for start in range(0, len(encoded), 76))  # as MIME encoders write it
+    assert load_image("data:image/png;base64," + wrapped).size == (8, 6)
+    with pytest.raises(DataError, match=r"the data: URL's payload is not valid base64"):
+        load_image("data:image/png;base64,@@@!!")
+    with pytest.raises(DataError, match=r"the data: URL is not base64-encoded; send data:image/png;base64,PAYLOAD"):
+        load_image("data:image/png," + encoded)
+
+
 def test_pixel_limit_against_processor_limit(loaded, tiny_model_dir):
     from vlmtune.errors import DataError
     from vlmtune.model.loading import load_processor

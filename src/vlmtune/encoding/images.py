@@ -58,8 +58,7 @@ def load_image(source: str, where: str = "") -> Image.Image:
                 data = response.read()
             image = Image.open(io.BytesIO(data))
         elif source.startswith("data:"):
-            _, _, payload = source.partition(",")
-            image = Image.open(io.BytesIO(base64.b64decode(payload)))
+            image = Image.open(io.BytesIO(_data_url_bytes(source, prefix)))
         else:
             path = Path(source.removeprefix("file://")).expanduser()
             if not path.is_file():
@@ -73,6 +72,25 @@ def load_image(source: str, where: str = "") -> Image.Image:
     except (OSError, ValueError, binascii.Error) as error:
         raise DataError(f"{prefix}cannot load image {_shown(source)}: {error}", "corrupt image") from None
     return image.convert("RGB")
+
+
+def _data_url_bytes(source: str, prefix: str) -> bytes:
+    """Decode a data: URL's base64 payload, rejecting one that is not base64 rather than guessing."""
+    header, _, payload = source.partition(",")
+    if not header.endswith(";base64"):
+        raise DataError(
+            f"{prefix}cannot load image {_shown(source)}: the data: URL is not base64-encoded; send "
+            "data:image/png;base64,PAYLOAD",
+            "corrupt image",
+        )
+    try:
+        # Line breaks, as MIME encoders write them, are not part of the payload.
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except binascii.Error as error:
+        raise DataError(
+            f"{prefix}cannot load image {_shown(source)}: the data: URL's payload is not valid base64 ({error})",
+            "corrupt image",
+        ) from None
 
 
 def load_image_part(part: ImagePart, where: str = "") -> Image.Image:
