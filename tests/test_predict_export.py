@@ -122,6 +122,23 @@ def test_predict_resume_rejects_mismatched_rows(adapter_dir, tiny_model_dir, tmp
         predict(generator, load_dataset_file(DatasetSpec(path=str(data))), old_output, **producer)
 
 
+def test_row_history_keeps_earlier_images():
+    from vlmtune.data import Conversation, ImagePart, Message, TextPart
+    from vlmtune.inference.predict import _prompt_fields
+
+    conversation = Conversation([
+        Message("user", [ImagePart("cat.png"), TextPart("这是什么？")]),
+        Message("assistant", [TextPart("一只猫喵~")]),
+        Message("user", [ImagePart("dog.png"), TextPart("这个呢？")]),
+    ])
+    fields = _prompt_fields(conversation)
+    assert fields["history"] == [
+        {"role": "user", "content": "这是什么？", "images": ["cat.png"]},
+        {"role": "assistant", "content": "一只猫喵~"},
+    ]
+    assert fields["images"] == ["dog.png"]
+
+
 def test_predict_reads_prompts_without_replies(adapter_dir, tmp_path):
     alpaca = write_json(tmp_path / "prompts.json", [{"instruction": "你是谁？"}, {"instruction": "你好", "output": ""},
                                                     {"instruction": "再说一遍", "history": [["你是谁？", "我是小橘"]]}])

@@ -131,10 +131,18 @@ def _prompt_fields(prompt: Conversation) -> dict:
     history = [message for message in prompt.messages[:-1] if message.role != "system"]
     return {
         "system": first.text if first is not None and first.role == "system" else None,
-        "history": [{"role": message.role, "content": message.text} for message in history],
+        "history": [_history_entry(message) for message in history],
         "prompt": last.text if last is not None else "",
         "images": [image.source for image in last.images] if last is not None else [],
     }
+
+
+def _history_entry(message) -> dict:
+    """Return an earlier turn as a row records it: role and text, and its images where it has any."""
+    entry = {"role": message.role, "content": message.text}
+    if message.images:
+        entry["images"] = [image.source for image in message.images]
+    return entry
 
 
 def pending_examples(
