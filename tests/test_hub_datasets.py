@@ -83,6 +83,9 @@ def test_prefix_sets_hub():
         ({"path": "data/train.json", "revision": "v1"}, "files and revision apply to hub datasets only"),
         ({"path": "a/b/c", "hub": "modelscope"}, "modelscope dataset id 'a/b/c' is not of the form namespace/name"),
         ("huggingface:alpaca", "huggingface dataset id 'alpaca' is not of the form namespace/name"),
+        ("huggingface: trial persona/x", "huggingface dataset id 'trial persona/x' is not of the form namespace/name"),
+        ({"path": "modelscope:a/b", "hub": "huggingface"}, "path 'modelscope:a/b' names modelscope, but hub is huggingface"),
+        ({"path": "modelscope:a/b/train.json", "files": ["x.json"]}, "names a file of the repository and files is set too"),
     ],
 )
 def test_bad_hub_entries_rejected(entry, message):
@@ -103,7 +106,12 @@ def test_several_files_need_a_choice(fake_hub):
     with pytest.raises(DataError) as error:
         load_data(build_config(data_config(f"modelscope:{DATASET_ID}")).data)
     assert f"dataset modelscope:{DATASET_ID}: the repository has 2 dataset files (data/test.json, data/train.json)" in str(error.value)
-    assert "choose the training ones with files, e.g. files: [data/train.json]" in str(error.value)
+    assert f"choose one by naming it after the id, e.g. modelscope:{DATASET_ID}/data/train.json" in str(error.value)
+
+    # The file named after the id, as the web UI's dataset field and predict --data take it.
+    data = load_data(build_config(data_config(f"modelscope:{DATASET_ID}/data/train.json")).data)
+    assert len(data.train) == 2
+    assert fake_hub.calls[-1] == (DATASET_ID, None, ["data/train.json"])
 
     entry = {"path": DATASET_ID, "hub": "huggingface", "files": ["data/train*"], "revision": "v1"}
     data = load_data(build_config(data_config(entry)).data)
@@ -137,6 +145,13 @@ def test_config_file_keeps_hub_ids(fake_hub, tmp_path):
     [record] = dataset_hashes(config)
     assert record["path"].endswith("train.json")
     assert len(record["sha256"]) == 64
+
+
+def test_model_prefix_sets_hub():
+    config = build_config({"model": {"name_or_path": "modelscope:ZhipuAI/GLM-4.1V-9B-Thinking"}, "data": {"train": ["x.json"]}})
+    assert (config.model.name_or_path, config.model.hub) == ("ZhipuAI/GLM-4.1V-9B-Thinking", "modelscope")
+    with pytest.raises(ConfigError, match="names huggingface, but hub is local"):
+        build_config({"model": {"name_or_path": "huggingface:a/b", "hub": "local"}, "data": {"train": ["x.json"]}})
 
 
 def test_local_entry_unchanged(tmp_path):

@@ -113,6 +113,12 @@ def test_hub_dataset_passes_through(tiny_model_dir, tmp_path):
     assert (spec.hub, spec.path) == ("modelscope", "himzhzx/muice-dataset-train.catgirl")
 
 
+def test_model_prefix_overrides_preset_hub(tiny_model_dir, tmp_path):
+    preset = write_preset(tmp_path / "presets", tiny_model_dir)  # its model.hub is local
+    config = build_run_config(make_form(preset, "huggingface:zai-org/GLM-4.1V-9B-Thinking", tmp_path / "run"))
+    assert (config.model.hub, config.model.name_or_path) == ("huggingface", "zai-org/GLM-4.1V-9B-Thinking")
+
+
 def test_wrong_model_paths_rejected_before_run(tiny_model_dir, tmp_path, monkeypatch):
     preset = write_preset(tmp_path / "presets", tiny_model_dir)
     adapter = tmp_path / "adapter"

@@ -57,9 +57,32 @@ class ModelSettings(_Section):
     device: str = Field("auto", description="auto: cuda when available, else cpu. Or cpu, cuda, cuda:1, ...")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with the model. Off unless you trust it.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_hub_prefix(cls, value: Any) -> Any:
+        """Turn `modelscope:namespace/name` into name_or_path and hub, as dataset paths allow."""
+        if isinstance(value, dict) and isinstance(value.get("name_or_path"), str):
+            name, hub = _split_hub_prefix(value["name_or_path"], "name_or_path", value.get("hub"))
+            if hub is not None:
+                return {**value, "name_or_path": name, "hub": hub}
+        return value
 
-DATASET_HUB_PREFIXES = {"modelscope:": "modelscope", "huggingface:": "huggingface"}
-"""Prefixes of a dataset path that name a hub: `modelscope:namespace/name`."""
+
+HUB_PREFIXES = {"modelscope:": "modelscope", "huggingface:": "huggingface"}
+"""Prefixes of a model name or dataset path that name a hub: `modelscope:namespace/name`."""
+
+
+def _split_hub_prefix(value: str, key: str, hub: str | None) -> tuple[str, str | None]:
+    """Return the value without a hub prefix and the hub it names (None without a prefix).
+
+    Raises ValueError when the prefix contradicts an explicit hub setting.
+    """
+    for prefix, named in HUB_PREFIXES.items():
+        if value.startswith(prefix):
+            if hub is not None and hub not in (named, "auto"):
+                raise ValueError(f"{key} {value!r} names {named}, but hub is {hub}; remove the prefix or the hub setting")
+            return value.removeprefix(prefix).strip(), named
+    return value, None
 
 
 class DatasetSpec(_Section):
@@ -96,10 +119,18 @@ class DatasetSpec(_Section):
     @model_validator(mode="before")
     @classmethod
     def _read_hub_prefix(cls, value: Any) -> Any:
-        if isinstance(value, dict) and isinstance(value.get("path"), str) and "hub" not in value:
-            for prefix, hub in DATASET_HUB_PREFIXES.items():
-                if value["path"].startswith(prefix):
-                    return {**value, "path": value["path"].removeprefix(prefix), "hub": hub}
+        """Turn `modelscope:namespace/name[/file/in/repo]` into hub, path and files."""
+        if not (isinstance(value, dict) and isinstance(value.get("path"), str)):
+            return value
+        path, hub = _split_hub_prefix(value["path"], "path", value.get("hub"))
+        if hub is None:
+            return value
+        value = {**value, "path": path, "hub": hub}
+        parts = path.split("/")
+        if len(parts) > 2 and all(parts):
+            if value.get("files"):
+                raise ValueError(f"path {path!r} names a file of the repository and files is set too; use one of them")
+            value.update(path="/".join(parts[:2]), files=["/".join(parts[2:])])
         return value
 
     @model_validator(mode="after")
@@ -110,7 +141,8 @@ class DatasetSpec(_Section):
                     "files and revision apply to hub datasets only; set hub: modelscope or huggingface, or remove them"
                 )
             return self
-        if self.path.count("/") != 1 or self.path.startswith("/") or self.path.endswith("/"):
+        parts = self.path.split("/")
+        if len(parts) != 2 or not all(parts) or any(character.isspace() for character in self.path):
             raise ValueError(
                 f"{self.hub} dataset id {self.path!r} is not of the form namespace/name; copy it from the dataset's page"
             )

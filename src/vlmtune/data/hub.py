@@ -70,8 +70,8 @@ def hub_dataset_files(spec: DatasetSpec) -> list[Path]:
     relative = [path.relative_to(folder).as_posix() for path in found]
     example = next((name for name in relative if "train" in name), relative[0])
     raise DataError(
-        f"dataset {spec.label}: the repository has {len(found)} dataset files ({', '.join(relative)}); choose the "
-        f"training ones with files, e.g. files: [{example}]"
+        f"dataset {spec.label}: the repository has {len(found)} dataset files ({', '.join(relative)}); choose one "
+        f"by naming it after the id, e.g. {spec.label}/{example}, or several with files: [...] in the dataset entry"
     )
 
 

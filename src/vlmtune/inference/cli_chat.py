@@ -91,7 +91,11 @@ def load_generator(
         option = f"the base model that {adapter}/adapter_config.json records (pass --model to use another)"
     resolve_device(device)  # an unavailable device fails here, before the model loads
     try:
-        loaded = load_model(ModelSettings(name_or_path=model, hub=hub, device=device))
+        model_settings = ModelSettings(name_or_path=model, hub=hub, device=device)
+    except ValidationError as error:  # a hub prefix that contradicts --hub
+        raise ConfigError(f"--model: {error.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    try:
+        loaded = load_model(model_settings)
     except ModelError as error:  # its message names the config key, and here the model came from an option
         raise ModelError(str(error).replace("model.name_or_path", option, 1).replace("model.hub", "--hub")) from None
     if adapter:

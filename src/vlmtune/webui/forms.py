@@ -12,7 +12,7 @@ from typing import Any
 
 
 from vlmtune.config import (
-    DATASET_HUB_PREFIXES,
+    HUB_PREFIXES,
     DataSettings,
     LoraSettings,
     RunConfig,
@@ -82,7 +82,7 @@ def _absolute_if_exists(value: str, *folders: Path) -> str:
 
 
 def _is_hub_dataset(dataset: str) -> bool:
-    return dataset.startswith(tuple(DATASET_HUB_PREFIXES))
+    return dataset.startswith(tuple(HUB_PREFIXES))
 
 
 def _check_form(form: TrainForm) -> list[str]:
@@ -156,12 +156,16 @@ def build_run_config(form: TrainForm) -> RunConfig:
 
     preset_folder = Path(form.preset).resolve().parent
     model = tree.setdefault("model", {})
-    model_path = _absolute_if_exists(form.model.strip(), Path.cwd())
-    model["name_or_path"] = model_path
-    if Path(model_path).is_dir():
-        model["hub"] = "local"
-    elif model.get("hub") == "local":
-        model["hub"] = "auto"
+    if form.model.startswith(tuple(HUB_PREFIXES)):
+        model["name_or_path"] = form.model  # the prefix chooses the hub, whatever the preset's
+        model.pop("hub", None)
+    else:
+        model_path = _absolute_if_exists(form.model.strip(), Path.cwd())
+        model["name_or_path"] = model_path
+        if Path(model_path).is_dir():
+            model["hub"] = "local"
+        elif model.get("hub") == "local":
+            model["hub"] = "auto"
 
     data = tree.setdefault("data", {})
     data["train"] = [form.dataset if _is_hub_dataset(form.dataset) else str(Path(form.dataset).resolve())]

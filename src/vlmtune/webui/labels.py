@@ -33,9 +33,15 @@ LABELS: dict[str, tuple[str, str]] = {
     "regenerate": ("Regenerate", "重新生成"),
     "undo": ("Undo last turn", "撤销上一轮"),
     "clear": ("Clear", "清空"),
-    "dataset": ("Dataset file (path on the server, or modelscope:ID)", "数据集文件（服务器上的路径，或 modelscope:ID）"),
+    "dataset": (
+        "Dataset file (path on the server, or modelscope:ID / huggingface:ID)",
+        "数据集文件（服务器上的路径，或 modelscope:ID / huggingface:ID）",
+    ),
     "upload_dataset": ("Or upload a dataset file", "或上传数据集文件"),
-    "base_model": ("Base model (folder, ModelScope or Hugging Face id)", "基座模型（文件夹、ModelScope 或 Hugging Face ID）"),
+    "base_model": (
+        "Base model (folder, or modelscope:ID / huggingface:ID; a plain id uses the preset's model.hub)",
+        "基座模型（文件夹，或 modelscope:ID / huggingface:ID；不带前缀的 ID 使用预设的 model.hub）",
+    ),
     "output_dir": ("Output folder", "输出文件夹"),
     "preset": ("Preset (all other settings)", "预设（其余所有设置）"),
     "epochs": ("Epochs", "训练轮数"),
