@@ -160,7 +160,7 @@ class DataSettings(_Section):
     train: list[DatasetSpec] = Field(
         min_length=1,
         description="Training datasets: a list of paths (modelscope:ID or huggingface:ID for a hub dataset), "
-        "or of {path, hub, files, layout, columns, ratio} entries.",
+        "or of {path, hub, files, revision, layout, columns, ratio, split} entries.",
     )
     validation: list[DatasetSpec] = Field(
         default_factory=list, description="Validation datasets. Empty: hold out val_size of the training data."
