@@ -160,9 +160,16 @@ def test_qlora_fits_24_gib_where_bf16_does_not():
     assert qlora.estimate.fits is True
     assert bf16.estimate.total > qlora.estimate.total + 5 * GIB
     assert bf16.estimate.fits is False
-    assert len(bf16.levers) == 1
-    assert "quantization.bits=4" in bf16.levers[0].label
-    assert bf16.levers[0].estimate.total == qlora.estimate.total
+    # A smaller batch with more accumulation fits too and keeps the results, so it comes before QLoRA.
+    [lever] = bf16.levers
+    assert lever.label.startswith("train.per_device_train_batch_size=2 train.gradient_accumulation_steps=8")
+    assert lever.keeps_results is True
+    assert lever.estimate.fits is True
+    # Where only QLoRA fits, it is the one change.
+    [lever] = run_estimate(run_config(GLM_9B, **common), gpu_gib=15).levers
+    assert lever.label.startswith("quantization.bits=4 (QLoRA")
+    assert lever.keeps_results is False
+    assert lever.estimate.total == qlora.estimate.total
 
 
 def render(report) -> str:
@@ -205,6 +212,7 @@ def test_levers_say_when_nothing_fits(tmp_path):
     write_estimate_json(report, tmp_path / "estimate.json")
     written = json.loads((tmp_path / "estimate.json").read_text(encoding="utf-8"))
     assert [lever["change"] for lever in written["levers"]] == [lever.label for lever in report.levers]
+    assert [lever["keeps_results"] for lever in written["levers"]] == [lever.keeps_results for lever in report.levers]
     assert written["levers"][-1]["total_bytes"] == smallest.total
 
     zero3 = run_estimate(
@@ -258,7 +266,7 @@ def test_estimate_command_prints_verdict(tmp_path):
                             timeout=300, env=env, check=False)
     assert result.returncode == 0, result.stderr
     assert "fits on a 24 GiB GPU: no" in result.stdout
-    assert "biggest lever: quantization.bits=4" in result.stdout
+    assert "fits with one change: train.per_device_train_batch_size=2" in result.stdout
     written = json.loads(out.read_text())
     assert written["fits"] is False
     assert written["total_bytes"] == sum(item["bytes"] for item in written["items"])

@@ -15,34 +15,14 @@ from vlmtune.config import RunConfig
 from vlmtune.model.estimate import GIB, MemoryEstimate, Workload, estimate_memory, load_model_config
 
 
+MIN_LEVER_PIXELS = 28 * 28 * 64
+"""Smallest image area the plan proposes: 64 merged patches on GLM-4.1V (a judgement call: smaller images carry little detail)."""
+
+
 def with_change(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
     """Return a copy of the config with some keys of some sections changed."""
     updates = {name: getattr(config, name).model_copy(update=values) for name, values in sections.items()}
     return config.model_copy(update=updates)
-
-
-def _lever_candidates(config: RunConfig, workload: Workload) -> list[tuple[str, RunConfig, Workload]]:
-    """List the setting changes that can lower a run's memory, each with the config and workload it gives."""
-    candidates: list[tuple[str, RunConfig, Workload]] = []
-    if config.train.gradient_checkpointing is not True:
-        candidates.append(("train.gradient_checkpointing=true", with_change(config, train={"gradient_checkpointing": True}), workload))
-    if config.quantization.bits is None and not config.lora.train_merger:
-        candidates.append(("quantization.bits=4 (QLoRA)", with_change(config, quantization={"bits": 4}), workload))
-    elif config.quantization.bits == 8:
-        candidates.append(("quantization.bits=4", with_change(config, quantization={"bits": 4}), workload))
-    if workload.batch_size > 1:
-        half = workload.batch_size // 2
-        accumulation = config.train.gradient_accumulation_steps * 2
-        changed = with_change(config, train={"per_device_train_batch_size": half, "gradient_accumulation_steps": accumulation})
-        candidates.append((f"train.per_device_train_batch_size={half} train.gradient_accumulation_steps={accumulation} "
-                           "(same global batch)", changed, replace(workload, batch_size=half)))
-    if "8bit" not in config.train.optim:
-        candidates.append(("train.optim=paged_adamw_8bit", with_change(config, train={"optim": "paged_adamw_8bit"}), workload))
-    if workload.sequence_length > 256:
-        shorter = workload.sequence_length // 2
-        candidates.append((f"data.max_length={shorter} (longer samples are trimmed or dropped, see data.on_overlength)", with_change(config, data={"max_length": shorter}),
-                           replace(workload, sequence_length=shorter)))
-    return candidates
 
 
 @dataclass
@@ -53,25 +33,70 @@ class Lever:
     estimate: MemoryEstimate
     config: RunConfig
     workload: Workload
+    keeps_results: bool
+    """Whether training computes the same thing after the change (up to rounding), only in another way."""
+
+
+def _lever_candidates(config: RunConfig, workload: Workload) -> list[tuple[str, RunConfig, Workload, bool]]:
+    """List the setting changes that can lower a run's memory: label, the config and workload it gives, and keeps_results."""
+    candidates: list[tuple[str, RunConfig, Workload, bool]] = []
+    if config.train.gradient_checkpointing is not True:
+        changed = with_change(config, train={"gradient_checkpointing": True})
+        candidates.append(("train.gradient_checkpointing=true", changed, workload, True))
+    if workload.batch_size > 1:
+        half = workload.batch_size // 2
+        accumulation = config.train.gradient_accumulation_steps * 2
+        changed = with_change(config, train={"per_device_train_batch_size": half, "gradient_accumulation_steps": accumulation})
+        label = f"train.per_device_train_batch_size={half} train.gradient_accumulation_steps={accumulation} (same global batch)"
+        candidates.append((label, changed, replace(workload, batch_size=half), True))
+    if config.quantization.bits is None and not config.lora.train_merger:
+        changed = with_change(config, quantization={"bits": 4})
+        candidates.append(("quantization.bits=4 (QLoRA: 4-bit base weights, so results differ slightly)", changed, workload, False))
+    elif config.quantization.bits == 8:
+        changed = with_change(config, quantization={"bits": 4})
+        candidates.append(("quantization.bits=4 (4-bit base weights)", changed, workload, False))
+    if "8bit" not in config.train.optim:
+        changed = with_change(config, train={"optim": "paged_adamw_8bit"})
+        candidates.append(("train.optim=paged_adamw_8bit (8-bit optimizer states)", changed, workload, False))
+    if workload.sequence_length > 256:
+        shorter = workload.sequence_length // 2
+        changed = with_change(config, data={"max_length": shorter})
+        label = f"data.max_length={shorter} (longer samples are trimmed or dropped, see data.on_overlength)"
+        candidates.append((label, changed, replace(workload, sequence_length=shorter), False))
+    if workload.images_per_sample and workload.image_pixels and workload.image_pixels > MIN_LEVER_PIXELS:
+        smaller = workload.image_pixels // 2
+        changed = with_change(config, data={"max_pixels": smaller})
+        label = f"data.max_pixels={smaller} (larger images are scaled down further)"
+        candidates.append((label, changed, replace(workload, image_pixels=smaller), False))
+    return candidates
 
 
 def suggest_lever(
     config: RunConfig, model_config: PretrainedConfig, workload: Workload, estimate: MemoryEstimate
 ) -> Lever | None:
-    """Find the single setting change that lowers the estimate most; None when nothing helps."""
-    best: Lever | None = None
+    """Find the next setting change of a plan; None when nothing lowers the estimate.
+
+    Among the changes that make the run fit, one that keeps the training results wins (a smaller
+    batch with more accumulation before QLoRA). When none fits alone, the biggest saving wins.
+    """
     gib = estimate.gpu_bytes / GIB if estimate.gpu_bytes else None
-    for label, changed_config, changed_workload in _lever_candidates(config, workload):
+    levers = []
+    for label, changed_config, changed_workload, keeps_results in _lever_candidates(config, workload):
         result = estimate_memory(changed_config, model_config, changed_workload, device=estimate.device, gpu_gib=gib)
-        if result.total < estimate.total and (best is None or result.total < best.estimate.total):
-            best = Lever(label, result, changed_config, changed_workload)
-    return best
+        if result.total < estimate.total:
+            levers.append(Lever(label, result, changed_config, changed_workload, keeps_results))
+    if not levers:
+        return None
+    fitting = [lever for lever in levers if lever.estimate.fits]
+    if fitting:
+        return min(fitting, key=lambda lever: (not lever.keeps_results, lever.estimate.total))
+    return min(levers, key=lambda lever: lever.estimate.total)
 
 
 def plan_levers(
     config: RunConfig, model_config: PretrainedConfig, workload: Workload, estimate: MemoryEstimate
 ) -> list[Lever]:
-    """Return setting changes to apply in order, each the biggest lever left, until the run fits or none helps.
+    """Return setting changes to apply in order, each chosen by suggest_lever, until the run fits or none helps.
 
     An empty list means no change lowers the estimate. When the last lever's estimate still
     does not fit, that estimate is the least memory these settings can reach.
@@ -98,8 +123,11 @@ def estimate_as_dict(estimate: MemoryEstimate) -> dict[str, Any]:
 def write_estimate_json(report: EstimateReport, path: Path) -> None:
     """Write the estimate, and the setting changes to apply in order when it does not fit."""
     tree = estimate_as_dict(report.estimate)
+    # Each change applies on top of the ones before it, so total_bytes is the estimate after all of them so far.
     tree["levers"] = [
-        {"change": lever.label, "total_bytes": lever.estimate.total, "fits": lever.estimate.fits} for lever in report.levers
+        {"change": lever.label, "keeps_results": lever.keeps_results, "total_bytes": lever.estimate.total,
+         "fits": lever.estimate.fits}
+        for lever in report.levers
     ]
     path.write_text(json.dumps(tree, indent=2, ensure_ascii=False), encoding="utf-8")
 
@@ -227,7 +255,7 @@ def lever_lines(levers: list[Lever], gpu_bytes: int, sharded: bool = False) -> l
         return [f"no setting change lowers the estimate: use a GPU with more than {gpu}{sharding}"]
     first = levers[0]
     if len(levers) == 1 and first.estimate.fits:
-        return [f"biggest lever: {first.label} -> {first.estimate.total / GIB:.2f} GiB (fits)"]
+        return [f"fits with one change: {first.label} -> {first.estimate.total / GIB:.2f} GiB"]
     lines = ["one change is not enough; apply these in order:"]
     for number, lever in enumerate(levers, start=1):
         lines.append(f"  {number}. {lever.label} -> {lever.estimate.total / GIB:.2f} GiB")
