@@ -100,6 +100,8 @@ def test_model_retrieve_and_health(client, server):
         client.models.retrieve("other")
     with urllib.request.urlopen(f"{server}/health", timeout=10) as response:  # no API key needed
         assert json.loads(response.read()) == {"status": "ok"}
+    with urllib.request.urlopen(urllib.request.Request(f"{server}/health", method="HEAD"), timeout=10) as response:
+        assert response.status == 200
 
 
 def test_chat_completion_stops_and_splits_reasoning(client):
@@ -389,8 +391,8 @@ def test_request_errors_name_fields(server):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]},
          "messages[0].content[0].image_url", "expected {'url': URL} or a URL string, got 5"),
         ({"messages": [{"role": "user", "content": "hi"}], "stop": 5}, "stop", "expected a string or a list of strings"),
-        ({"messages": [{"role": "user", "content": "hi"}], "stop": ["喵", ""]}, "stop", "stop strings must not be empty"),
-        ({"messages": [{"role": "user", "content": "hi"}], "stop": ""}, "stop", "stop strings must not be empty"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": ["喵", ""]}, "stop", "stop: stop strings must not be empty; stop[1] is"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stop": ""}, "stop", "stop: stop strings must not be empty"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "Input should be 'system', 'developer', 'user' or 'assistant'"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "data:image/png;base64,AAAA"}]}]},
          "messages[0].content[0]", "image"),

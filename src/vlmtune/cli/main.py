@@ -424,7 +424,9 @@ def serve(
         Optional[list[str]], typer.Option(help="Allow image URLs starting with this http(s):// or file:// prefix; repeat for several.")
     ] = None,
     max_tokens_limit: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 4096,
-    max_request_mb: Annotated[float, typer.Option(help="Largest request body in MB (images included).")] = 20.0,
+    max_request_mb: Annotated[
+        float, typer.Option(min=0.001, help="Largest request body in MiB (1,048,576 bytes; images included).")
+    ] = 20.0,
     system: Annotated[
         Optional[str],
         typer.Option(help="System prompt for requests that send none. Default: the training run's (adapter or merged model); '' for none."),

@@ -101,8 +101,10 @@ class ChatRequest(BaseModel):
     @classmethod
     def _stop_strings_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
         # An empty string would match at once and end every reply before it starts.
-        if stop == "" or (isinstance(stop, list) and "" in stop):
+        if stop == "":
             raise ValueError("stop strings must not be empty")
+        if isinstance(stop, list) and "" in stop:
+            raise ValueError(f"stop strings must not be empty; stop[{stop.index('')}] is")
         return stop
 
 
@@ -150,7 +152,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str | None, str]:
     param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in fields).lstrip(".") or None
     if location and location[-1] in UNION_MEMBERS and fields and fields[-1] in UNION_EXPECTED:
         return param, f"{param}: expected {UNION_EXPECTED[fields[-1]]}, got {repr(error.get('input'))[:80]}"
-    return param, f"{param or 'body'}: {error['msg']}"
+    # pydantic starts the messages of validators written as code with "Value error, ".
+    return param, f"{param or 'body'}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def _image_params(request: ChatRequest) -> list[str]:
@@ -413,7 +416,7 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
             )
         return model_entry
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         """Return 200 while the server runs, without an API key (for load balancers and scripts)."""
         return {"status": "ok"}
