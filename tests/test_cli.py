@@ -503,7 +503,7 @@ def test_reply_end_notes(answer, reasoning, show_thinking, note):
 
 
 @pytest.mark.slow
-def test_sigint_predict_says_how_to_continue(tiny_model_dir, tmp_path):
+def test_sigterm_predict_says_how_to_continue(tiny_model_dir, tmp_path):
     from conftest import PERSONA_DATA
 
     output = tmp_path / "predictions.jsonl"
@@ -516,9 +516,10 @@ def test_sigint_predict_says_how_to_continue(tiny_model_dir, tmp_path):
         if output.is_file() and output.read_text(encoding="utf-8").count("\n") >= 2:
             break
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     finished = output.read_text(encoding="utf-8").count("\n")
-    assert f"predict interrupted: {finished} of 387 examples have a prediction in {output}" in stderr
+    assert f"predict interrupted by SIGTERM: {finished} of 387 examples have a prediction in {output}" in stderr
     assert "run the same command again to predict the others" in stderr
+    assert "are already in" not in stderr  # a fresh run that was stopped has nothing from before

@@ -362,21 +362,31 @@ def predict(
         raise VlmtuneError(f"--data {data}: no valid example to predict; see the skipped examples above")
     base = model or (adapter_base_model(adapter) if adapter else None)
     # Rows already in --output are checked before the model loads, so a mismatch fails at once.
-    if not pending_examples(conversations, output, producer_labels(base, adapter)):
+    if not pending_examples(conversations, output, producer_labels(base, adapter), log=False):
         console.print(f"every example already has a prediction in {output}; nothing to do", soft_wrap=True)
         return
     generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
+    received = [signal.SIGINT]
+
+    def stop_on_sigterm(signum, frame) -> None:
+        received[0] = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         written = run_predict(generator, conversations, output, batch_size=batch_size, model=base, adapter=adapter)
     except KeyboardInterrupt:
-        finished = len(conversations) - len(pending_examples(conversations, output, producer_labels(base, adapter)))
+        pending = pending_examples(conversations, output, producer_labels(base, adapter), log=False)
         error_console.print(
-            f"predict interrupted: {finished} of {len(conversations)} examples have a prediction in {output}; run the "
-            "same command again to predict the others",
+            f"predict interrupted by {signal.Signals(received[0]).name}: {len(conversations) - len(pending)} of "
+            f"{len(conversations)} examples have a prediction in {output}; run the same command again to predict "
+            "the others",
             soft_wrap=True,
             markup=False,
         )
-        raise typer.Exit(128 + signal.SIGINT) from None
+        raise typer.Exit(128 + received[0]) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
 
 
