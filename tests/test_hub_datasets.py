@@ -143,6 +143,7 @@ def test_config_file_keeps_hub_ids(fake_hub, tmp_path):
     saved = portable_config_dict(config)["data"]["train"][0]
     assert (saved["path"], saved["hub"]) == (DATASET_ID, "modelscope")
     [record] = dataset_hashes(config)
+    assert (record["dataset"], record["revision"]) == (f"modelscope:{DATASET_ID}", None)
     assert record["path"].endswith("train.json")
     assert len(record["sha256"]) == 64
 
@@ -179,4 +180,6 @@ def test_training_reads_hub_dataset(fake_hub, tiny_model_dir, tmp_path):
     assert len(recipe.report.samples) == 8
     manifest = json.loads((tmp_path / "out" / "run_manifest.json").read_text(encoding="utf-8"))
     assert [Path(entry["path"]).name for entry in manifest["datasets"]] == ["train.json"]
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert f"- data: modelscope:{DATASET_ID} (8 samples)" in card
     assert len(fake_hub.calls) == 1, "the manifest reuses the download"

@@ -231,7 +231,9 @@ def model_card(adapter_dir: Path) -> str:
     ]
     if manifest:
         config = manifest.get("config", {})
-        lines.append(f"- data: {', '.join(item['path'] for item in manifest.get('datasets', []))} ({manifest.get('samples')} samples)")
+        # A hub dataset's files are named by the entry (modelscope:ID), not by their cache path; older manifests lack it.
+        names = dict.fromkeys(item.get("dataset") or item["path"] for item in manifest.get("datasets", []))
+        lines.append(f"- data: {', '.join(names)} ({manifest.get('samples')} samples)")
         lines.append(f"- training: {json.dumps(config.get('train', {}), ensure_ascii=False)}")
         system_prompt = config.get("data", {}).get("system_prompt")
         # Chat, serve and predict send it by default; other clients must send it themselves.

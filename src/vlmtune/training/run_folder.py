@@ -208,10 +208,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def dataset_hashes(config: RunConfig) -> list[dict[str, str]]:
-    """Return the path and sha256 of every file behind the config's datasets (a folder counts each of its files)."""
+def dataset_hashes(config: RunConfig) -> list[dict[str, str | None]]:
+    """Return each file behind the config's datasets (a folder counts each of its files) with its sha256.
+
+    `dataset` is the entry as configured (modelscope:ID for a hub dataset, whose `path` is in the
+    hub client's cache), and `revision` the hub revision asked for (None: the default branch).
+    """
     return [
-        {"path": str(path), "sha256": _file_sha256(path)}
+        {"dataset": spec.label, "revision": spec.revision, "path": str(path), "sha256": _file_sha256(path)}
         for spec in [*config.data.train, *config.data.validation]
         for path in _dataset_paths(spec)
     ]
