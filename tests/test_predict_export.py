@@ -211,7 +211,7 @@ def test_export_round_trip(adapter_dir, tiny_model_dir, tmp_path):
 def test_checkpoint_export_keeps_run_config(adapter_dir, tiny_model_dir, tmp_path):
     import shutil
 
-    # A checkpoint-N folder holds the adapter but not config.yaml, which is in its run folder.
+    # A checkpoint-N folder contains the adapter but not config.yaml, which is in its run folder.
     run = tmp_path / "run"
     checkpoint = run / "checkpoint-5"
     shutil.copytree(adapter_dir, checkpoint, ignore=shutil.ignore_patterns("config.yaml", "checkpoint-*"))

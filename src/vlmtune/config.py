@@ -37,6 +37,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+HUB_PREFIXES = {"modelscope:": "modelscope", "huggingface:": "huggingface"}
+"""Prefixes of a model name or dataset path that name a hub: `modelscope:namespace/name`."""
+
+
+def _split_hub_prefix(value: str, key: str, hub: str | None) -> tuple[str, str | None]:
+    """Return the value without a hub prefix and the hub it names (None without a prefix).
+
+    Raises ValueError when the prefix contradicts an explicit hub setting.
+    """
+    for prefix, named in HUB_PREFIXES.items():
+        if value.startswith(prefix):
+            if hub is not None and hub not in (named, "auto"):
+                raise ValueError(f"{key} {value!r} names {named}, but hub is {hub}; remove the prefix or the hub setting")
+            return value.removeprefix(prefix).strip(), named
+    return value, None
+
+
 class ModelSettings(_Section):
     """Model source and loading options."""
 
@@ -66,23 +83,6 @@ class ModelSettings(_Section):
             if hub is not None:
                 return {**value, "name_or_path": name, "hub": hub}
         return value
-
-
-HUB_PREFIXES = {"modelscope:": "modelscope", "huggingface:": "huggingface"}
-"""Prefixes of a model name or dataset path that name a hub: `modelscope:namespace/name`."""
-
-
-def _split_hub_prefix(value: str, key: str, hub: str | None) -> tuple[str, str | None]:
-    """Return the value without a hub prefix and the hub it names (None without a prefix).
-
-    Raises ValueError when the prefix contradicts an explicit hub setting.
-    """
-    for prefix, named in HUB_PREFIXES.items():
-        if value.startswith(prefix):
-            if hub is not None and hub not in (named, "auto"):
-                raise ValueError(f"{key} {value!r} names {named}, but hub is {hub}; remove the prefix or the hub setting")
-            return value.removeprefix(prefix).strip(), named
-    return value, None
 
 
 class DatasetSpec(_Section):

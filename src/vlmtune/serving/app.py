@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -318,8 +318,12 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         future = loop.create_future()
 
         def settle(result: Any, error: BaseException | None) -> None:
-            if not future.done():
-                future.set_exception(error) if error is not None else future.set_result(result)
+            if future.done():  # the awaiting request was cancelled
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
 
         def run() -> None:
             result, error = None, None
