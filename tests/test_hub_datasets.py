@@ -155,6 +155,16 @@ def test_model_prefix_sets_hub():
         build_config({"model": {"name_or_path": "huggingface:a/b", "hub": "local"}, "data": {"train": ["x.json"]}})
 
 
+def test_hub_typos_get_hints(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name_or_path: unused}\ndata:\n  train:\n    - modelscope:\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="'modelscope:' names a hub but no dataset id; write modelscope:namespace/name"):
+        load_config(path)
+    path.write_text("model: {name_or_path: unused}\ndata: {train: [ms:a/b]}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="dataset not found: ms:a/b .*; for a dataset on a hub, write modelscope:namespace/name"):
+        load_config(path)
+
+
 def test_local_entry_unchanged(tmp_path):
     path = write_json(tmp_path / "train.json", ROWS)
     spec = DatasetSpec(path=str(path))

@@ -40,6 +40,8 @@ class _Section(BaseModel):
 HUB_PREFIXES = {"modelscope:": "modelscope", "huggingface:": "huggingface"}
 """Prefixes of a model name or dataset path that name a hub: `modelscope:namespace/name`."""
 
+HUB_HINT = "; for a dataset on a hub, write modelscope:namespace/name or huggingface:namespace/name"
+
 
 def _split_hub_prefix(value: str, key: str, hub: str | None) -> tuple[str, str | None]:
     """Return the value without a hub prefix and the hub it names (None without a prefix).
@@ -227,6 +229,12 @@ class DataSettings(_Section):
     def _accept_plain_paths(cls, value: Any) -> Any:
         if isinstance(value, (str, dict)):
             value = [value]
+        for item in value if isinstance(value, list) else []:
+            # YAML reads `- modelscope:` with nothing after the colon as the mapping {modelscope: null}.
+            if isinstance(item, dict) and len(item) == 1:
+                [(key, entry)] = item.items()
+                if f"{key}:" in HUB_PREFIXES and entry is None:
+                    raise ValueError(f"'{key}:' names a hub but no dataset id; write {key}:namespace/name")
         if isinstance(value, list):
             return [{"path": item} if isinstance(item, str) else item for item in value]
         return value
@@ -676,7 +684,9 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     for field, specs in (("data.train", config.data.train), ("data.validation", config.data.validation)):
         for index, spec in enumerate(specs):
             if spec.hub == "local":
-                spec.path = _find_beside_config(spec.path, config_path, f"{field}[{index}].path: dataset", Path.exists)
+                # A colon in a path that does not exist is most likely a hub id with a prefix vlmtune does not know.
+                fix = HUB_HINT if ":" in spec.path else ""
+                spec.path = _find_beside_config(spec.path, config_path, f"{field}[{index}].path: dataset", Path.exists, fix)
     if config.train.deepspeed is not None:
         config.train.deepspeed = _find_beside_config(
             config.train.deepspeed,
