@@ -454,3 +454,24 @@ def test_disconnected_stream_stops_generation(long_server, caplog):
     assert "the client disconnected" in caplog.text
     [stopped] = re.findall(r"generation stopped after (\d+) tokens", caplog.text)
     assert int(stopped) < 3000
+
+
+def test_queued_stream_disconnect_logged(long_server, caplog):
+    import http.client
+
+    host, port = long_server.removeprefix("http://").split(":")
+    body = json.dumps({"stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "讲个故事"}]})
+    connections = [http.client.HTTPConnection(host, int(port), timeout=60) for _ in range(2)]
+    with caplog.at_level("INFO", logger="vlmtune.serving.app"):
+        first, second = connections
+        first.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        first_response = first.getresponse()
+        assert first_response.readline()  # the first request holds the generation lock
+        second.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        time.sleep(0.5)  # the second request waits for its turn
+        second.close()
+        first.close()
+        deadline = time.time() + 10
+        while "while waiting for its turn" not in caplog.text and time.time() < deadline:
+            time.sleep(0.05)
+    assert "the client disconnected while waiting for its turn" in caplog.text

@@ -534,7 +534,11 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
         cancel = threading.Event()
         finished = False
-        generation = await start_generation(run, request_id)
+        try:
+            generation = await start_generation(run, request_id)
+        except asyncio.CancelledError:
+            logger.info("request %s: the client disconnected while waiting for its turn", request_id)
+            raise
         # The error, if any, reaches the client through the queue.
         generation.add_done_callback(lambda future: future.exception() if not future.cancelled() else None)
         try:
