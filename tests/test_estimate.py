@@ -199,6 +199,26 @@ def test_levers_chain_until_run_fits():
     assert f"with these {len(report.levers)} changes the run fits on a 12 GiB GPU" in text
 
 
+def test_lever_overrides_reproduce_plan(tmp_path):
+    """The overrides of a plan, given to the config as on the command line, give the plan's last estimate."""
+    from vlmtune.config import load_config
+
+    data = write_json(tmp_path / "train.json", [{"instruction": "a", "output": "b"}])
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        f"model: {{name_or_path: {GLM_9B}}}\ndata: {{train: [{data}], max_length: 1024}}\n"
+        "train: {per_device_train_batch_size: 4, gradient_checkpointing: false}\n",
+        encoding="utf-8",
+    )
+    plan = run_estimate(load_config(path), gpu_gib=12).levers
+    assert len(plan) >= 2
+    overrides = [override for lever in plan for override in lever.overrides]
+    assert "train.gradient_checkpointing=true" in overrides  # a boolean in the form the command line takes
+    applied = run_estimate(load_config(path, overrides), gpu_gib=12)
+    assert applied.estimate.total == plan[-1].estimate.total
+    assert applied.estimate.fits is True
+
+
 def test_levers_say_when_nothing_fits(tmp_path):
     from vlmtune.model.estimate_report import write_estimate_json
 

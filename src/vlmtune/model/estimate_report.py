@@ -29,46 +29,66 @@ def with_change(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
 class Lever:
     """One setting change of a memory plan and the estimate after it (and after the changes before it)."""
 
-    label: str
+    overrides: list[str]
+    """The change as `section.key=value` overrides, which `vlmtune train CONFIG` accepts."""
+    note: str
+    """What the change does besides saving memory; empty when the overrides need no explanation."""
     estimate: MemoryEstimate
     config: RunConfig
     workload: Workload
     keeps_results: bool
     """Whether training computes the same thing after the change (up to rounding), only in another way."""
 
+    @property
+    def label(self) -> str:
+        return " ".join(self.overrides) + (f" ({self.note})" if self.note else "")
 
-def _lever_candidates(config: RunConfig, workload: Workload) -> list[tuple[str, RunConfig, Workload, bool]]:
-    """List the setting changes that can lower a run's memory: label, the config and workload it gives, and keeps_results."""
-    candidates: list[tuple[str, RunConfig, Workload, bool]] = []
+
+@dataclass
+class _Candidate:
+    """A setting change before it is estimated: the changed keys by section, and the workload they give."""
+
+    changes: dict[str, dict[str, Any]]
+    note: str
+    workload: Workload
+    keeps_results: bool
+
+
+def _lever_candidates(config: RunConfig, workload: Workload) -> list[_Candidate]:
+    """List the setting changes that can lower a run's memory, each with the workload it gives."""
+    candidates: list[_Candidate] = []
     if config.train.gradient_checkpointing is not True:
-        changed = with_change(config, train={"gradient_checkpointing": True})
-        candidates.append(("train.gradient_checkpointing=true", changed, workload, True))
+        candidates.append(_Candidate({"train": {"gradient_checkpointing": True}}, "", workload, True))
     if workload.batch_size > 1:
         half = workload.batch_size // 2
         accumulation = config.train.gradient_accumulation_steps * 2
-        changed = with_change(config, train={"per_device_train_batch_size": half, "gradient_accumulation_steps": accumulation})
-        label = f"train.per_device_train_batch_size={half} train.gradient_accumulation_steps={accumulation} (same global batch)"
-        candidates.append((label, changed, replace(workload, batch_size=half), True))
+        changes = {"train": {"per_device_train_batch_size": half, "gradient_accumulation_steps": accumulation}}
+        candidates.append(_Candidate(changes, "same global batch", replace(workload, batch_size=half), True))
     if config.quantization.bits is None and not config.lora.train_merger:
-        changed = with_change(config, quantization={"bits": 4})
-        candidates.append(("quantization.bits=4 (QLoRA: 4-bit base weights, so results differ slightly)", changed, workload, False))
+        note = "QLoRA: 4-bit base weights, so results differ slightly"
+        candidates.append(_Candidate({"quantization": {"bits": 4}}, note, workload, False))
     elif config.quantization.bits == 8:
-        changed = with_change(config, quantization={"bits": 4})
-        candidates.append(("quantization.bits=4 (4-bit base weights)", changed, workload, False))
+        candidates.append(_Candidate({"quantization": {"bits": 4}}, "4-bit base weights", workload, False))
     if "8bit" not in config.train.optim:
-        changed = with_change(config, train={"optim": "paged_adamw_8bit"})
-        candidates.append(("train.optim=paged_adamw_8bit (8-bit optimizer states)", changed, workload, False))
+        candidates.append(_Candidate({"train": {"optim": "paged_adamw_8bit"}}, "8-bit optimizer states", workload, False))
     if workload.sequence_length > 256:
         shorter = workload.sequence_length // 2
-        changed = with_change(config, data={"max_length": shorter})
-        label = f"data.max_length={shorter} (longer samples are trimmed or dropped, see data.on_overlength)"
-        candidates.append((label, changed, replace(workload, sequence_length=shorter), False))
+        note = "longer samples are trimmed or dropped, see data.on_overlength"
+        candidates.append(_Candidate({"data": {"max_length": shorter}}, note, replace(workload, sequence_length=shorter), False))
     if workload.images_per_sample and workload.image_pixels and workload.image_pixels > MIN_LEVER_PIXELS:
         smaller = workload.image_pixels // 2
-        changed = with_change(config, data={"max_pixels": smaller})
-        label = f"data.max_pixels={smaller} (larger images are scaled down further)"
-        candidates.append((label, changed, replace(workload, image_pixels=smaller), False))
+        note = "larger images are scaled down further"
+        candidates.append(_Candidate({"data": {"max_pixels": smaller}}, note, replace(workload, image_pixels=smaller), False))
     return candidates
+
+
+def _overrides(changes: dict[str, dict[str, Any]]) -> list[str]:
+    """Write setting changes as `section.key=value` overrides, booleans in YAML's lower case."""
+    return [
+        f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for section, values in changes.items()
+        for key, value in values.items()
+    ]
 
 
 def suggest_lever(
@@ -81,10 +101,12 @@ def suggest_lever(
     """
     gib = estimate.gpu_bytes / GIB if estimate.gpu_bytes else None
     levers = []
-    for label, changed_config, changed_workload, keeps_results in _lever_candidates(config, workload):
-        result = estimate_memory(changed_config, model_config, changed_workload, device=estimate.device, gpu_gib=gib)
+    for candidate in _lever_candidates(config, workload):
+        changed = with_change(config, **candidate.changes)
+        result = estimate_memory(changed, model_config, candidate.workload, device=estimate.device, gpu_gib=gib)
         if result.total < estimate.total:
-            levers.append(Lever(label, result, changed_config, changed_workload, keeps_results))
+            overrides = _overrides(candidate.changes)
+            levers.append(Lever(overrides, candidate.note, result, changed, candidate.workload, candidate.keeps_results))
     if not levers:
         return None
     fitting = [lever for lever in levers if lever.estimate.fits]
@@ -125,8 +147,8 @@ def write_estimate_json(report: EstimateReport, path: Path) -> None:
     tree = estimate_as_dict(report.estimate)
     # Each change applies on top of the ones before it, so total_bytes is the estimate after all of them so far.
     tree["levers"] = [
-        {"change": lever.label, "keeps_results": lever.keeps_results, "total_bytes": lever.estimate.total,
-         "fits": lever.estimate.fits}
+        {"change": lever.label, "overrides": lever.overrides, "keeps_results": lever.keeps_results,
+         "total_bytes": lever.estimate.total, "fits": lever.estimate.fits}
         for lever in report.levers
     ]
     path.write_text(json.dumps(tree, indent=2, ensure_ascii=False), encoding="utf-8")
