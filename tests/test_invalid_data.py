@@ -144,20 +144,20 @@ def test_duplicates_across_files_and_validation(tmp_path, caplog):
 
     first = write_json(tmp_path / "first.json", [{"instruction": "一", "output": "喵"}, {"instruction": "二", "output": "喵喵"}])
     second = write_json(tmp_path / "second.json", [{"instruction": "二", "output": "喵喵"}, {"instruction": "三", "output": "喵"}])
-    held = write_json(tmp_path / "validation.json", [{"instruction": "一", "output": "喵"}, {"instruction": "四", "output": "喵"}])
+    validation_file = write_json(tmp_path / "validation.json", [{"instruction": "一", "output": "喵"}, {"instruction": "四", "output": "喵"}])
 
-    kept = load_data(DataSettings(train=[str(first), str(second)], validation=[str(held)]))
-    assert len(kept.train) == 4
-    assert kept.report.duplicates == [f"{second}, record 1 (line 2)"]
-    assert kept.report.originals[f"{second}, record 1 (line 2)"] == f"{first}, record 2 (line 6)"
-    assert kept.report.validation_overlap == [f"{held}, record 1 (line 2)"]
-    assert len(kept.validation) == 2
+    without_dedup = load_data(DataSettings(train=[str(first), str(second)], validation=[str(validation_file)]))
+    assert len(without_dedup.train) == 4
+    assert without_dedup.report.duplicates == [f"{second}, record 1 (line 2)"]
+    assert without_dedup.report.originals[f"{second}, record 1 (line 2)"] == f"{first}, record 2 (line 6)"
+    assert without_dedup.report.validation_overlap == [f"{validation_file}, record 1 (line 2)"]
+    assert len(without_dedup.validation) == 2
     assert "1 validation example(s) repeat a training example" in caplog.text
-    assert f"{held}, record 1 (line 2) repeats {first}, record 1 (line 2)" in caplog.text
+    assert f"{validation_file}, record 1 (line 2) repeats {first}, record 1 (line 2)" in caplog.text
 
-    removed = load_data(DataSettings(train=[str(first), str(second)], validation=[str(held)], dedup=True))
-    assert len(removed.train) == 3
-    assert [conversation.source for conversation in removed.validation] == [f"{held}, record 2 (line 6)"]
+    with_dedup = load_data(DataSettings(train=[str(first), str(second)], validation=[str(validation_file)], dedup=True))
+    assert len(with_dedup.train) == 3
+    assert [conversation.source for conversation in with_dedup.validation] == [f"{validation_file}, record 2 (line 6)"]
 
     # A ratio above 1 repeats a file on purpose: its copies are no duplicates.
     repeated = load_data(DataSettings(train=[{"path": str(first), "ratio": 2.0}]))

@@ -271,12 +271,18 @@ def test_oversized_body_rejected(server):
     assert "exceeds the limit" in payload["error"]["message"]
 
 
+def host_and_port(url: str) -> tuple[str, int]:
+    """Split a server URL of start_server into host and port, for raw HTTP connections."""
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
 def post_chunked(server: str, body: bytes) -> tuple[int, dict]:
     """POST the body with Transfer-Encoding: chunked, so the request has no Content-Length."""
     import http.client
 
-    host, port = server.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    host, port = host_and_port(server)
+    connection = http.client.HTTPConnection(host, port, timeout=60)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
     pieces = (body[start : start + 65536] for start in range(0, len(body), 65536))
     connection.request("POST", "/v1/chat/completions", pieces, headers, encode_chunked=True)
@@ -432,8 +438,8 @@ def test_disconnected_stream_stops_generation(long_server, caplog):
     def generating() -> list[threading.Thread]:
         return [thread for thread in threading.enumerate() if thread.name.startswith(GENERATION_THREAD)]
 
-    host, port = long_server.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    host, port = host_and_port(long_server)
+    connection = http.client.HTTPConnection(host, port, timeout=60)
     body = {"stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "讲个故事"}]}
     with caplog.at_level("INFO", logger="vlmtune.serving.app"):
         connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -459,9 +465,9 @@ def test_disconnected_stream_stops_generation(long_server, caplog):
 def test_queued_stream_disconnect_logged(long_server, caplog):
     import http.client
 
-    host, port = long_server.removeprefix("http://").split(":")
+    host, port = host_and_port(long_server)
     body = json.dumps({"stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "讲个故事"}]})
-    connections = [http.client.HTTPConnection(host, int(port), timeout=60) for _ in range(2)]
+    connections = [http.client.HTTPConnection(host, port, timeout=60) for _ in range(2)]
     with caplog.at_level("INFO", logger="vlmtune.serving.app"):
         first, second = connections
         first.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})

@@ -104,7 +104,8 @@ def _resume_mismatch(row: dict, expected: dict) -> str | None:
     for key, cause in (("prompt", "the data file changed"), ("images", "the data file changed"),
                        ("system", "the system prompt (--system, the data or the adapter's run) changed")):
         if row.get(key) != expected[key]:
-            return f"its {key} {_field_text(key, row.get(key))} differs from this run's {_field_text(key, expected[key])}, so {cause} since it was written"
+            written, current = _field_text(key, row.get(key)), _field_text(key, expected[key])
+            return f"its {key} {written} differs from this run's {current}, so {cause} since it was written"
     return None
 
 

@@ -32,7 +32,7 @@ class Lever:
     overrides: list[str]
     """The change as `section.key=value` overrides, which `vlmtune train CONFIG` accepts."""
     note: str
-    """What the change does besides saving memory; empty when the overrides need no explanation."""
+    """The change's effect besides saving memory; empty when the overrides need no explanation."""
     estimate: MemoryEstimate
     config: RunConfig
     workload: Workload

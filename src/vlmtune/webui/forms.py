@@ -81,15 +81,16 @@ def _absolute_if_exists(value: str, *folders: Path) -> str:
     return value
 
 
-def _is_hub_dataset(dataset: str) -> bool:
-    return dataset.startswith(tuple(HUB_PREFIXES))
+def _has_hub_prefix(name: str) -> bool:
+    """Return whether a dataset or model field names a hub (modelscope:ID or huggingface:ID)."""
+    return name.startswith(tuple(HUB_PREFIXES))
 
 
 def _check_form(form: TrainForm) -> list[str]:
     problems = []
     if not form.dataset.strip():
         problems.append("dataset: no file chosen. Enter the path of a dataset file or upload one")
-    elif not _is_hub_dataset(form.dataset) and not Path(form.dataset).exists():
+    elif not _has_hub_prefix(form.dataset) and not Path(form.dataset).exists():
         problems.append(
             f"dataset: file not found: {form.dataset}. Check the path, upload the file, or enter a hub dataset as "
             "modelscope:namespace/name"
@@ -156,7 +157,7 @@ def build_run_config(form: TrainForm) -> RunConfig:
 
     preset_folder = Path(form.preset).resolve().parent
     model = tree.setdefault("model", {})
-    if form.model.startswith(tuple(HUB_PREFIXES)):
+    if _has_hub_prefix(form.model):
         model["name_or_path"] = form.model  # the prefix chooses the hub, whatever the preset's
         model.pop("hub", None)
     else:
@@ -168,7 +169,7 @@ def build_run_config(form: TrainForm) -> RunConfig:
             model["hub"] = "auto"
 
     data = tree.setdefault("data", {})
-    data["train"] = [form.dataset if _is_hub_dataset(form.dataset) else str(Path(form.dataset).resolve())]
+    data["train"] = [form.dataset if _has_hub_prefix(form.dataset) else str(Path(form.dataset).resolve())]
     data.pop("validation", None)
     data["max_length"] = form.max_length
     data["thinking"] = form.thinking
