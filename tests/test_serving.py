@@ -481,3 +481,58 @@ def test_queued_stream_disconnect_logged(long_server, caplog):
         while "while waiting for its turn" not in caplog.text and time.time() < deadline:
             time.sleep(0.05)
     assert "the client disconnected while waiting for its turn" in caplog.text
+
+
+def generation_threads() -> list[threading.Thread]:
+    from vlmtune.serving.app import GENERATION_THREAD
+
+    return [thread for thread in threading.enumerate() if thread.name.startswith(GENERATION_THREAD)]
+
+
+def test_disconnected_request_stops_generation(long_server, caplog):
+    import http.client
+
+    host, port = host_and_port(long_server)
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    body = {"max_tokens": 3000, "messages": [{"role": "user", "content": "讲个故事"}]}
+    with caplog.at_level("INFO", logger="vlmtune.serving.app"):
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        deadline = time.time() + 10
+        while not generation_threads() and time.time() < deadline:
+            time.sleep(0.02)
+        assert generation_threads(), "the generation did not start"
+        connection.close()  # without reading the reply
+        deadline = time.time() + 10
+        while generation_threads() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not generation_threads(), "a generation kept running after its client disconnected"
+    assert "the client disconnected after" in caplog.text
+    [stopped] = re.findall(r"generation stopped after (\d+) tokens", caplog.text)
+    assert int(stopped) < 3000
+
+
+def test_queued_request_of_gone_client_never_generates(long_server, caplog):
+    import http.client
+
+    host, port = host_and_port(long_server)
+    stream = json.dumps({"stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "讲个故事"}]})
+    queued = json.dumps({"max_tokens": 3000, "messages": [{"role": "user", "content": "第二个故事"}]})
+    first, second = (http.client.HTTPConnection(host, port, timeout=60) for _ in range(2))
+    with caplog.at_level("INFO", logger="vlmtune.serving.app"):
+        first.request("POST", "/v1/chat/completions", stream, {"Content-Type": "application/json"})
+        assert first.getresponse().readline()  # the first request holds the generation lock
+        second.request("POST", "/v1/chat/completions", queued, {"Content-Type": "application/json"})
+        time.sleep(0.5)  # the second request waits for its turn
+        second.close()
+        deadline = time.time() + 10
+        while "the client disconnected after" not in caplog.text and time.time() < deadline:
+            time.sleep(0.05)
+        first.close()
+        deadline = time.time() + 10
+        while generation_threads() and time.time() < deadline:
+            time.sleep(0.05)
+        assert not generation_threads()
+    # Only the first request generated, so there is one stop line, for it.
+    assert "the client disconnected after" in caplog.text
+    assert len(re.findall(r"generation stopped after \d+ tokens", caplog.text)) == 1
+    assert "completion tokens" not in caplog.text  # no reply was finished for either client

@@ -342,6 +342,37 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
             raise
         return future
 
+    async def generate_unless_disconnected(
+        request: Request, work: Callable[[], Reply], cancel: threading.Event
+    ) -> Reply | None:
+        """Run `work` as a generation and return its reply, or None when the client disconnects first.
+
+        A request whose client leaves while it waits for its turn never starts a generation. When the
+        client leaves during the generation, `cancel` stops it after the current token.
+        """
+        request_id = request.state.request_id
+        started = time.perf_counter()
+
+        async def generation() -> Reply:
+            return await (await start_generation(work, request_id))
+
+        running = asyncio.ensure_future(generation())
+        disconnect = asyncio.ensure_future(_client_disconnect(request))
+        try:
+            await asyncio.wait({running, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+        if running.done():
+            return running.result()
+        cancel.set()
+        running.cancel()
+        logger.info(
+            "request %s: the client disconnected after %.2f s; stopping its generation, or dropping it if not started",
+            request_id,
+            time.perf_counter() - started,
+        )
+        return None
+
     @app.middleware("http")
     async def limit_and_authorize(request: Request, call_next):
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -454,11 +485,16 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
             return StreamingResponse(stream, media_type="text/event-stream")
 
         started = time.perf_counter()
-        work = functools.partial(_generate, request_generator, conversation, inputs, stops, body.seed)
+        cancel = threading.Event()
+        work = functools.partial(_generate, request_id, request_generator, conversation, inputs, stops, body.seed, cancel)
         try:
-            reply = await (await start_generation(work, request_id))
+            reply = await generate_unless_disconnected(request, work, cancel)
         except VlmtuneError as error:
             raise APIError(400, str(error)) from None
+        if reply is None:
+            # The client is gone, so this reply is never read. Proxies such as nginx log 499 for a
+            # request closed by its client.
+            return error_response(499, "the client closed the connection before the reply was ready")
 
         answer, stopped_by_string = _cut_at_stop(reply.answer, stops)
         finish = "stop" if reply.stopped or stopped_by_string else "length"
@@ -523,9 +559,7 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
 
         def run() -> Reply:
             try:
-                reply = _generate(request_generator, conversation, inputs, stops, body.seed, on_parts, cancel)
-                if cancel.is_set():
-                    logger.info("request %s: generation stopped after %d tokens", request_id, reply.generated_tokens)
+                reply = _generate(request_id, request_generator, conversation, inputs, stops, body.seed, cancel, on_parts)
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", reply, None))
                 return reply
             except Exception as error:  # reported to the client as a final error event
@@ -583,20 +617,40 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
     return app
 
 
+async def _client_disconnect(request: Request) -> None:
+    """Return when the client closes the connection.
+
+    Call it once the request body has been read: then the server's next message is the
+    disconnect, sent when the client goes away (or once the response is complete).
+    `request.is_disconnected()` does not work here: it only checks for a message that is
+    already waiting, and behind the `http` middleware none is.
+    """
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _generate(
+    request_id: str,
     generator: Generator,
     conversation: Conversation,
     inputs: dict[str, torch.Tensor],
     stops: list[str],
     seed: int | None,
+    cancel: threading.Event,
     on_parts=None,
-    cancel: threading.Event | None = None,
 ) -> Reply:
+    """Generate the reply to one request, streamed through `on_parts` if given. `cancel` stops it after the current token."""
     if seed is not None:
         torch.manual_seed(seed)
     if on_parts is None:
-        return generator.generate(conversation, stop_strings=stops or None, inputs=inputs)
-    return generator.stream(conversation, on_parts=on_parts, stop_strings=stops or None, inputs=inputs, cancel=cancel)
+        reply = generator.generate(conversation, stop_strings=stops or None, inputs=inputs, cancel=cancel)
+    else:
+        reply = generator.stream(
+            conversation, on_parts=on_parts, stop_strings=stops or None, inputs=inputs, cancel=cancel
+        )
+    if cancel.is_set():
+        logger.info("request %s: generation stopped after %d tokens", request_id, reply.generated_tokens)
+    return reply
 
 
 def _usage(reply: Reply) -> dict[str, int]:
