@@ -430,13 +430,30 @@ def long_server(tiny_model_dir):
     yield from start_server(generator, ServerSettings(model_name="base", max_tokens_limit=3000))
 
 
-def test_disconnected_stream_stops_generation(long_server, caplog):
-    import http.client
-
+def generation_threads() -> list[threading.Thread]:
     from vlmtune.serving.app import GENERATION_THREAD
 
-    def generating() -> list[threading.Thread]:
-        return [thread for thread in threading.enumerate() if thread.name.startswith(GENERATION_THREAD)]
+    return [thread for thread in threading.enumerate() if thread.name.startswith(GENERATION_THREAD)]
+
+
+def generations_end_within(seconds: float) -> bool:
+    """Wait up to `seconds` for the server's generation threads to end; return whether they did."""
+    deadline = time.time() + seconds
+    while generation_threads() and time.time() < deadline:
+        time.sleep(0.05)
+    return not generation_threads()
+
+
+def log_shows(caplog, text: str, seconds: float) -> bool:
+    """Wait up to `seconds` for `text` to appear in the captured log; return whether it did."""
+    deadline = time.time() + seconds
+    while text not in caplog.text and time.time() < deadline:
+        time.sleep(0.05)
+    return text in caplog.text
+
+
+def test_disconnected_stream_stops_generation(long_server, caplog):
+    import http.client
 
     host, port = host_and_port(long_server)
     connection = http.client.HTTPConnection(host, port, timeout=60)
@@ -446,47 +463,40 @@ def test_disconnected_stream_stops_generation(long_server, caplog):
         response = connection.getresponse()
         for _ in range(5):  # a few chunks, then the client goes away
             assert response.readline()
-        assert generating(), "the generation runs while the client reads"
+        assert generation_threads(), "the generation runs while the client reads"
         connection.close()
 
         # The next request waits for the lock, which the abandoned generation holds until it stops.
         status, reply = post(long_server, json.dumps({"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}).encode(), key=None)
         assert status == 200
         assert reply["usage"]["completion_tokens"] <= 4
-        deadline = time.time() + 5
-        while generating() and time.time() < deadline:
-            time.sleep(0.05)
-        assert not generating(), "a generation kept running after its client disconnected"
+        assert generations_end_within(5), "a generation kept running after its client disconnected"
     assert "the client disconnected" in caplog.text
     [stopped] = re.findall(r"generation stopped after (\d+) tokens", caplog.text)
     assert int(stopped) < 3000
 
 
-def test_queued_stream_disconnect_logged(long_server, caplog):
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "non-streaming"])
+def test_queued_request_of_gone_client(long_server, caplog, stream):
     import http.client
 
     host, port = host_and_port(long_server)
-    body = json.dumps({"stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "讲个故事"}]})
-    connections = [http.client.HTTPConnection(host, port, timeout=60) for _ in range(2)]
+    first_body = json.dumps({"stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "讲个故事"}]})
+    queued_body = json.dumps({"stream": stream, "max_tokens": 3000, "messages": [{"role": "user", "content": "第二个故事"}]})
+    first, queued = (http.client.HTTPConnection(host, port, timeout=60) for _ in range(2))
     with caplog.at_level("INFO", logger="vlmtune.serving.app"):
-        first, second = connections
-        first.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        first_response = first.getresponse()
-        assert first_response.readline()  # the first request holds the generation lock
-        second.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        first.request("POST", "/v1/chat/completions", first_body, {"Content-Type": "application/json"})
+        assert first.getresponse().readline()  # the first request holds the generation lock
+        queued.request("POST", "/v1/chat/completions", queued_body, {"Content-Type": "application/json"})
         time.sleep(0.5)  # the second request waits for its turn
-        second.close()
+        queued.close()
+        assert log_shows(caplog, "the client disconnected while waiting for its turn", 10)
         first.close()
-        deadline = time.time() + 10
-        while "while waiting for its turn" not in caplog.text and time.time() < deadline:
-            time.sleep(0.05)
-    assert "the client disconnected while waiting for its turn" in caplog.text
-
-
-def generation_threads() -> list[threading.Thread]:
-    from vlmtune.serving.app import GENERATION_THREAD
-
-    return [thread for thread in threading.enumerate() if thread.name.startswith(GENERATION_THREAD)]
+        # Checked before the log, so that the next test's log holds only its own generations.
+        assert generations_end_within(10)
+    # Only the first request generated, so there is one stop line, for it, and no finished reply.
+    assert len(re.findall(r"generation stopped after \d+ tokens", caplog.text)) == 1
+    assert "completion tokens" not in caplog.text
 
 
 def test_disconnected_request_stops_generation(long_server, caplog):
@@ -502,37 +512,7 @@ def test_disconnected_request_stops_generation(long_server, caplog):
             time.sleep(0.02)
         assert generation_threads(), "the generation did not start"
         connection.close()  # without reading the reply
-        deadline = time.time() + 10
-        while generation_threads() and time.time() < deadline:
-            time.sleep(0.05)
-        assert not generation_threads(), "a generation kept running after its client disconnected"
+        assert generations_end_within(10), "a generation kept running after its client disconnected"
     assert "the client disconnected after" in caplog.text
     [stopped] = re.findall(r"generation stopped after (\d+) tokens", caplog.text)
     assert int(stopped) < 3000
-
-
-def test_queued_request_of_gone_client_never_generates(long_server, caplog):
-    import http.client
-
-    host, port = host_and_port(long_server)
-    stream = json.dumps({"stream": True, "max_tokens": 3000, "messages": [{"role": "user", "content": "讲个故事"}]})
-    queued = json.dumps({"max_tokens": 3000, "messages": [{"role": "user", "content": "第二个故事"}]})
-    first, second = (http.client.HTTPConnection(host, port, timeout=60) for _ in range(2))
-    with caplog.at_level("INFO", logger="vlmtune.serving.app"):
-        first.request("POST", "/v1/chat/completions", stream, {"Content-Type": "application/json"})
-        assert first.getresponse().readline()  # the first request holds the generation lock
-        second.request("POST", "/v1/chat/completions", queued, {"Content-Type": "application/json"})
-        time.sleep(0.5)  # the second request waits for its turn
-        second.close()
-        deadline = time.time() + 10
-        while "the client disconnected after" not in caplog.text and time.time() < deadline:
-            time.sleep(0.05)
-        first.close()
-        deadline = time.time() + 10
-        while generation_threads() and time.time() < deadline:
-            time.sleep(0.05)
-        assert not generation_threads()
-    # Only the first request generated, so there is one stop line, for it.
-    assert "the client disconnected after" in caplog.text
-    assert len(re.findall(r"generation stopped after \d+ tokens", caplog.text)) == 1
-    assert "completion tokens" not in caplog.text  # no reply was finished for either client

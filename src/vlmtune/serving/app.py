@@ -352,9 +352,12 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
         """
         request_id = request.state.request_id
         started = time.perf_counter()
+        generating = asyncio.Event()
 
         async def generation() -> Reply:
-            return await (await start_generation(work, request_id))
+            result = await start_generation(work, request_id)
+            generating.set()
+            return await result
 
         running = asyncio.ensure_future(generation())
         disconnect = asyncio.ensure_future(_client_disconnect(request))
@@ -366,11 +369,13 @@ def create_app(generator: Generator, settings: ServerSettings) -> FastAPI:
             return running.result()
         cancel.set()
         running.cancel()
-        logger.info(
-            "request %s: the client disconnected after %.2f s; stopping its generation, or dropping it if not started",
-            request_id,
-            time.perf_counter() - started,
-        )
+        if generating.is_set():
+            logger.info(
+                "request %s: the client disconnected after %.2f s; stopping its generation", request_id,
+                time.perf_counter() - started,
+            )
+        else:
+            logger.info("request %s: the client disconnected while waiting for its turn", request_id)
         return None
 
     @app.middleware("http")
