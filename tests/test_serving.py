@@ -486,13 +486,13 @@ def test_queued_request_of_gone_client(long_server, caplog, stream):
     first, queued = (http.client.HTTPConnection(host, port, timeout=60) for _ in range(2))
     with caplog.at_level("INFO", logger="vlmtune.serving.app"):
         first.request("POST", "/v1/chat/completions", first_body, {"Content-Type": "application/json"})
-        assert first.getresponse().readline()  # the first request holds the generation lock
+        assert first.getresponse().readline()  # the first request has the generation lock
         queued.request("POST", "/v1/chat/completions", queued_body, {"Content-Type": "application/json"})
         time.sleep(0.5)  # the second request waits for its turn
         queued.close()
         assert log_shows(caplog, "the client disconnected while waiting for its turn", 10)
         first.close()
-        # Checked before the log, so that the next test's log holds only its own generations.
+        # The first generation must end here, so that the next test's log contains only its own.
         assert generations_end_within(10)
     # Only the first request generated, so there is one stop line, for it, and no finished reply.
     assert len(re.findall(r"generation stopped after \d+ tokens", caplog.text)) == 1
