@@ -270,6 +270,32 @@ def test_interactive_chat_with_image(tiny_model_dir):
     assert result.stdout.count("reply cut off") == 1
 
 
+def test_ctrl_c_stops_reply_not_chat(tiny_model_dir):
+    """Ctrl-C during a reply stops it, and the chat goes on with the partial reply in its history."""
+    import threading
+
+    # The base model's random weights rarely stop, so the reply runs until it is interrupted.
+    process = subprocess.Popen([VLMTUNE, "-v", "chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3000"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: process.stdout.read(1), "")), daemon=True)
+    reader.start()
+    process.stdin.write("讲个故事\n")
+    process.stdin.flush()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len("".join(printed).partition("model> ")[2]) < 5:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # five characters into the reply
+    # The second reply may run to its end; stdin then closes, which quits at the prompt.
+    stderr = process.communicate("还有呢？\n", timeout=120)[1]
+    reader.join(timeout=10)
+    stdout = "".join(printed)
+    assert process.returncode == 0, stderr[-3000:]
+    assert stdout.count("[reply stopped with Ctrl-C") == 1
+    assert "sending a message with 0 image(s) after 2 earlier message(s)" in stderr  # the stopped reply stays in the history
+    assert "KeyboardInterrupt" not in stderr
+
+
 def test_interactive_commands_without_argument(tiny_model_dir):
     script = "/image\n/image 'unclosed\n/system\n/system 你是小橘。\n/system\n/system ''\n/system\n/exit\n"
     result = run("chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", stdin=script)

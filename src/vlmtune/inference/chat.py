@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from vlmtune.data.conversation import Conversation, ContentPart, ImagePart, Message, TextPart
@@ -23,17 +24,22 @@ class ChatSession:
         system = [Message("system", [TextPart(self.system_prompt)])] if self.system_prompt else []
         return Conversation([*system, *self.history], source="chat")
 
-    def ask(self, text: str, images: list[str] | None = None, on_text=None, on_parts=None) -> Reply:
-        """Send one user message and add the reply to the history; streams when on_text or on_parts is given."""
+    def ask(
+        self, text: str, images: list[str] | None = None, on_text=None, on_parts=None, cancel: threading.Event | None = None
+    ) -> Reply:
+        """Send one user message and add the reply to the history; streams when on_text or on_parts is given.
+
+        Setting `cancel` stops the reply after the current token; the history keeps the part generated so far.
+        """
         content: list[ContentPart] = [ImagePart(image) for image in images or []]
         content.append(TextPart(text))
         logger.debug("sending a message with %d image(s) after %d earlier message(s)", len(images or []), len(self.history))
         self.history.append(Message("user", content))
         try:
             if on_text is None and on_parts is None:
-                reply = self.generator.generate(self.conversation())
+                reply = self.generator.generate(self.conversation(), cancel=cancel)
             else:
-                reply = self.generator.stream(self.conversation(), on_text, on_parts=on_parts)
+                reply = self.generator.stream(self.conversation(), on_text, on_parts=on_parts, cancel=cancel)
         except Exception:
             self.history.pop()
             raise

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,8 @@ HELP = """commands:
   /image PATH_OR_URL   attach an image to your next message (repeat for several)
   /system [TEXT]       show the system prompt, or set it ('' for none; clears the history)
   /clear               forget the conversation so far
-  /exit                quit (Ctrl-D works too)"""
+  /exit                quit (Ctrl-D, or Ctrl-C at the prompt, works too)
+Ctrl-C while a reply is generated stops it."""
 
 
 def check_image_argument(image: str) -> str:
@@ -132,14 +137,34 @@ def cut_off_notice(max_new_tokens: int) -> str:
     return f"[reply cut off: it reached max_new_tokens={max_new_tokens} without a stop token]"
 
 
-def print_reply_end(console: Console, reply: Reply, max_new_tokens: int, show_thinking: bool) -> None:
+def print_reply_end(
+    console: Console, reply: Reply, max_new_tokens: int, show_thinking: bool, interrupted: bool = False
+) -> None:
+    """Print the markers after a reply: reasoning only, an empty answer, or a reply cut off by the limit or by Ctrl-C."""
     console.print()
     if not reply.answer.strip() and reply.reasoning.strip() and not show_thinking:
         console.print("[the reply contains reasoning only; pass --show-thinking to see it]", style="yellow", markup=False)
     elif not reply.answer.strip():
         console.print("[the reply's answer is empty]", style="yellow", markup=False)
-    if not reply.stopped:
+    if reply.stopped:
+        return
+    if interrupted:
+        console.print(INTERRUPTED_NOTICE, style="yellow", markup=False, highlight=False)
+    else:
         console.print(cut_off_notice(max_new_tokens), style="yellow", markup=False, highlight=False)
+
+
+INTERRUPTED_NOTICE = "[reply stopped with Ctrl-C; the history keeps the part above. Ctrl-C at the prompt quits]"
+
+
+@contextlib.contextmanager
+def ctrl_c_sets(event: threading.Event) -> Iterator[None]:
+    """Make Ctrl-C (SIGINT) set `event` inside the block instead of raising KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_chat(
@@ -214,11 +239,13 @@ def run_chat(
             console.print(f"unknown command {command!r}. Type /help for commands.", markup=False)
         else:
             console.print("[bold magenta]model>[/bold magenta] ", end="")
+            interrupt = threading.Event()
             try:
-                reply = session.ask(line, pending_images, on_text=show)
+                with ctrl_c_sets(interrupt):
+                    reply = session.ask(line, pending_images, on_text=show, cancel=interrupt)
             except VlmtuneError as error:
                 console.print(f"\nerror: {error}", markup=False, soft_wrap=True)
                 continue
             finally:
                 pending_images = []
-            print_reply_end(console, reply, max_new_tokens, show_thinking)
+            print_reply_end(console, reply, max_new_tokens, show_thinking, interrupted=interrupt.is_set())
