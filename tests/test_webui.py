@@ -544,3 +544,25 @@ def test_upload_kept_next_to_runs(tmp_path):
     assert kept == tmp_path / "outputs" / "uploads" / "mine.json"
     assert kept.read_text(encoding="utf-8") == uploaded.read_text(encoding="utf-8")
     assert tab.keep_upload(None) == ""
+
+
+def test_stop_button_stops_own_reply(tiny_model_dir):
+    backend = ChatBackend(str(tiny_model_dir), hub="local", device="cpu")
+    tab = ChatTab(backend, outputs_dir=None, adapter=None, max_new_tokens=3000, i18n=str)
+    page, other_page = gr.Request(session_hash="page"), gr.Request(session_hash="other-page")
+    # The base model's random weights rarely stop, so the reply runs until it is stopped.
+    views = tab.send({"text": "讲个故事"}, [], "", False, "", True, 0.0, 0.9, 3000, page)
+    for _ in range(3):
+        next(views)
+    tab.stop_reply(other_page)  # a Stop button in another page leaves this reply alone
+    assert "page" in tab.running
+    tab.stop_reply(page)
+    main_chat, _, turns, error = list(views)[-1][:4]
+    reply = turns[-1].replies[ADAPTER_SIDE]
+    assert error == ""
+    assert reply.done
+    assert reply.interrupted
+    assert len(reply.answer + reply.reasoning) < 1000, "the reply went on after the Stop button"
+    assert main_chat[-1]["content"].endswith("*[reply stopped with the Stop button]*")
+    assert "reply cut off" not in main_chat[-1]["content"]
+    assert tab.running == {}, "a finished reply leaves no stop event behind"

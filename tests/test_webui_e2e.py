@@ -262,6 +262,20 @@ def test_regenerate_and_undo(page):
     _set_max_new_tokens(page, MAX_NEW_TOKENS)
 
 
+def test_stop_button_stops_reply(page):
+    _clear_chat(page)
+    # The base model's random weights answer this prompt with about 2,000 tokens before a stop token.
+    _set_max_new_tokens(page, 3000)
+    _send(page, "讲个故事")
+    _wait(lambda: any(text.strip() for text in _bot_texts(page, "#chat-main")), 60, "the reply never started")
+    # A click from script: WebDriver's own click waits until the page has time for it, which may be after the reply.
+    page.execute_script("document.querySelector('#chat-stop').click()")
+    _wait(lambda: "reply stopped with the Stop button" in (_bot_texts(page, "#chat-main") or [""])[-1], 30,
+          "the Stop button did not stop the reply")
+    assert "reply cut off" not in _bot_texts(page, "#chat-main")[-1]
+    _set_max_new_tokens(page, MAX_NEW_TOKENS)
+
+
 def test_compare_shows_two_replies(page, workspace):
     adapter = str(workspace["outputs"] / "cat-adapter")
     field = _find(page, "#chat-adapter input")

@@ -38,6 +38,8 @@ class SideReply:
     stopped: bool = True
     done: bool = False
     max_new_tokens: int = 0
+    interrupted: bool = False
+    """True when the user stopped the reply before it ended."""
 
 
 @dataclass
@@ -126,11 +128,17 @@ class ChatBackend:
             yield
 
     def stream_turn(
-        self, turns: list[Turn], side: str, settings: GenerationSettings, system_prompt: str | None
+        self,
+        turns: list[Turn],
+        side: str,
+        settings: GenerationSettings,
+        system_prompt: str | None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[SideReply]:
         """Generate the last turn's reply on one side, yielding it as it grows; the last yield has done=True.
 
-        Errors from generation are raised in the caller's thread.
+        Setting `cancel` stops the reply after the current token. Errors from generation are
+        raised in the caller's thread.
         """
         turn = turns[-1]
         reply = SideReply(max_new_tokens=settings.max_new_tokens)
@@ -146,7 +154,7 @@ class ChatBackend:
                     session = ChatSession(
                         self.generator(settings), system_prompt=system_prompt, history=side_history(turns[:-1], side)
                     )
-                    updates.put(session.ask(turn.text, turn.images, on_parts=on_parts))
+                    updates.put(session.ask(turn.text, turn.images, on_parts=on_parts, cancel=cancel))
             except Exception as error:  # re-raised in the caller's thread below
                 updates.put(error)
 
@@ -158,6 +166,7 @@ class ChatBackend:
                 raise item
             if isinstance(item, Reply):
                 reply.answer, reply.reasoning, reply.stopped, reply.done = item.answer, item.reasoning, item.stopped, True
+                reply.interrupted = not item.stopped and cancel is not None and cancel.is_set()
                 yield reply
                 return
             reply.reasoning, reply.answer = item

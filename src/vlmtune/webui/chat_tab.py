@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Iterator
 
 import gradio as gr
@@ -16,6 +17,7 @@ from vlmtune.webui.chat import ADAPTER_SIDE, BASE_SIDE, ChatBackend, SideReply, 
 logger = logging.getLogger(__name__)
 
 THINKING_TITLE = "Thinking · 思考"
+STOPPED_NOTICE = "[reply stopped with the Stop button]"
 
 
 def reply_messages(reply: SideReply) -> list[dict[str, Any]]:
@@ -25,7 +27,9 @@ def reply_messages(reply: SideReply) -> list[dict[str, Any]]:
         answer = "*(the reply contains reasoning only; open the thinking block below)*"
     elif reply.done and not answer.strip():
         answer = "*(the reply is empty)*"
-    if reply.done and not reply.stopped:
+    if reply.interrupted:
+        answer += f"\n\n*{STOPPED_NOTICE}*"
+    elif reply.done and not reply.stopped:
         answer += f"\n\n*{cut_off_notice(reply.max_new_tokens)}*"
     messages = [{"role": "assistant", "content": answer}]
     if reply.reasoning.strip():
@@ -73,6 +77,8 @@ class ChatTab:
         self.outputs_dir = outputs_dir
         self.initial_adapter = adapter
         self.i18n = i18n
+        self.running: dict[str, threading.Event] = {}
+        """The stop event of the reply each page session is generating."""
 
     def adapter_choices(self) -> list[tuple[str, str]]:
         """Return the adapter list as (label, path) pairs: the base model (""), then adapters of this base first."""
@@ -109,6 +115,7 @@ class ChatTab:
             file_count="multiple", elem_id="chat-message",
         )
         with gr.Row():
+            self.stop = gr.Button(t("stop_reply"), variant="stop", elem_id="chat-stop")
             self.regenerate = gr.Button(t("regenerate"), elem_id="chat-regenerate")
             self.undo = gr.Button(t("undo"), elem_id="chat-undo")
             self.clear = gr.Button(t("clear"), elem_id="chat-clear")
@@ -125,6 +132,7 @@ class ChatTab:
         self.regenerate.click(
             self.regenerate_last, [self.turns, *settings], views, concurrency_id="generation", concurrency_limit=1
         )
+        self.stop.click(self.stop_reply, queue=False)
         self.undo.click(self.undo_last, [self.turns], views)
         self.clear.click(self.clear_all, None, views)
         self.compare.change(self.toggle_compare, [self.compare], views)
@@ -134,22 +142,38 @@ class ChatTab:
     def _views(self, turns: list[Turn], error: str = "") -> tuple:
         return chat_messages(turns, ADAPTER_SIDE), chat_messages(turns, BASE_SIDE), turns, error
 
-    def send(self, message: dict, turns: list[Turn], *settings) -> Iterator[tuple]:
+    def send(
+        self, message: dict, turns: list[Turn], adapter: str, compare: bool, system: str, no_system: bool,
+        temperature: float, top_p: float, max_new_tokens: float, request: gr.Request | None = None,
+    ) -> Iterator[tuple]:
         text = (message or {}).get("text", "").strip()
         images = [str(item) if isinstance(item, str) else item["path"] for item in (message or {}).get("files", [])]
         if not text:
             yield (*self._views(turns, "Type a message first; images go with a message."), message)
             return
         turns = [*turns, Turn(text=text, images=images)]
-        for view in self._answer(turns, *settings):
+        settings = (adapter, compare, system, no_system, temperature, top_p, max_new_tokens)
+        for view in self._answer(turns, *settings, session=_session(request)):
             yield (*view, None)
 
-    def regenerate_last(self, turns: list[Turn], *settings) -> Iterator[tuple]:
+    def regenerate_last(
+        self, turns: list[Turn], adapter: str, compare: bool, system: str, no_system: bool, temperature: float,
+        top_p: float, max_new_tokens: float, request: gr.Request | None = None,
+    ) -> Iterator[tuple]:
         if not turns:
             yield self._views(turns, "Nothing to regenerate yet.")
             return
         last = turns[-1]
-        yield from self._answer([*turns[:-1], Turn(text=last.text, images=last.images)], *settings)
+        settings = (adapter, compare, system, no_system, temperature, top_p, max_new_tokens)
+        yield from self._answer([*turns[:-1], Turn(text=last.text, images=last.images)], *settings, session=_session(request))
+
+    def stop_reply(self, request: gr.Request | None = None) -> None:
+        """Stop the reply that this page session is generating, if any, after its current token."""
+        session = _session(request)
+        cancel = self.running.get(session)
+        if cancel is not None:
+            cancel.set()
+            logger.info("chat reply of page session %s stopped with the Stop button", session)
 
     def undo_last(self, turns: list[Turn]) -> tuple:
         return self._views(turns[:-1])
@@ -164,21 +188,27 @@ class ChatTab:
 
     def _answer(
         self, turns: list[Turn], adapter: str, compare: bool, system: str, no_system: bool, temperature: float,
-        top_p: float, max_new_tokens: float,
+        top_p: float, max_new_tokens: float, session: str,
     ) -> Iterator[tuple]:
-        """Stream the last turn's reply on the adapter side, then on the base side in compare mode."""
+        """Stream the last turn's reply on the adapter side, then on the base side in compare mode.
+
+        The Stop button of the same page session (`session`) stops the reply, and the base side's too.
+        """
         adapter = (adapter or "").strip() or None
         if compare and adapter is None:
             yield self._views(turns[:-1], "Compare needs an adapter: choose one in the adapter list.")
             return
         settings = generation_settings(temperature, top_p, max_new_tokens)
         sides = [ADAPTER_SIDE, BASE_SIDE] if compare else [ADAPTER_SIDE]
+        cancel = self.running[session] = threading.Event()
         try:
             self.backend.use_adapter(adapter)
             # Both sides get the same system prompt, so compare mode differs in the weights alone.
             prompt = None if no_system else (system.strip() or self.backend.trained_system_prompt())
             for side in sides:
-                for _ in self.backend.stream_turn(turns, side, settings, prompt):
+                if cancel.is_set():
+                    break
+                for _ in self.backend.stream_turn(turns, side, settings, prompt, cancel):
                     yield self._views(turns)
         except VlmtuneError as error:
             logger.warning("chat request failed (adapter %s): %s", adapter, error)
@@ -186,3 +216,11 @@ class ChatTab:
         except Exception as error:  # shown in the page instead of a traceback; logged in full
             logger.exception("chat generation failed")
             yield self._views(turns[:-1], f"**Error:** generation failed: {type(error).__name__}: {error}")
+        finally:
+            if self.running.get(session) is cancel:
+                del self.running[session]
+
+
+def _session(request: gr.Request | None) -> str:
+    """Return the page session's id: the Stop button stops only the replies of its own page."""
+    return getattr(request, "session_hash", None) or ""

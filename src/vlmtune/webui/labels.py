@@ -30,6 +30,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "reply_base": ("Base model", "基座模型"),
     "message": ("Message (attach images with the clip button)", "消息（用回形针按钮附加图片）"),
     "message_placeholder": ("Type a message and press Enter", "输入消息后按回车"),
+    "stop_reply": ("Stop", "停止"),
     "regenerate": ("Regenerate", "重新生成"),
     "undo": ("Undo last turn", "撤销上一轮"),
     "clear": ("Clear", "清空"),
