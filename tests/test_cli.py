@@ -296,6 +296,15 @@ def test_ctrl_c_stops_reply_not_chat(tiny_model_dir):
     assert "KeyboardInterrupt" not in stderr
 
 
+def test_train_on_adapter_folder_explained(config_file, trained_adapter, tmp_path):
+    result = run("train", str(config_file), f"model.name_or_path={trained_adapter}", f"train.output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"model.name_or_path: {trained_adapter} is a LoRA adapter folder" in result.stderr
+    assert f"`vlmtune export --adapter {trained_adapter} --output MERGED` and train on MERGED" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_interactive_commands_without_argument(tiny_model_dir):
     script = "/image\n/image 'unclosed\n/system\n/system 你是小橘。\n/system\n/system ''\n/system\n/exit\n"
     result = run("chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3", stdin=script)

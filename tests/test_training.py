@@ -307,8 +307,11 @@ def test_resume_checks_saved_settings(tiny_model_dir, tmp_path, caplog):
 
     # The checkpoint's optimizer and scheduler state would keep the old learning rate.
     other_rate = {**tree, "train": {**tree["train"], "learning_rate": 1e-3}}
-    with pytest.raises(ConfigError, match=r"--resume: train.learning_rate: 0.005 then, 0.001 now, but a resumed run keeps"):
+    with pytest.raises(ConfigError, match=r"--resume: train.learning_rate: 0.005 then, 0.001 now, but a resumed run keeps") as caught:
         LoraRecipe(build_config(other_rate), resume=True).setup()
+    # The way on that the message names: a merged model to start a new run from.
+    assert f"`vlmtune export --adapter {tmp_path / 'out'} --output MERGED`" in str(caught.value)
+    assert "model.name_or_path=MERGED" in str(caught.value)
 
     # The manifest of the first session recorded another version of the data file.
     manifest_path = tmp_path / "out" / "run_manifest.json"

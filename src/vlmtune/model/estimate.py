@@ -60,6 +60,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from vlmtune.config import VISION_MODULE_NAMES, LoraSettings, RunConfig
 from vlmtune.errors import ModelError
 from vlmtune.model.cross_entropy import CHUNK_BYTES
+from vlmtune.model.hub import MODEL_FOLDER_HINT, check_model_folder
 from vlmtune.model.loading import UNQUANTIZED_MODULES, checkpointing_enabled, parameter_count_text
 from vlmtune.model.lora import apply_lora
 
@@ -134,6 +135,7 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Pre
     """Read a model config from a local folder, else the bundled copy for known hub ids, else the hub."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
+        check_model_folder(local.resolve(), "model.name_or_path", MODEL_FOLDER_HINT)
         return AutoConfig.from_pretrained(str(local), trust_remote_code=trust_remote_code)
     bundled = bundled_config_path(name_or_path)
     if bundled is not None:

@@ -44,10 +44,17 @@ def check_model_folder(path: Path, key: str, not_found_hint: str) -> None:
     if not (path / "config.json").is_file():
         if (path / "adapter_config.json").is_file():
             raise ModelError(
-                f"{key}: {path} is a LoRA adapter folder (it has adapter_config.json, no config.json); "
-                "give the base model here and the adapter with --adapter"
+                f"{key}: {path} is a LoRA adapter folder (it has adapter_config.json, no config.json); give the "
+                "base model here. To chat with or serve the adapter, pass it with --adapter; to train on from it, "
+                f"merge it first with `vlmtune export --adapter {path} --output MERGED` and train on MERGED"
             )
         raise ModelError(f"{key}: {path} has no config.json, so it is not a model folder")
+
+
+MODEL_FOLDER_HINT = (
+    "Build the tiny model with `vlmtune tiny-model PATH`, or set model.hub to modelscope or huggingface for a hub id"
+)
+"""What to do when model.name_or_path names a local folder that does not exist."""
 
 
 def resolve_model_path(settings: ModelSettings) -> Path:
@@ -63,11 +70,7 @@ def resolve_model_path(settings: ModelSettings) -> Path:
     if hub == "local":
         # Absolute, so adapters record a base model path that works from any folder.
         path = Path(name).expanduser().resolve()
-        check_model_folder(
-            path,
-            "model.name_or_path",
-            "Build the tiny model with `vlmtune tiny-model PATH`, or set model.hub to modelscope or huggingface for a hub id",
-        )
+        check_model_folder(path, "model.name_or_path", MODEL_FOLDER_HINT)
         return path
 
     logger.info("downloading %s from %s (revision %s)", name, hub, settings.revision or "default")
