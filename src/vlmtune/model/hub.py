@@ -54,7 +54,7 @@ def check_model_folder(path: Path, key: str, not_found_hint: str) -> None:
 MODEL_FOLDER_HINT = (
     "Build the tiny model with `vlmtune tiny-model PATH`, or set model.hub to modelscope or huggingface for a hub id"
 )
-"""What to do when model.name_or_path names a local folder that does not exist."""
+"""The advice given when model.name_or_path names a local folder that does not exist."""
 
 
 def resolve_model_path(settings: ModelSettings) -> Path:
