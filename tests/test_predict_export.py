@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import PERSONA_DATA, write_json
 from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings
@@ -16,7 +18,13 @@ from vlmtune.data.loading import load_dataset_file
 from vlmtune.errors import DataError, ModelError
 from vlmtune.inference import Generator
 from vlmtune.inference.cli_chat import system_prompt_for, trained_data_settings
-from vlmtune.inference.export import MERGED_CONFIG_NAME, export_adapter_only, export_merged, tensor_names
+from vlmtune.inference.export import (
+    MERGED_CONFIG_NAME,
+    MERGED_MANIFEST_NAME,
+    export_adapter_only,
+    export_merged,
+    tensor_names,
+)
 from vlmtune.inference.predict import example_id, predict
 from vlmtune.model.loading import load_adapter, load_model
 
@@ -188,11 +196,12 @@ def test_export_round_trip(adapter_dir, tiny_model_dir, tmp_path):
     assert check.ok
     assert check.max_logit_difference < 1e-3
     base_files = {path.name for path in tiny_model_dir.iterdir()}
-    assert {path.name for path in output.iterdir()} == base_files | {MERGED_CONFIG_NAME}
+    assert {path.name for path in output.iterdir()} == base_files | {MERGED_CONFIG_NAME, MERGED_MANIFEST_NAME}
     assert tensor_names(output) == tensor_names(tiny_model_dir)
     # The training run's settings come along, so chat and serve on the merged model use them.
     trained = trained_data_settings(None, str(output))
     assert trained == trained_data_settings(str(adapter_dir))
+    assert system_prompt_for(None, None, str(output)) == system_prompt_for(None, str(adapter_dir))
     assert trained["max_length"] == 128
     config = json.loads((output / "config.json").read_text())
     assert config["architectures"] == ["Glm4vForConditionalGeneration"]  # what vLLM dispatches on
@@ -360,3 +369,53 @@ def test_predict_and_export_commands(adapter_dir, tiny_model_dir, tmp_path):
     assert swapped.returncode != 0
     assert "is a LoRA adapter folder" in swapped.stderr
     assert "Traceback" not in swapped.stderr
+
+
+def fake_run_folder(folder: Path, data: dict, counts: dict | None) -> Path:
+    """Write the config.yaml and run_manifest.json of a training run, which is all the system prompt lookup reads."""
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"data": data}, allow_unicode=True), encoding="utf-8")
+    manifest = {} if counts is None else {"system_prompts": counts}
+    (folder / "run_manifest.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+def prompt_counts(prompts: list[str | None]) -> dict:
+    from vlmtune.data.conversation import Conversation, Message, TextPart
+    from vlmtune.training.recipe import system_prompt_counts
+
+    conversations = [
+        Conversation([*([Message("system", [TextPart(prompt)])] if prompt else []), Message("user", [TextPart("你好")])])
+        for prompt in prompts
+    ]
+    return system_prompt_counts(conversations)
+
+
+SYSTEM_PROMPT_CASES = [
+    pytest.param({}, ["你是小橘。"] * 3, "你是小橘。", False, id="every-example-its-own-same"),
+    pytest.param({"system_prompt": "你是小橘。"}, ["你是小橘。"] * 3, "你是小橘。", False, id="configured"),
+    pytest.param({}, [None, None], None, False, id="none"),
+    pytest.param({}, ["你是小橘。", "你是沐雪。", "你是小橘。"], None, True, id="different"),
+    pytest.param({}, ["你是小橘。", None], None, True, id="some-without"),
+    pytest.param({"system_prompt": "你是小橘。"}, None, "你是小橘。", False, id="older-manifest"),
+]
+
+
+@pytest.mark.parametrize("data, prompts, expected, warned", SYSTEM_PROMPT_CASES)
+def test_trained_system_prompt_from_examples(tmp_path, caplog, data, prompts, expected, warned):
+    counts = None if prompts is None else prompt_counts(prompts)
+    adapter = fake_run_folder(tmp_path / "run", data, counts)
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        assert system_prompt_for(None, str(adapter)) == expected
+    assert ("training examples had" in caplog.text) == warned
+    assert system_prompt_for("", str(adapter)) is None  # --system '' still means none
+
+    # The model card names the same prompt, and how the examples differed.
+    from vlmtune.inference.export import model_card
+
+    manifest = json.loads((adapter / "run_manifest.json").read_text(encoding="utf-8"))
+    (adapter / "run_manifest.json").write_text(json.dumps({**manifest, "config": {"data": data}}), encoding="utf-8")
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base"}), encoding="utf-8")
+    [line] = [line for line in model_card(adapter).splitlines() if line.startswith("- system prompt:")]
+    assert line.startswith(f"- system prompt: {json.dumps(expected, ensure_ascii=False) if expected else 'none'}")
+    assert ("training examples had" in line) == warned

@@ -129,6 +129,8 @@ def test_output_folder_contents(run):
     assert manifest["samples"] == 16
     assert manifest["skipped_invalid"] == {"missing field": 1}
     assert manifest["duplicates"] == 0
+    # data.system_prompt filled every example, so all 16 share it.
+    assert manifest["system_prompts"] == {"distinct": 1, "with": 16, "without": 0, "most_common": "你是小橘。", "most_common_count": 16}
     assert len(manifest["datasets"][0]["sha256"]) == 64
     assert manifest["versions"]["transformers"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shlex
 import signal
@@ -19,7 +20,7 @@ from vlmtune.config import GenerationSettings, ModelSettings
 from vlmtune.encoding.images import load_image
 from vlmtune.errors import ConfigError, DataError, ModelError, VlmtuneError
 from vlmtune.inference.chat import ChatSession
-from vlmtune.inference.export import MERGED_CONFIG_NAME, training_config_path
+from vlmtune.inference.export import MERGED_CONFIG_NAME, MERGED_MANIFEST_NAME, recorded_system_prompt, training_config_path
 from vlmtune.inference.generate import Generator, Reply
 from vlmtune.model.loading import adapter_base_model, check_adapter_folder, load_adapter, load_model, resolve_device
 
@@ -44,31 +45,48 @@ def check_image_argument(image: str) -> str:
     return str(path)
 
 
-def trained_data_settings(adapter: str | None, model: str | None = None) -> dict[str, Any]:
-    """Read the data section of the training config: the adapter's config.yaml, else a merged model's copy.
+def _training_record(adapter: str | None, model: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the training run's config tree and manifest: the adapter's run folder, else a merged model's copies.
 
     A checkpoint-N folder has no config.yaml of its own, so its training run's folder is read.
     """
     candidates = []
     if adapter and (trained := training_config_path(adapter)) is not None:
-        candidates.append(trained)
+        candidates.append((trained, trained.parent / "run_manifest.json"))
     if model:
-        candidates.append(Path(model) / MERGED_CONFIG_NAME)
-    for config_path in candidates:
+        candidates.append((Path(model) / MERGED_CONFIG_NAME, Path(model) / MERGED_MANIFEST_NAME))
+    for config_path, manifest_path in candidates:
         if config_path.is_file():
             tree = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-            return tree.get("data") or {}
-    return {}
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+            return tree, manifest
+    return {}, {}
+
+
+def trained_data_settings(adapter: str | None, model: str | None = None) -> dict[str, Any]:
+    """Read the data section of the training config: the adapter's config.yaml, else a merged model's copy."""
+    return _training_record(adapter, model)[0].get("data") or {}
+
+
+def trained_system_prompt(adapter: str | None, model: str | None = None) -> str | None:
+    """Return the system prompt the adapter or merged model was trained with (see export.recorded_system_prompt).
+
+    Logs a warning when the training examples had different system prompts, since no single one fits then.
+    """
+    prompt, note = recorded_system_prompt(*_training_record(adapter, model))
+    if note:
+        logger.warning("%s; replies use %s unless you set another", note, repr(prompt) if prompt else "no system prompt")
+    return prompt
 
 
 def system_prompt_for(system: str | None, adapter: str | None, model: str | None = None) -> str | None:
     """Return the --system value ("" for none), else the system prompt the adapter or merged model was trained with."""
     if system is not None:
         return system or None
-    trained = trained_data_settings(adapter, model).get("system_prompt")
+    trained = trained_system_prompt(adapter, model)
     if trained:
         logger.info("using the system prompt of the training run (pass --system to change it)")
-    return trained or None
+    return trained
 
 
 def load_generator(

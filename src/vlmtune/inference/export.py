@@ -14,6 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -27,6 +28,8 @@ from vlmtune.outputs import CHECKPOINT_NAME
 
 MERGED_CONFIG_NAME = "vlmtune_config.yaml"
 """The adapter's training config, kept in a merged model folder under this name."""
+MERGED_MANIFEST_NAME = "vlmtune_run_manifest.json"
+"""The adapter's run manifest, kept in a merged model folder under this name."""
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +188,10 @@ def _save_merged(merged, base_path: Path, adapter_dir: Path, output: Path, max_s
             shutil.copy2(path, output / path.name)
     training_config = training_config_path(adapter_dir)
     if training_config is not None:
-        # `vlmtune chat/serve/predict --model` read the system prompt, reply layout and pixel limits from it.
+        # `vlmtune chat/serve/predict --model` read the system prompt, reply layout and pixel limits from these.
         shutil.copy2(training_config, output / MERGED_CONFIG_NAME)
+        if (training_config.parent / "run_manifest.json").is_file():
+            shutil.copy2(training_config.parent / "run_manifest.json", output / MERGED_MANIFEST_NAME)
     else:
         logger.warning(
             "no config.yaml in %s or its run folder, so the merged model does not record the training run's system "
@@ -212,6 +217,34 @@ def export_adapter_only(adapter_dir: str, output_dir: str) -> Path:
     return output
 
 
+def recorded_system_prompt(config: dict[str, Any], manifest: dict[str, Any]) -> tuple[str | None, str | None]:
+    """Return the system prompt a training run taught, and a note when its examples did not share one.
+
+    The manifest counts the system prompts of the training examples (data.system_prompt fills
+    those without one). When every example had the same one, that is the prompt. Otherwise
+    data.system_prompt is returned, with a note on how the examples differed. Manifests
+    written before the count existed give data.system_prompt alone.
+    """
+    configured = (config.get("data") or {}).get("system_prompt") or None
+    counts = manifest.get("system_prompts")
+    if counts is None or counts["distinct"] == 0:
+        return configured, None
+    if counts["distinct"] == 1 and counts["without"] == 0:
+        return counts["most_common"], None
+    total = counts["without"] + counts["with"]
+    common = json.dumps(counts["most_common"], ensure_ascii=False)
+    if counts["distinct"] == 1:
+        note = f"{counts['with']} of {total} training examples had the system prompt {common}, the rest none"
+    else:
+        note = (
+            f"the training examples had {counts['distinct']} different system prompts (the most common, in "
+            f"{counts['most_common_count']} of {total}: {common})"
+        )
+        if counts["without"]:
+            note += f", and {counts['without']} had none"
+    return configured, note
+
+
 def model_card(adapter_dir: Path) -> str:
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     manifest_path = adapter_dir / "run_manifest.json"
@@ -235,9 +268,10 @@ def model_card(adapter_dir: Path) -> str:
         names = dict.fromkeys(item.get("dataset") or item["path"] for item in manifest.get("datasets", []))
         lines.append(f"- data: {', '.join(names)} ({manifest.get('samples')} samples)")
         lines.append(f"- training: {json.dumps(config.get('train', {}), ensure_ascii=False)}")
-        system_prompt = config.get("data", {}).get("system_prompt")
+        system_prompt, note = recorded_system_prompt(config, manifest)
         # Chat, serve and predict send it by default; other clients must send it themselves.
-        lines.append(f"- system prompt: {json.dumps(system_prompt, ensure_ascii=False) if system_prompt else 'none'}")
+        prompt_text = json.dumps(system_prompt, ensure_ascii=False) if system_prompt else "none"
+        lines.append(f"- system prompt: {prompt_text}" + (f" ({note})" if note else ""))
         metrics = manifest.get("metrics", {})
         if metrics:
             loss = metrics.get("train_loss")

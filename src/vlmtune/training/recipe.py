@@ -27,6 +27,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -520,6 +521,7 @@ class LoraRecipe:
             "validation_samples": len(self.validation_samples),
             "length_stats": [row.as_dict() for row in length_stats(self.report.lengths, self.config.data.max_length)],
             **example_counts(self.data.report, self.report, self.validation_report),
+            "system_prompts": system_prompt_counts(self.data.train),
             "metrics": self.metrics,
             "tracking_run": str(self.tracking.run_folder() or ""),
             # A resumed SwanLab run writes one run folder per training session; all of them make up the run.
@@ -532,6 +534,24 @@ class LoraRecipe:
         write_loss_plot(self.trainer.state.log_history, self.output_dir / "loss.png")
         manifest_path = self.output_dir / "run_manifest.json"
         manifest_path.write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def system_prompt_counts(conversations: list[Conversation]) -> dict[str, Any]:
+    """Count the training examples' system prompts, so that chat and serve can send the one they shared."""
+    prompts = Counter(
+        conversation.messages[0].text
+        for conversation in conversations
+        if conversation.messages and conversation.messages[0].role == "system"
+    )
+    most_common, count = prompts.most_common(1)[0] if prompts else (None, 0)
+    with_prompt = sum(prompts.values())
+    return {
+        "distinct": len(prompts),
+        "with": with_prompt,
+        "without": len(conversations) - with_prompt,
+        "most_common": most_common,
+        "most_common_count": count,
+    }
 
 
 def example_counts(read: SkipReport, training: EncodingReport, validation: EncodingReport | None) -> dict[str, Any]:

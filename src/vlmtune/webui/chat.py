@@ -19,7 +19,7 @@ from vlmtune.config import GenerationSettings, ModelSettings
 from vlmtune.data.conversation import ImagePart, Message, TextPart
 from vlmtune.errors import ModelError
 from vlmtune.inference.chat import ChatSession
-from vlmtune.inference.cli_chat import trained_data_settings
+from vlmtune.inference.cli_chat import trained_data_settings, trained_system_prompt
 from vlmtune.inference.generate import Generator, Reply
 from vlmtune.model.loading import LoadedModel, adapter_fit_errors, load_adapter, load_model
 
@@ -102,7 +102,7 @@ class ChatBackend:
 
     def trained_system_prompt(self) -> str | None:
         """Return the system prompt the selected adapter (or a merged model) was trained with, if it recorded one."""
-        return trained_data_settings(self.adapter, self.base_name).get("system_prompt")
+        return trained_system_prompt(self.adapter, self.base_name)
 
     def generator(self, settings: GenerationSettings) -> Generator:
         """Build a generator with the selected adapter's reply layout and pixel limits."""
