@@ -198,3 +198,18 @@ def test_bundled_persona_data():
     assert sum(1 for row in rows if row.get("system")) >= 40
     assert sum(1 for row in rows if row.get("history")) >= 40
     assert any(len(c.messages) > 3 for c in conversations)
+
+
+def test_sharegpt_two_system_prompts_rejected(tmp_path):
+    turns = [{"from": "system", "value": "对话里的系统提示"}, {"from": "human", "value": "你好"}, {"from": "gpt", "value": "喵"}]
+    path = write_json(tmp_path / "two.json", [{"system": "字段里的系统提示", "conversations": turns}])
+    with pytest.raises(DataError) as caught:
+        load_dataset_file(DatasetSpec(path=str(path)))
+    assert caught.value.reason == "two system prompts"
+    assert "record 1 (line 2): the example has two system prompts, field 'system' ('字段里的系统提示')" in str(caught.value)
+    assert "field 'conversations[0]' ('对话里的系统提示'); keep one" in str(caught.value)
+
+    # The same prompt in both places is one prompt.
+    same = write_json(tmp_path / "same.json", [{"system": "对话里的系统提示", "conversations": turns}])
+    [conversation] = load_dataset_file(DatasetSpec(path=str(same)))
+    assert [message.role for message in conversation.messages] == ["system", "user", "assistant"]

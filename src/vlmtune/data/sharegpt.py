@@ -30,7 +30,7 @@ def sharegpt_to_conversation(record: Record, default_system: str | None = None) 
     if not isinstance(record.data, dict):
         raise DataError(f"{record.location}: an example must be a JSON object, got {type(record.data).__name__}", "wrong type")
     turns = list_field(record, "conversations", required=True)
-    system = string_field(record, "system", required=False) or default_system
+    own_system = string_field(record, "system", required=False)
     images = images_field(record)
 
     messages: list[Message] = []
@@ -59,6 +59,14 @@ def sharegpt_to_conversation(record: Record, default_system: str | None = None) 
         else:
             messages.append(Message(role, [TextPart(text)]))
     check_all_images_used(record, images, used)
-    if system and not (messages and messages[0].role == "system"):
+    has_system_turn = bool(messages) and messages[0].role == "system"
+    if own_system and has_system_turn and messages[0].text != own_system:
+        raise DataError(
+            f"{record.location}: the example has two system prompts, field '{record.field_name('system')}' "
+            f"({own_system!r}) and field '{record.field_name('conversations[0]')}' ({messages[0].text!r}); keep one",
+            "two system prompts",
+        )
+    system = own_system or default_system
+    if system and not has_system_turn:
         messages.insert(0, Message("system", [TextPart(system)]))
     return Conversation(messages, source=record.location)
