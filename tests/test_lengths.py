@@ -225,3 +225,19 @@ def test_web_preview_shows_samples_as_trained(tiny_model_dir, tmp_path):
     assert skipped.check is None
     assert skipped.segments == []
     assert skipped.note == "training skips this example: longer than data.max_length=80 tokens"
+
+
+def test_stats_table_keeps_long_names_whole():
+    import io
+
+    from rich.console import Console
+
+    from vlmtune.encoding.stats import LengthStats, stats_table
+
+    names = ["/tmp/trial/mydata/中文数据/水果.json", "/tmp/trial/mydata/中文数据/水果对话.jsonl"]
+    rows = [LengthStats(name, 8, 10, 12.0, 20, 24, 0) for name in names]
+    output = io.StringIO()
+    Console(file=output, width=60).print(stats_table(rows, 512))
+    # The dataset column's pieces, line by line: a wrapped name continues on the next line.
+    cells = [line.split("│")[1].strip() for line in output.getvalue().splitlines() if line.startswith("│")]
+    assert "".join(cells) == "".join(names)

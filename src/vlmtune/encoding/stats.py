@@ -60,7 +60,10 @@ def length_stats(lengths: dict[str, list[int]], max_length: int) -> list[LengthS
 def stats_table(rows: list[LengthStats], max_length: int) -> Table:
     table = Table(title=f"encoded example lengths in tokens, before data.on_overlength (data.max_length={max_length})")
     for column in ("dataset", "samples", "min", "median", "p95", "max", f"> {max_length}"):
-        table.add_column(column, justify="left" if column == "dataset" else "right")
+        if column == "dataset":  # wrapped, not cut: names of one folder differ at their end
+            table.add_column(column, justify="left", overflow="fold")
+        else:
+            table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
         table.add_row(row.dataset, str(row.count), str(row.min), f"{row.median:g}", str(row.p95), str(row.max), str(row.over_max_length))
     return table
