@@ -161,6 +161,16 @@ def test_eval_checks_its_folders_before_loading(config_file, tmp_path):
     assert f"--merged: folder not found: {tmp_path / 'gone'}" in missing_merged.stderr
 
 
+def test_eval_invalid_prompt_names_skip(config_file, tiny_model_dir, tmp_path):
+    data = write_json(tmp_path / "prompts.json", [{"instruction": "你好"}, {"instruction": 5}])
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model_dir, merged)
+    result = run("eval", str(config_file), "--merged", str(merged), "--data", str(data))
+    assert result.returncode == 2
+    assert "field 'instruction' must be a string, got int 5 (add data.on_invalid=skip to the command" in result.stderr
+    assert "loaded" not in result.stderr  # the data fails before the model loads
+
+
 def test_eval_merged_report_beside_run(config_file, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -318,7 +318,7 @@ def test_predict_skips_invalid_on_request(adapter_dir, tmp_path):
     command = [vlmtune, "predict", "--adapter", str(adapter_dir), "--data", str(data), "--max-new-tokens", "4"]
     stopped = subprocess.run([*command, "--output", str(tmp_path / "a.jsonl")], capture_output=True, text=True, timeout=300)
     assert stopped.returncode == 2
-    assert "field 'instruction' must be a string, got int 5" in stopped.stderr
+    assert "field 'instruction' must be a string, got int 5 (pass --on-invalid skip to skip such examples)" in stopped.stderr
     skipped = subprocess.run([*command, "--output", str(tmp_path / "b.jsonl"), "--on-invalid", "skip"],
                              capture_output=True, text=True, timeout=300)
     assert skipped.returncode == 0, skipped.stderr

@@ -355,7 +355,8 @@ def predict(
         raise VlmtuneError(f"--on-invalid: expected error or skip, got {on_invalid!r}")
     report = SkipReport()
     conversations = load_dataset_file(
-        DatasetSpec(path=data), system_prompt_for(system, adapter, model), on_invalid, report, prompts_only=True
+        DatasetSpec(path=data), system_prompt_for(system, adapter, model), on_invalid, report, prompts_only=True,
+        skip_hint="pass --on-invalid skip",
     )
     report.log()
     if not conversations:

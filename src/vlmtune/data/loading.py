@@ -139,8 +139,18 @@ def _mixed_layout_note(item: Record | ReadProblem, layout: str | None, spec: Dat
     )
 
 
+SKIP_HINT = "set data.on_invalid: skip"
+"""How a training config skips invalid examples, the default advice after an invalid example."""
+
+
 def _read_one_file(
-    spec: DatasetSpec, path, default_system: str | None, on_invalid: str, report: SkipReport, prompts_only: bool
+    spec: DatasetSpec,
+    path,
+    default_system: str | None,
+    on_invalid: str,
+    report: SkipReport,
+    prompts_only: bool,
+    skip_hint: str | None,
 ) -> list[Conversation]:
     columns = {**DEFAULT_COLUMNS.get(spec.layout, {}), **spec.columns}
     layout = spec.layout if spec.layout != "auto" else None
@@ -165,11 +175,8 @@ def _read_one_file(
                 error = DataError(error.detail + NO_CONFIG_HINT, error.reason)
             if on_invalid == "error":
                 mixed = _mixed_layout_note(item, layout, spec) if spec.layout == "auto" else ""
-                # Prompt files are read outside a training config, where data.on_invalid cannot be set. A
-                # layout that cannot be detected from the keys fails every example, so skipping would skip the file.
-                hint = " (set data.on_invalid: skip to skip such examples)"
-                if prompts_only or error.reason == "unknown layout":
-                    hint = ""
+                # A layout that cannot be detected from the keys fails every example, so skipping would skip the file.
+                hint = "" if error.reason == "unknown layout" or skip_hint is None else f" ({skip_hint} to skip such examples)"
                 raise DataError(f"{error}{mixed}{hint}", error.reason) from None
             report.add(error.reason, item.location, str(error))
             skipped += 1
@@ -188,15 +195,20 @@ def load_dataset_file(
     on_invalid: str = "error",
     report: SkipReport | None = None,
     prompts_only: bool = False,
+    skip_hint: str | None = None,
 ) -> list[Conversation]:
     """Read and convert one dataset path (a file, a folder of files or a saved dataset).
 
     With prompts_only (prompts to generate from), examples need no final assistant reply.
+    `skip_hint` follows the error of an invalid example: how to skip such examples in the command
+    at hand. Default: the data.on_invalid setting for training data, none for prompt files.
     """
     report = report if report is not None else SkipReport()
+    if skip_hint is None and not prompts_only:
+        skip_hint = SKIP_HINT
     conversations = []
     for path in spec_files(spec):
-        conversations.extend(_read_one_file(spec, path, default_system, on_invalid, report, prompts_only))
+        conversations.extend(_read_one_file(spec, path, default_system, on_invalid, report, prompts_only, skip_hint))
     return conversations
 
 

@@ -248,7 +248,8 @@ def evaluate_against_base(
         raise ModelError(f"--merged: folder not found: {merged}")
     if data_path is not None:
         conversations = load_dataset_file(
-            DatasetSpec(path=data_path), config.data.system_prompt, config.data.on_invalid, prompts_only=True
+            DatasetSpec(path=data_path), config.data.system_prompt, config.data.on_invalid, prompts_only=True,
+            skip_hint="add data.on_invalid=skip to the command",
         )
     else:
         data = load_data(config.data)
