@@ -140,7 +140,7 @@ def _mixed_layout_note(item: Record | ReadProblem, layout: str | None, spec: Dat
 
 
 SKIP_HINT = "set data.on_invalid: skip"
-"""How a training config skips invalid examples, the default advice after an invalid example."""
+"""The default advice after an invalid example: the training config setting that skips such examples."""
 
 
 def _read_one_file(
