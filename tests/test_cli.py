@@ -484,6 +484,28 @@ def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
     assert len(list((output_dir / "swanlog").glob("run-*"))) == 1, "the stop opened a second SwanLab run"
 
 
+@pytest.mark.slow
+def test_sigint_stops_sample_generation(config_file, tmp_path):
+    output_dir = tmp_path / "stopped"
+    # The base model's random weights fill 3000 tokens per sample reply: a sample pass of minutes.
+    command = [VLMTUNE, "train", str(config_file), f"train.output_dir={output_dir}", "train.max_steps=50",
+               "train.eval_steps=1", "evaluation.max_new_tokens=3000", "evaluation.prompts=[讲个故事, 再讲一个]"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wait_for_event(process, output_dir / "progress.jsonl", "train_begin")
+    time.sleep(1)  # into the base model's sample pass
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "sample generation at step 0 stopped: training is stopping" in stderr
+    assert "training stopped by SIGINT at step 1 " in stdout
+    # Neither the stopping step nor the end of training generates samples again.
+    assert "sample generation at step 1 skipped: training is stopping" in stderr
+    assert "stop rate" not in stderr
+    assert (output_dir / "adapter_model.safetensors").is_file()
+    assert not (output_dir / "samples_base.json").exists(), "a stopped sample pass was kept as the base model's replies"
+
+
 def wait_for_event(process: subprocess.Popen, progress: Path, event: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,9 +75,18 @@ def run_evaluation(
     max_new_tokens: int,
     references: list[str | None] | None = None,
     step: int | None = None,
-) -> EvalRun:
-    """Generate one reply per prompt (greedy unless the generation settings enable sampling) and score them."""
-    replies = [generator.generate(prompt, max_new_tokens=max_new_tokens) for prompt in prompts]
+    cancel: threading.Event | None = None,
+) -> EvalRun | None:
+    """Generate one reply per prompt (greedy unless the generation settings enable sampling) and score them.
+
+    Setting `cancel` stops the reply being generated after its current token and returns None:
+    the replies are incomplete, so they are not scored.
+    """
+    replies = []
+    for prompt in prompts:
+        replies.append(generator.generate(prompt, max_new_tokens=max_new_tokens, cancel=cancel))
+        if cancel is not None and cancel.is_set():
+            return None
     samples = []
     for index, (prompt, reply) in enumerate(zip(prompts, replies)):
         samples.append(

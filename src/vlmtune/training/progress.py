@@ -74,6 +74,8 @@ class StopOnSignalCallback(TrainerCallback):
         self.progress = progress
         self.requested: str | None = None
         """The name of the signal that stopped training, or None."""
+        self.stopping = threading.Event()
+        """Set with `requested`, for work that can stop early, such as sample generation."""
         self.output_dir = ""
         self._previous: dict[int, Any] = {}
 
@@ -89,6 +91,7 @@ class StopOnSignalCallback(TrainerCallback):
             self._restore()
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        self.stopping.set()
         logger.warning("%s received: stopping after the current step and saving a checkpoint", self.requested)
 
     def _restore(self) -> None:

@@ -435,6 +435,7 @@ class LoraRecipe:
             pixel_limits=(self.config.data.min_pixels, self.config.data.max_pixels),
             base_without_adapter=self.config.lora.init not in CONVERTED_INITS,
             base_samples_path=self.output_dir / BASE_SAMPLES,
+            stopping=self.stop_on_signal.stopping if self.stop_on_signal is not None else None,
         )
 
     def _log_padding_share(self) -> None:

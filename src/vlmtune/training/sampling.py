@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class SampleGenerationCallback(TrainerCallback):
         pixel_limits: tuple[int | None, int | None],
         base_without_adapter: bool = True,
         base_samples_path: Path | None = None,
+        stopping: threading.Event | None = None,
     ):
         self.loaded = loaded
         self.prompts = prompts
@@ -54,9 +56,15 @@ class SampleGenerationCallback(TrainerCallback):
         """Whether switching the adapter off gives the base model (not after PiSSA/OLoRA initialisation)."""
         self.base_samples_path = base_samples_path
         """The file that keeps the base model's replies for a resumed run (None: they are not kept)."""
+        self.stopping = stopping
+        """Set when training is asked to stop (StopOnSignalCallback): generation stops and is not recorded."""
         self.runs: list[EvalRun] = []
 
-    def _generate(self, model, step: int, label: str) -> EvalRun:
+    def _generate(self, model, step: int, label: str) -> EvalRun | None:
+        """Generate and record the sample replies, or return None when training is stopping."""
+        if self.stopping is not None and self.stopping.is_set():
+            logger.info("sample generation at step %d skipped: training is stopping", step)
+            return None
         loaded = LoadedModel(model=model, processor=self.loaded.processor, path=self.loaded.path)
         generator = Generator(
             loaded,
@@ -70,10 +78,13 @@ class SampleGenerationCallback(TrainerCallback):
         try:
             run = run_evaluation(
                 generator, self.prompts, label, self.settings.style_patterns, self.settings.max_new_tokens,
-                self.references, step,
+                self.references, step, cancel=self.stopping,
             )
         finally:
             model.train(was_training)
+        if run is None:
+            logger.info("sample generation at step %d stopped: training is stopping", step)
+            return None
         self._record(run)
         return run
 
@@ -96,8 +107,8 @@ class SampleGenerationCallback(TrainerCallback):
         ]
         return hashlib.sha256(json.dumps(inputs, ensure_ascii=False, default=str).encode("utf-8")).hexdigest()
 
-    def _save_base(self, run: EvalRun) -> None:
-        if self.base_samples_path is None:
+    def _save_base(self, run: EvalRun | None) -> None:
+        if self.base_samples_path is None or run is None:
             return
         tree = {"key": self._base_key(), "label": run.label, "metrics": asdict(run.metrics), "samples": run.samples}
         self.base_samples_path.parent.mkdir(parents=True, exist_ok=True)
