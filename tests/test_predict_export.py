@@ -306,6 +306,9 @@ def test_bfloat16_export_check_keeps_folder(adapter_dir, tiny_model_dir, tmp_pat
 def test_adapter_only_export_with_card(adapter_dir, tmp_path):
     output = export_adapter_only(str(adapter_dir), str(tmp_path / "adapter"))
     assert (output / "adapter_model.safetensors").is_file()
+    # The run's record comes along, so chat and serve send the copy the same system prompt.
+    assert (output / "run_manifest.json").is_file()
+    assert system_prompt_for(None, str(output)) == system_prompt_for(None, str(adapter_dir))
     card = (output / "README.md").read_text(encoding="utf-8")
     assert "base_model:" in card
     assert "r=16, alpha=32" in card

@@ -186,13 +186,8 @@ def _save_merged(merged, base_path: Path, adapter_dir: Path, output: Path, max_s
     for path in base_path.iterdir():
         if path.is_file() and not _is_weight_file(path) and not (output / path.name).exists():
             shutil.copy2(path, output / path.name)
-    training_config = training_config_path(adapter_dir)
-    if training_config is not None:
-        # `vlmtune chat/serve/predict --model` read the system prompt, reply layout and pixel limits from these.
-        shutil.copy2(training_config, output / MERGED_CONFIG_NAME)
-        if (training_config.parent / "run_manifest.json").is_file():
-            shutil.copy2(training_config.parent / "run_manifest.json", output / MERGED_MANIFEST_NAME)
-    else:
+    # `vlmtune chat/serve/predict --model` read the system prompt, reply layout and pixel limits from these.
+    if not _copy_run_record(adapter_dir, output, MERGED_CONFIG_NAME, MERGED_MANIFEST_NAME):
         logger.warning(
             "no config.yaml in %s or its run folder, so the merged model does not record the training run's system "
             "prompt, reply layout or image limits; pass them to chat/serve/predict (--system)", adapter_dir,
@@ -210,11 +205,21 @@ def export_adapter_only(adapter_dir: str, output_dir: str) -> Path:
     for name in (*ADAPTER_FILES, "eval_report.md", "loss.png"):
         if (source / name).is_file():
             shutil.copy2(source / name, output / name)
-    training_config = training_config_path(source)
-    if training_config is not None:
-        shutil.copy2(training_config, output / "config.yaml")
+    _copy_run_record(source, output, "config.yaml", "run_manifest.json")
     (output / "README.md").write_text(model_card(source), encoding="utf-8")
     return output
+
+
+def _copy_run_record(adapter_dir: Path, output: Path, config_name: str, manifest_name: str) -> bool:
+    """Copy the adapter's training config and run manifest into `output`; return False when it has no config."""
+    training_config = training_config_path(adapter_dir)
+    if training_config is None:
+        return False
+    shutil.copy2(training_config, output / config_name)
+    manifest = training_config.parent / "run_manifest.json"
+    if manifest.is_file():
+        shutil.copy2(manifest, output / manifest_name)
+    return True
 
 
 def recorded_system_prompt(config: dict[str, Any], manifest: dict[str, Any]) -> tuple[str | None, str | None]:
