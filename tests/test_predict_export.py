@@ -121,6 +121,13 @@ def test_predict_resume_rejects_mismatched_rows(adapter_dir, tiny_model_dir, tmp
     with pytest.raises(DataError, match=r'its system \(none\) differs from this run\'s "你是沐雪。", so the system prompt'):
         predict(generator, load_dataset_file(DatasetSpec(path=str(data)), "你是沐雪。"), output, **producer)
 
+    # Another data file has other example ids, so none of its examples matches a row, and nothing may be appended.
+    other_data = write_json(tmp_path / "other.json", [{"instruction": "早上好", "output": "喵"}])
+    with pytest.raises(DataError) as caught:
+        predict(generator, load_dataset_file(DatasetSpec(path=str(other_data))), output, **producer)
+    assert "has 2 row(s) for examples that --data does not contain (the first: line 1, test.json, record 1" in str(caught.value)
+    assert output.read_text(encoding="utf-8") == written
+
     # Rows that record no model (an older vlmtune wrote them) are not trusted either.
     old_row = {key: value for key, value in json.loads(written.splitlines()[0]).items() if key not in ("model", "adapter")}
     old_output = tmp_path / "old.jsonl"
