@@ -228,6 +228,9 @@ def test_levers_say_when_nothing_fits(tmp_path):
     assert smallest.fits is False
     text = render(report)
     assert f"even with all of them it needs {smallest.total / GIB:.2f} GiB, more than 8 GiB" in text
+    # Said before the list, so that nobody applies the changes expecting a fit.
+    assert text.index("no setting change makes the run fit on a 8 GiB GPU") < text.index("  1. ")
+    assert "one change is not enough" not in text
     assert "DeepSpeed ZeRO-3 (examples/deepspeed/zero3.json)" in text
     write_estimate_json(report, tmp_path / "estimate.json")
     written = json.loads((tmp_path / "estimate.json").read_text(encoding="utf-8"))
@@ -389,3 +392,17 @@ def test_image_size_from_processor_limit(tiny_model_dir, tmp_path):
     report = run_estimate(config, images_per_sample=1)
     assert report.workload.image_pixels == processor_limit
     assert any("the image processor's limit" in note for note in report.assumptions)
+
+
+def test_image_longer_than_max_length_warned(tmp_path):
+    from vlmtune.model.estimate_report import write_estimate_json
+
+    # GLM-4.1V: 28-pixel patches merged 2 x 2, so 1,003,520 pixels are 1,280 tokens.
+    data = {"train": ["unused.json"], "max_length": 1024, "max_pixels": 1003520}
+    report = run_estimate(run_config(GLM_9B, data=data), gpu_gib=80)
+    [warning] = report.warnings
+    assert warning.startswith("1 image(s) of 1,003,520 pixels take 1,280 tokens, as many as data.max_length=1024 or more")
+    assert f"warning: {warning[:60]}" in render(report)
+    write_estimate_json(report, tmp_path / "estimate.json")
+    assert json.loads((tmp_path / "estimate.json").read_text(encoding="utf-8"))["warnings"] == [warning]
+    assert run_estimate(run_config(GLM_9B, data={**data, "max_length": 2048}), gpu_gib=80).warnings == []

@@ -12,7 +12,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from vlmtune.config import RunConfig
-from vlmtune.model.estimate import GIB, MemoryEstimate, Workload, estimate_memory, load_model_config
+from vlmtune.model.estimate import GIB, MemoryEstimate, Workload, estimate_memory, image_tokens, load_model_config
 
 
 MIN_LEVER_PIXELS = 28 * 28 * 64
@@ -151,6 +151,7 @@ def write_estimate_json(report: EstimateReport, path: Path) -> None:
          "total_bytes": lever.estimate.total, "fits": lever.estimate.fits}
         for lever in report.levers
     ]
+    tree["warnings"] = report.warnings
     path.write_text(json.dumps(tree, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
@@ -166,6 +167,8 @@ class EstimateReport:
     """The setting changes to apply, in order, when the run does not fit (see plan_levers)."""
     zero3: bool = False
     """The run already shards its weights with DeepSpeed ZeRO-3."""
+    warnings: list[str] = field(default_factory=list)
+    """Problems with the settings that the memory figures do not show."""
 
 
 def run_estimate(config: RunConfig, *, images_per_sample: int = 1, device: str = "cuda", gpu_gib: float | None = 24.0) -> EstimateReport:
@@ -203,6 +206,14 @@ def run_estimate(config: RunConfig, *, images_per_sample: int = 1, device: str =
     )
     estimate = estimate_memory(config, model_config, workload, device=device, gpu_gib=gpu_gib)
     report = EstimateReport(estimate, workload, config.model.name_or_path, assumptions, zero3=_zero_stage(config) == 3)
+    if images_per_sample and vision_config is not None:
+        image_total = images_per_sample * image_tokens(vision_config, pixels)[1]
+        if image_total >= config.data.max_length:
+            report.warnings.append(
+                f"{images_per_sample} image(s) of {pixels:,} pixels take {image_total:,} tokens, as many as "
+                f"data.max_length={config.data.max_length} or more: training would drop every such sample. Raise "
+                "data.max_length or lower data.max_pixels"
+            )
     if estimate.fits is False:
         report.levers = plan_levers(config, model_config, workload, estimate)
     return report
@@ -256,6 +267,7 @@ def estimate_table(report: EstimateReport):
     table.add_section()
     table.add_row("total", f"{estimate.total / GIB:.2f}", "")
     lines = [Text(f"assumes {item}") for item in report.assumptions]
+    lines.extend(Text(f"warning: {item}", style="yellow") for item in report.warnings)
     if estimate.gpu_bytes is not None:
         verdict = "yes" if estimate.fits else "no"
         lines.append(Text(f"fits on a {estimate.gpu_bytes / GIB:g} GiB GPU: {verdict}", style="green" if estimate.fits else "red"))
@@ -278,17 +290,21 @@ def lever_lines(levers: list[Lever], gpu_bytes: int, sharded: bool = False) -> l
     first = levers[0]
     if len(levers) == 1 and first.estimate.fits:
         return [f"fits with one change: {first.label} -> {first.estimate.total / GIB:.2f} GiB"]
-    lines = ["one change is not enough; apply these in order:"]
+    last = levers[-1].estimate
+    if last.fits:
+        lines = ["one change is not enough; apply these in order:"]
+    else:
+        # Said first, so that nobody applies the changes expecting the run to fit.
+        lines = [
+            f"no setting change makes the run fit on a {gpu} GPU: use a GPU with at least "
+            f"{math.ceil(last.total / GIB * 10) / 10:g} GiB{sharding}. These changes, in order, come closest:"
+        ]
     for number, lever in enumerate(levers, start=1):
         lines.append(f"  {number}. {lever.label} -> {lever.estimate.total / GIB:.2f} GiB")
-    last = levers[-1].estimate
     if last.fits:
         lines.append(f"with these {len(levers)} changes the run fits on a {gpu} GPU")
     else:
-        lines.append(
-            f"even with all of them it needs {last.total / GIB:.2f} GiB, more than {gpu}: use a GPU with at least "
-            f"{math.ceil(last.total / GIB * 10) / 10:g} GiB{sharding}"
-        )
+        lines.append(f"even with all of them it needs {last.total / GIB:.2f} GiB, more than {gpu}")
     return lines
 
 
