@@ -228,7 +228,7 @@ def test_levers_say_when_nothing_fits(tmp_path):
     assert smallest.fits is False
     text = render(report)
     assert f"even with all of them it needs {smallest.total / GIB:.2f} GiB, more than 8 GiB" in text
-    # Said before the list, so that nobody applies the changes expecting a fit.
+    # The verdict comes before the list of changes.
     assert text.index("no setting change makes the run fit on a 8 GiB GPU") < text.index("  1. ")
     assert "one change is not enough" not in text
     assert "DeepSpeed ZeRO-3 (examples/deepspeed/zero3.json)" in text

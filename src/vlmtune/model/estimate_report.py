@@ -294,7 +294,7 @@ def lever_lines(levers: list[Lever], gpu_bytes: int, sharded: bool = False) -> l
     if last.fits:
         lines = ["one change is not enough; apply these in order:"]
     else:
-        # Said first, so that nobody applies the changes expecting the run to fit.
+        # This comes first, so that a reader does not apply the changes expecting the run to fit.
         lines = [
             f"no setting change makes the run fit on a {gpu} GPU: use a GPU with at least "
             f"{math.ceil(last.total / GIB * 10) / 10:g} GiB{sharding}. These changes, in order, come closest:"
