@@ -55,12 +55,13 @@ CASES = {
     "placeholder_mismatch.jsonl": (
         "placeholder/image count mismatch",
         ", record 1 (line 1): field 'instruction' has more <image> placeholders than the 1 image(s) in 'images'; "
-        "the counts must be equal" + SKIP_HINT,
+        "the counts must be equal: add the missing images or remove the extra <image>" + SKIP_HINT,
     ),
     "unused_image.jsonl": (
         "placeholder/image count mismatch",
         ", record 1 (line 1): the text has 0 <image> placeholder(s) but 'images' lists 1 image(s); "
-        "the counts must be equal" + SKIP_HINT,
+        "the counts must be equal: put one <image> in the text where each image goes, or remove the extra images"
+        + SKIP_HINT,
     ),
     "not_utf8.jsonl": ("invalid UTF-8", ", line 2: not valid UTF-8 (byte 17 of the line); re-save the file as UTF-8" + SKIP_HINT),
     "empty.json": ("empty file", ": the file is empty"),

@@ -122,7 +122,8 @@ def split_placeholders(text: str, images: list[str], cursor: int, record: Record
             if cursor >= len(images):
                 raise DataError(
                     f"{record.location}: field '{record.field_name(field)}' has more {IMAGE_PLACEHOLDER} placeholders than the "
-                    f"{len(images)} image(s) in 'images'; the counts must be equal",
+                    f"{len(images)} image(s) in '{record.field_name('images')}'; the counts must be equal: add the "
+                    f"missing images or remove the extra {IMAGE_PLACEHOLDER}",
                     "placeholder/image count mismatch",
                 )
             parts.append(ImagePart(images[cursor]))
@@ -135,7 +136,8 @@ def split_placeholders(text: str, images: list[str], cursor: int, record: Record
 def check_all_images_used(record: Record, images: list[str], used: int) -> None:
     if used != len(images):
         raise DataError(
-            f"{record.location}: the text has {used} {IMAGE_PLACEHOLDER} placeholder(s) but 'images' lists "
-            f"{len(images)} image(s); the counts must be equal",
+            f"{record.location}: the text has {used} {IMAGE_PLACEHOLDER} placeholder(s) but "
+            f"'{record.field_name('images')}' lists {len(images)} image(s); the counts must be equal: put one "
+            f"{IMAGE_PLACEHOLDER} in the text where each image goes, or remove the extra images",
             "placeholder/image count mismatch",
         )
