@@ -310,7 +310,7 @@ def test_train_on_adapter_folder_explained(config_file, trained_adapter, tmp_pat
     result = run("train", str(config_file), f"model.name_or_path={trained_adapter}", f"train.output_dir={tmp_path / 'out'}")
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"model.name_or_path: {trained_adapter} is a LoRA adapter folder" in result.stderr
-    assert f"`vlmtune export --adapter {trained_adapter} --output MERGED` and train on MERGED" in result.stderr
+    assert f"to train on from it, set lora.init_from={trained_adapter} in the training config" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 

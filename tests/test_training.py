@@ -311,9 +311,8 @@ def test_resume_checks_saved_settings(tiny_model_dir, tmp_path, caplog):
     other_rate = {**tree, "train": {**tree["train"], "learning_rate": 1e-3}}
     with pytest.raises(ConfigError, match=r"--resume: train.learning_rate: 0.005 then, 0.001 now, but a resumed run keeps") as caught:
         LoraRecipe(build_config(other_rate), resume=True).setup()
-    # The way on that the message names: a merged model to start a new run from.
-    assert f"`vlmtune export --adapter {tmp_path / 'out'} --output MERGED`" in str(caught.value)
-    assert "model.name_or_path=MERGED" in str(caught.value)
+    # The way on that the message names: a new run that starts from this run's weights.
+    assert f"start a new run (another train.output_dir) from this run's weights with lora.init_from={tmp_path / 'out'}" in str(caught.value)
 
     # The manifest of the first session recorded another version of the data file.
     manifest_path = tmp_path / "out" / "run_manifest.json"
@@ -567,3 +566,55 @@ def test_tensorboard_gets_final_sample_generation(tiny_model_dir, tmp_path):
         if "samples/stop_rate" in accumulator.Tags()["scalars"]:
             steps |= {event.step for event in accumulator.Scalars("samples/stop_rate")}
     assert steps == {0, 2}  # the base model, and the adapter at the last step
+
+
+def init_from_tree(tiny_model_dir: Path, tmp_path: Path, adapter: Path, **lora) -> dict:
+    rows = [{"instruction": f"第{i}个问题", "input": "", "output": "好的喵~"} for i in range(4)]
+    return {
+        "model": {"name_or_path": str(tiny_model_dir), "device": "cpu"},
+        "data": {"train": [str(write_json(tmp_path / "train.json", rows))], "max_length": 128},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "init_from": str(adapter), **lora},
+        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 1, "per_device_train_batch_size": 4,
+                  "learning_rate": 1e-6, "warmup_steps": 0, "save_steps": 100},
+        "tracking": {"backend": "none"},
+        "evaluation": {"max_new_tokens": 8, "num_data_prompts": 1},
+    }
+
+
+def test_init_from_starts_at_saved_weights(tiny_model_dir, trained_adapter, tmp_path):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    recipe = LoraRecipe(build_config(init_from_tree(tiny_model_dir, tmp_path, trained_adapter)))
+    recipe.setup()
+    saved = load_file(str(trained_adapter / "adapter_model.safetensors"))
+    state = get_peft_model_state_dict(recipe.loaded.model)
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[key], saved[key]) for key in saved)
+    recipe.train()
+    base, after = recipe.sampling.runs[0], recipe.sampling.runs[-1]
+    # The base column is the base model with the adapter switched off; the run goes on from the saved replies.
+    assert base.label == "base"
+    assert base.samples[0]["answer"] != "好的喵~"
+    assert after.samples[0]["answer"] == "好的喵~"
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        ({"r": 8, "alpha": 16}, "was trained with other LoRA settings (lora.r: 16 in the adapter, 8 here; lora.alpha: 32"),
+        ({"target_modules": ["q_proj", "v_proj"]}, "adapts other modules than this lora section: only the adapter has"),
+    ],
+    ids=["rank", "targets"],
+)
+def test_init_from_mismatch_named(tiny_model_dir, trained_adapter, tmp_path, lora, message):
+    recipe = LoraRecipe(build_config(init_from_tree(tiny_model_dir, tmp_path, trained_adapter, **lora)))
+    with pytest.raises(ConfigError) as caught:
+        recipe.setup()
+    assert f"lora.init_from: {trained_adapter}" in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_init_from_with_pissa_rejected(tiny_model_dir, trained_adapter, tmp_path):
+    with pytest.raises(ConfigError, match="lora.init='pissa' has nothing to initialise"):
+        build_config(init_from_tree(tiny_model_dir, tmp_path, trained_adapter, init="pissa"))

@@ -266,6 +266,21 @@ class LoraSettings(_Section):
         description="auto: every Linear layer of the language model. A list of module names "
         "(matched on the last name part), or one regular expression matched on full module names.",
     )
+    init_from: str | None = Field(
+        None,
+        description="Adapter folder (an earlier run's output_dir or one of its checkpoint-N) whose LoRA weights "
+        "this run starts from, to train on with new settings or data. The other lora settings must match it. "
+        "None: new weights.",
+    )
+
+    @model_validator(mode="after")
+    def _check_init_from(self) -> LoraSettings:
+        if self.init_from is not None and self.init != "default":
+            raise ValueError(
+                f"lora.init_from starts from an adapter's weights, so lora.init={self.init!r} has nothing to "
+                "initialise; remove one of them"
+            )
+        return self
 
 
 class QuantizationSettings(_Section):
@@ -697,6 +712,8 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     if config.model.hub in ("auto", "local"):
         # Not found locally, the name is a ModelScope or Hugging Face id.
         config.model.name_or_path = _find_beside_config(config.model.name_or_path, config_path, None, Path.is_dir)
+    if config.lora.init_from is not None:
+        config.lora.init_from = _find_beside_config(config.lora.init_from, config_path, "lora.init_from: adapter folder", Path.is_dir)
     for number, prompt in enumerate(config.evaluation.prompts):
         for index, image in enumerate(prompt.images):
             if not image.startswith(("http://", "https://", "data:")):
@@ -760,6 +777,7 @@ def portable_config_dict(config: RunConfig) -> dict[str, Any]:
     tree["train"]["deepspeed"] = absolute(tree["train"]["deepspeed"])
     if tree["model"]["hub"] in ("auto", "local"):
         tree["model"]["name_or_path"] = absolute(tree["model"]["name_or_path"], Path.is_dir)
+    tree["lora"]["init_from"] = absolute(tree["lora"]["init_from"], Path.is_dir)
     for prompt in tree["evaluation"]["prompts"]:
         prompt["images"] = [absolute(image, Path.is_file) for image in prompt["images"]]
     return tree

@@ -46,7 +46,7 @@ def check_model_folder(path: Path, key: str, not_found_hint: str) -> None:
             raise ModelError(
                 f"{key}: {path} is a LoRA adapter folder (it has adapter_config.json, no config.json); give the "
                 "base model here. To chat with or serve the adapter, pass it with --adapter; to train on from it, "
-                f"merge it first with `vlmtune export --adapter {path} --output MERGED` and train on MERGED"
+                f"set lora.init_from={path} in the training config"
             )
         raise ModelError(f"{key}: {path} has no config.json, so it is not a model folder")
 

@@ -12,13 +12,16 @@ unless lora.vision is on:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import peft
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -289,3 +292,48 @@ def _log_trainable(peft_model: PeftModel, settings: LoraSettings) -> None:
                     name, f"{count:,}", count * 16 / 2**20)
     for part, (trainable, total) in sorted(count_parameters(peft_model).items()):
         logger.info("trainable parameters in the %s: %s of %s", part, f"{trainable:,}", f"{total:,}")
+
+
+def load_initial_weights(peft_model: PeftModel, adapter_dir: str) -> None:
+    """Copy a saved adapter's LoRA weights into the model's new adapter, for lora.init_from.
+
+    Raises ConfigError, naming the setting, when the saved adapter has another rank, alpha or
+    variant, or other target modules or shapes than the lora section makes.
+    """
+    folder = Path(adapter_dir)
+    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_path.is_file() or not weights_path.is_file():
+        raise ConfigError(
+            f"lora.init_from: {folder} has no adapter_config.json and adapter_model.safetensors; give the output "
+            "folder of `vlmtune train` or one of its checkpoint-N folders"
+        )
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    current = peft_model.peft_config["default"]
+    settings = (("r", "lora.r"), ("lora_alpha", "lora.alpha"), ("use_dora", "lora.use_dora"), ("use_rslora", "lora.use_rslora"))
+    different = [
+        f"{key}: {saved.get(name)!r} in the adapter, {getattr(current, name)!r} here"
+        for name, key in settings
+        if name in saved and saved[name] != getattr(current, name)
+    ]
+    if different:
+        raise ConfigError(
+            f"lora.init_from: {folder} was trained with other LoRA settings ({'; '.join(different)}); set them as "
+            "the adapter has them"
+        )
+    try:
+        result = set_peft_model_state_dict(peft_model, load_file(str(weights_path)), adapter_name="default")
+    except RuntimeError as error:  # shapes differ: another rank pattern or another base model
+        first_line = str(error).splitlines()[0]
+        raise ConfigError(f"lora.init_from: {folder} does not fit this model and lora section ({first_line})") from None
+    adapter_keys = [key for key in result.missing_keys if ".lora_" in key or ".modules_to_save." in key]
+    if result.unexpected_keys or adapter_keys:
+        differences = []
+        if result.unexpected_keys:
+            differences.append(f"only the adapter has {_short_names(key.rsplit('.lora_', 1)[0] for key in result.unexpected_keys)}")
+        if adapter_keys:
+            differences.append(f"only this run has {_short_names(key.rsplit('.lora_', 1)[0] for key in adapter_keys)}")
+        raise ConfigError(
+            f"lora.init_from: {folder} adapts other modules than this lora section: {'; '.join(differences)}. Set "
+            "lora.target_modules (and lora.vision, lora.modules_to_save) as that run had them"
+        )
+    logger.info("LoRA weights start from the adapter in %s", folder)

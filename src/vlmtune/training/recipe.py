@@ -55,7 +55,7 @@ from vlmtune.model.loading import (
     prepare_for_training,
     resolve_device,
 )
-from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters
+from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters, load_initial_weights
 from vlmtune.model.packing import PackedPositions
 from vlmtune.outputs import BASE_SAMPLES, MODEL_CARD
 from vlmtune.training.batch_checks import BATCH_TOLERANCE, padding_free_difference, padding_mask_difference
@@ -209,6 +209,8 @@ class LoraRecipe:
         self.gradient_checkpointing = self._resolve_gradient_checkpointing(model)
         prepare_for_training(model, self.gradient_checkpointing)
         self.loaded.model = apply_lora(model, config.lora)
+        if config.lora.init_from is not None and not self.resume:
+            load_initial_weights(self.loaded.model, config.lora.init_from)
         if config.lora.init in CONVERTED_INITS and self.is_main_process:
             self._save_initial_adapter()
         self.collator = self._make_collator()
@@ -434,6 +436,7 @@ class LoraRecipe:
             thinking=self.config.data.thinking,
             pixel_limits=(self.config.data.min_pixels, self.config.data.max_pixels),
             base_without_adapter=self.config.lora.init not in CONVERTED_INITS,
+            adapter_starts_empty=self.config.lora.init_from is None,
             base_samples_path=self.output_dir / BASE_SAMPLES,
             stopping=self.stop_on_signal.stopping if self.stop_on_signal is not None else None,
         )

@@ -115,9 +115,8 @@ class RunFolder:
         if optimizer:
             raise ConfigError(
                 f"--resume: {show(optimizer)}, but a resumed run keeps the values in its checkpoint's optimizer and "
-                f"scheduler state, so the change would not apply. {RESUME_FIX}; to train on with other values, merge "
-                f"this run's adapter into its base model (`vlmtune export --adapter {self.path} --output MERGED`) and "
-                "start a new run with model.name_or_path=MERGED"
+                f"scheduler state, so the change would not apply. {RESUME_FIX}; to train on with other values, start "
+                f"a new run (another train.output_dir) from this run's weights with lora.init_from={self.path}"
             )
         if changed:
             split = [key for key in ("data.seed", "data.val_size") if key in changed]

@@ -43,6 +43,7 @@ class SampleGenerationCallback(TrainerCallback):
         base_without_adapter: bool = True,
         base_samples_path: Path | None = None,
         stopping: threading.Event | None = None,
+        adapter_starts_empty: bool = True,
     ):
         self.loaded = loaded
         self.prompts = prompts
@@ -56,6 +57,8 @@ class SampleGenerationCallback(TrainerCallback):
         """Whether switching the adapter off gives the base model (not after PiSSA/OLoRA initialisation)."""
         self.base_samples_path = base_samples_path
         """The file that keeps the base model's replies for a resumed run (None: they are not kept)."""
+        self.adapter_starts_empty = adapter_starts_empty
+        """Whether the adapter changes nothing at step 0 (not when lora.init_from loads trained weights)."""
         self.stopping = stopping
         """Set when training is asked to stop (StopOnSignalCallback): generation stops and is not recorded."""
         self.runs: list[EvalRun] = []
@@ -130,13 +133,14 @@ class SampleGenerationCallback(TrainerCallback):
             return None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step == 0:
+        if state.global_step == 0 and self.adapter_starts_empty:
             self._save_base(self._generate(model, 0, "base"))
         elif (saved := self._saved_base()) is not None:
             logger.info("resumed run: the base model's replies come from %s", self.base_samples_path)
             self._record(saved)
         elif self.base_without_adapter and hasattr(model, "disable_adapter"):
-            # A resumed run: the base model is the same model with the adapter switched off.
+            # A resumed run, or one that starts from saved weights (lora.init_from): the base model is the
+            # same model with the adapter switched off.
             with model.disable_adapter():
                 self._save_base(self._generate(model, 0, "base"))
         else:
