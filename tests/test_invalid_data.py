@@ -38,8 +38,9 @@ CASES = {
     "empty_conversation.jsonl": ("empty conversation", ", record 1 (line 1): the conversation is empty" + SKIP_HINT),
     "roles_out_of_order.jsonl": (
         "roles out of order",
-        ", record 1 (line 1): message 1 is 'user' where 'assistant' was expected; turns must alternate user, "
-        "assistant, ... after an optional first system message" + SKIP_HINT,
+        ", record 1 (line 1): the roles are user, user, assistant, so message 2 (counting from 1) is 'user' where "
+        "'assistant' was expected; turns must alternate user, assistant, ... after an optional first system message"
+        + SKIP_HINT,
     ),
     "ends_with_user.jsonl": (
         "no final assistant reply",

@@ -23,9 +23,12 @@ def check_roles(conversation: Conversation, reply_required: bool = True) -> None
     for number, message in enumerate(turns):
         expected = "user" if number % 2 == 0 else "assistant"
         if message.role != expected:
+            # The role sequence shows which message is meant, even where data.system_prompt added one.
+            roles = ", ".join(item.role for item in messages)
             raise DataError(
-                f"{conversation.source}: message {number + start} is {message.role!r} where {expected!r} was expected; "
-                "turns must alternate user, assistant, ... after an optional first system message",
+                f"{conversation.source}: the roles are {roles}, so message {number + start + 1} (counting from 1) is "
+                f"{message.role!r} where {expected!r} was expected; turns must alternate user, assistant, ... after "
+                "an optional first system message",
                 "roles out of order",
             )
         if not message.text.strip() and not message.images:
