@@ -213,3 +213,13 @@ def test_sharegpt_two_system_prompts_rejected(tmp_path):
     same = write_json(tmp_path / "same.json", [{"system": "对话里的系统提示", "conversations": turns}])
     [conversation] = load_dataset_file(DatasetSpec(path=str(same)))
     assert [message.role for message in conversation.messages] == ["system", "user", "assistant"]
+
+
+def test_blank_message_numbered_from_one():
+    from vlmtune.data.conversation import Conversation, Message, TextPart
+    from vlmtune.data.validate import check_conversation
+
+    conversation = Conversation([Message("user", [TextPart("你好")]), Message("assistant", [TextPart("  ")])], source="chat")
+    with pytest.raises(DataError) as caught:
+        check_conversation(conversation)
+    assert str(caught.value) == "chat: message 2 (counting from 1, assistant) is empty; fill it in or remove the example"

@@ -32,7 +32,11 @@ def check_roles(conversation: Conversation, reply_required: bool = True) -> None
                 "roles out of order",
             )
         if not message.text.strip() and not message.images:
-            raise DataError(f"{conversation.source}: message {number + start} ({message.role}) is empty", "empty field")
+            raise DataError(
+                f"{conversation.source}: message {number + start + 1} (counting from 1, {message.role}) is empty; "
+                "fill it in or remove the example",
+                "empty field",
+            )
     if turns[-1].role != "assistant" and reply_required:
         raise DataError(
             f"{conversation.source}: the conversation ends with a {turns[-1].role} message; it must end with "

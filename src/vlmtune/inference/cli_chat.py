@@ -155,6 +155,9 @@ def cut_off_notice(max_new_tokens: int) -> str:
     return f"[reply cut off: it reached max_new_tokens={max_new_tokens} without a stop token]"
 
 
+INTERRUPTED_NOTICE = "[reply stopped with Ctrl-C; the history keeps the part above. Ctrl-C at the prompt quits]"
+
+
 def print_reply_end(
     console: Console, reply: Reply, max_new_tokens: int, show_thinking: bool, interrupted: bool = False
 ) -> None:
@@ -170,9 +173,6 @@ def print_reply_end(
         console.print(INTERRUPTED_NOTICE, style="yellow", markup=False, highlight=False)
     else:
         console.print(cut_off_notice(max_new_tokens), style="yellow", markup=False, highlight=False)
-
-
-INTERRUPTED_NOTICE = "[reply stopped with Ctrl-C; the history keeps the part above. Ctrl-C at the prompt quits]"
 
 
 @contextlib.contextmanager

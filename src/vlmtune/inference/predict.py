@@ -159,7 +159,8 @@ def pending_examples(
     if len(set(ids)) != len(ids):
         raise DataError("two examples share an id (file and record); predict one file at a time")
     done = finished_rows(output, log)
-    others = [example for example in done if example not in set(ids)]
+    known = set(ids)
+    others = [example for example in done if example not in known]
     if others:
         line_number, _ = done[others[0]]
         raise DataError(

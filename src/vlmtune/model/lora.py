@@ -304,12 +304,14 @@ def load_initial_weights(peft_model: PeftModel, adapter_dir: str) -> None:
     config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
         raise ConfigError(
-            f"lora.init_from: {folder} has no adapter_config.json and adapter_model.safetensors; give the output "
+            f"lora.init_from: {folder} lacks adapter_config.json or adapter_model.safetensors; give the output "
             "folder of `vlmtune train` or one of its checkpoint-N folders"
         )
     saved = json.loads(config_path.read_text(encoding="utf-8"))
     current = peft_model.peft_config["default"]
-    settings = (("r", "lora.r"), ("lora_alpha", "lora.alpha"), ("use_dora", "lora.use_dora"), ("use_rslora", "lora.use_rslora"))
+    settings = (
+        ("r", "lora.r"), ("lora_alpha", "lora.alpha"), ("use_dora", "lora.use_dora"), ("use_rslora", "lora.use_rslora")
+    )
     different = [
         f"{key}: {saved.get(name)!r} in the adapter, {getattr(current, name)!r} here"
         for name, key in settings
@@ -327,11 +329,13 @@ def load_initial_weights(peft_model: PeftModel, adapter_dir: str) -> None:
         raise ConfigError(f"lora.init_from: {folder} does not fit this model and lora section ({first_line})") from None
     adapter_keys = [key for key in result.missing_keys if ".lora_" in key or ".modules_to_save." in key]
     if result.unexpected_keys or adapter_keys:
+        only_saved = _short_names(key.rsplit(".lora_", 1)[0] for key in result.unexpected_keys)
+        only_here = _short_names(key.rsplit(".lora_", 1)[0] for key in adapter_keys)
         differences = []
-        if result.unexpected_keys:
-            differences.append(f"only the adapter has {_short_names(key.rsplit('.lora_', 1)[0] for key in result.unexpected_keys)}")
-        if adapter_keys:
-            differences.append(f"only this run has {_short_names(key.rsplit('.lora_', 1)[0] for key in adapter_keys)}")
+        if only_saved:
+            differences.append(f"only the adapter has {only_saved}")
+        if only_here:
+            differences.append(f"only this run has {only_here}")
         raise ConfigError(
             f"lora.init_from: {folder} adapts other modules than this lora section: {'; '.join(differences)}. Set "
             "lora.target_modules (and lora.vision, lora.modules_to_save) as that run had them"

@@ -142,6 +142,7 @@ class ChatTab:
     def _views(self, turns: list[Turn], error: str = "") -> tuple:
         return chat_messages(turns, ADAPTER_SIDE), chat_messages(turns, BASE_SIDE), turns, error
 
+    # The settings are spelled out, not *settings: gradio passes gr.Request only to a parameter before any *args.
     def send(
         self, message: dict, turns: list[Turn], adapter: str, compare: bool, system: str, no_system: bool,
         temperature: float, top_p: float, max_new_tokens: float, request: gr.Request | None = None,
