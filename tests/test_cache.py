@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow
+import pyarrow.ipc
 import pytest
 import torch
 from filelock import FileLock
@@ -66,6 +68,29 @@ def test_cache_matches_direct_then_hits(
     assert_same_samples(direct.samples, second.samples)
     assert second.dropped == direct.dropped
     assert second.lengths == direct.lengths
+
+
+def test_image_rows_across_record_batches(encoder, mixed_conversations, tmp_path):
+    """Pixel values are stored as float arrays in several record batches and read back unchanged."""
+    from vlmtune.encoding.cache import IMAGE_WRITER_BATCH_SIZE
+
+    text, images = mixed_conversations[:40], mixed_conversations[40:]
+    # Text and image conversations alternate, so that images land in every record batch.
+    conversations = [conversation for pair in zip(text, images * 7) for conversation in pair]
+    assert len(conversations) > 2 * IMAGE_WRITER_BATCH_SIZE
+    settings = data_settings(cache_dir=str(tmp_path), max_length=256)
+    direct = encode_conversations(encoder, conversations, settings)
+    first = encode_dataset(encoder, conversations, settings)
+    [table_path] = tmp_path.glob("*.arrow")
+    with pyarrow.OSFile(str(table_path)) as source:
+        assert pyarrow.ipc.open_file(source).num_record_batches > 2
+    second = encode_dataset(encoder, conversations, settings)
+    assert second.from_cache
+    assert sum(sample.pixel_values is not None for sample in second.samples) == len(conversations) // 2
+    assert_same_samples(direct.samples, first.samples)
+    assert_same_samples(direct.samples, second.samples)
+    assert all(sample.pixel_values.is_contiguous() for sample in second.samples if sample.pixel_values is not None)
+    second.samples[1].pixel_values.add_(1)  # a writable tensor of its own, not a view of the Arrow buffer
 
 
 def test_batched_encoding_matches_one_at_a_time(encoder, mixed_conversations, tmp_path):

@@ -19,9 +19,11 @@ import logging
 import os
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow
 import pyarrow.ipc
 import torch
@@ -121,6 +123,14 @@ def encoding_key(encoder: ConversationEncoder, conversations: list[Conversation]
 
 # -- rows <-> samples ----------------------------------------------------------------------
 
+# Pixel values go in and out of Arrow as NumPy arrays. As Python floats, 40 images of 640x480
+# took 44 s to encode and 4 s to read from the cache on 2 CPU cores; as arrays, 8 s and 0.13 s.
+NO_PIXELS = np.zeros(0, dtype=np.float32)
+IMAGE_WRITER_BATCH_SIZE = 16
+"""Rows per Arrow write when the data has images. A list column takes at most 2**31 values per
+write, and 16 images at transformers' default limit for GLM-4.1V (11.8 megapixels, about 71M
+floats each) fit."""
+
 FEATURES = datasets.Features(
     {
         "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -148,7 +158,7 @@ def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
         "labels": [],
         "reply_starts": [],
         "mm_token_type_ids": [],
-        "pixel_values": [],
+        "pixel_values": NO_PIXELS,
         "pixel_shape": [],
         "image_grid_thw": [],
         "source": source,
@@ -164,7 +174,7 @@ def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
         row["resized_images"] = sample.resized_images
         row["mm_token_type_ids"] = sample.mm_token_type_ids or []
         if sample.pixel_values is not None:
-            row["pixel_values"] = sample.pixel_values.float().flatten().tolist()
+            row["pixel_values"] = sample.pixel_values.float().flatten().numpy()
             row["pixel_shape"] = list(sample.pixel_values.shape)
             row["image_grid_thw"] = sample.image_grid_thw.flatten().tolist()
     return row
@@ -180,7 +190,7 @@ def _row_outcome(row: dict[str, Any]) -> EncodingOutcome:
     if row["mm_token_type_ids"]:
         sample.mm_token_type_ids = row["mm_token_type_ids"]
     if row["pixel_shape"]:
-        sample.pixel_values = torch.tensor(row["pixel_values"], dtype=torch.float32).view(*row["pixel_shape"])
+        sample.pixel_values = torch.from_numpy(row["pixel_values"].copy()).view(*row["pixel_shape"])
         sample.image_grid_thw = torch.tensor(row["image_grid_thw"], dtype=torch.long).view(-1, 3)
     return EncodingOutcome(sample, row["length"], trimmed=row["trimmed"])
 
@@ -218,14 +228,24 @@ def encode_dataset(
     else:
         table, cached = _encode(encoder, conversations, settings).data.table, False
     report = EncodingReport([], {}, from_cache=cached)
-    columns = table.to_pydict()  # one conversion per column: much faster than reading row by row
+    # One conversion per column: much faster than reading row by row.
+    columns = table.drop_columns(["pixel_values"]).to_pydict()
     names = list(columns)
-    for values in zip(*columns.values()):
-        row = dict(zip(names, values))
+    for values, pixel_values in zip(zip(*columns.values()), _float_rows(table.column("pixel_values"))):
+        row = dict(zip(names, values), pixel_values=pixel_values)
         add_outcome(report, _row_outcome(row), row["source"])
     report.seconds = time.perf_counter() - started
     report.log()
     return report
+
+
+def _float_rows(column: pyarrow.ChunkedArray) -> Iterator[np.ndarray]:
+    """Yield each row of a list<float32> column as a read-only NumPy view of the Arrow buffer."""
+    for chunk in column.chunks:
+        offsets = chunk.offsets.to_numpy()  # positions in chunk.values, which ignores a slice's start
+        values = chunk.values.to_numpy()
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            yield values[start:end]
 
 
 def _cached_encode(
@@ -280,6 +300,7 @@ def _encode(encoder: ConversationEncoder, conversations: list[Conversation], set
         num_proc=num_proc,
         remove_columns=["index"],
         features=FEATURES,
+        writer_batch_size=IMAGE_WRITER_BATCH_SIZE if any(conversation.images for conversation in conversations) else None,
         new_fingerprint=f"vlmtune-encode-{len(conversations)}",
         load_from_cache_file=False,
         keep_in_memory=True,
