@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from vlmtune.config import DataSettings, ModelSettings
-from vlmtune.encoding import ConversationEncoder
+from vlmtune.encoding import ConversationEncoder, EncodedSample
 from vlmtune.model.loading import LoadedModel, load_model
 from vlmtune.model.tiny import build_tiny_model
 
@@ -50,6 +51,12 @@ def loaded(tiny_model_dir) -> LoadedModel:
 @pytest.fixture(scope="session")
 def encoder(loaded) -> ConversationEncoder:
     return ConversationEncoder(loaded.processor, loaded.stop_token_ids)
+
+
+def encode_with_pixels(encoder: ConversationEncoder, conversations) -> list[EncodedSample]:
+    """Encode conversations and process their image files, so that any collator can batch the samples."""
+    samples = [encoder.encode(conversation) for conversation in conversations]
+    return [replace(sample, pixel_values=encoder.pixel_values(sample)) if sample.image_files else sample for sample in samples]
 
 
 def write_json(path: Path, rows) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import shutil
@@ -32,14 +33,27 @@ def mixed_conversations() -> list[Conversation]:
     return text + images
 
 
+def with_data_url_images(conversation: Conversation) -> Conversation:
+    def data_url(part):
+        if not isinstance(part, ImagePart):
+            return part
+        return ImagePart("data:image/png;base64," + base64.b64encode(Path(part.source).read_bytes()).decode())
+
+    messages = [Message(message.role, [data_url(part) for part in message.content]) for message in conversation.messages]
+    return Conversation(messages, source=conversation.source)
+
+
 def assert_same_samples(left, right):
     assert len(left) == len(right)
     for a, b in zip(left, right):
         assert (a.input_ids, a.labels, a.reply_starts, a.source) == (b.input_ids, b.labels, b.reply_starts, b.source)
         assert a.mm_token_type_ids == b.mm_token_type_ids
+        assert a.image_files == b.image_files
         assert (a.pixel_values is None) == (b.pixel_values is None)
         if a.pixel_values is not None:
             assert torch.equal(a.pixel_values, b.pixel_values)
+        assert (a.image_grid_thw is None) == (b.image_grid_thw is None)
+        if a.image_grid_thw is not None:
             assert torch.equal(a.image_grid_thw, b.image_grid_thw)
 
 
@@ -55,7 +69,8 @@ def test_cache_matches_direct_then_hits(
     assert_same_samples(direct.samples, first.samples)
     assert first.dropped == direct.dropped
     assert first.lengths == direct.lengths
-    assert any(sample.pixel_values is not None for sample in first.samples)
+    assert any(sample.image_files for sample in first.samples)
+    assert all(sample.pixel_values is None for sample in first.samples)  # local files are processed when batched
     assert len(list(tmp_path.glob("*.arrow"))) == 1
     assert not list(tmp_path.glob("*.partial-*"))
 
@@ -74,7 +89,9 @@ def test_image_rows_across_record_batches(encoder, mixed_conversations, tmp_path
     """Pixel values are stored as float arrays in several record batches and read back unchanged."""
     from vlmtune.encoding.cache import IMAGE_WRITER_BATCH_SIZE
 
-    text, images = mixed_conversations[:40], mixed_conversations[40:]
+    text = mixed_conversations[:40]
+    # Images given as data: URLs are not files to open again later, so their pixel values are stored.
+    images = [with_data_url_images(conversation) for conversation in mixed_conversations[40:]]
     # Text and image conversations alternate, so that images land in every record batch.
     conversations = [conversation for pair in zip(text, images * 7) for conversation in pair]
     assert len(conversations) > 2 * IMAGE_WRITER_BATCH_SIZE

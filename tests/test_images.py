@@ -39,7 +39,7 @@ def test_mixed_batch_collates_vision_tensors(encoder):
     one = image_conversation(FIXTURE_IMAGES / "orange.png")
     two = image_conversation(FIXTURE_IMAGES / "orange.png", FIXTURE_IMAGES / "blue.png")
     samples = [encoder.encode(c) for c in (text_only, one, two)]
-    batch = ChatCollator(pad_token_id=encoder.tokenizer.pad_token_id)(samples)
+    batch = ChatCollator(pad_token_id=encoder.tokenizer.pad_token_id, pixel_loader=encoder.pixel_values)(samples)
     assert batch["image_grid_thw"].shape == (3, 3)
     patches = int(batch["image_grid_thw"].prod(dim=1).sum())
     assert batch["pixel_values"].shape[0] == patches
@@ -47,6 +47,48 @@ def test_mixed_batch_collates_vision_tensors(encoder):
     assert int((batch["input_ids"] == image_id).sum()) == patches // 4
     assert int((batch["mm_token_type_ids"] == 1).sum()) == patches // 4
     assert bool((batch["labels"][batch["input_ids"] == image_id] == -100).all())
+
+
+def test_file_images_processed_when_batched(loaded, encoder):
+    """Samples keep image paths, not pixels, and the collator gives the processor's pixels for those files."""
+    from PIL import Image
+
+    files = [FIXTURE_IMAGES / "orange.png", FIXTURE_IMAGES / "blue.png"]
+    sample = encoder.encode(image_conversation(*files))
+    assert sample.pixel_values is None
+    assert sample.image_files == [str(path.resolve()) for path in files]
+
+    batch = ChatCollator(pad_token_id=encoder.tokenizer.pad_token_id, pixel_loader=encoder.pixel_values)([sample])
+    expected = loaded.processor.image_processor(images=[Image.open(path).convert("RGB") for path in files], return_tensors="pt")
+    assert torch.equal(batch["pixel_values"], expected["pixel_values"])
+    assert torch.equal(batch["image_grid_thw"], expected["image_grid_thw"])
+    with pytest.raises(ValueError, match="no pixel_loader"):
+        ChatCollator(pad_token_id=encoder.tokenizer.pad_token_id)([sample])
+
+
+def test_image_resized_after_encoding_is_an_error(encoder, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (56, 56), "orange").save(path)
+    sample = encoder.encode(image_conversation(path))
+    Image.new("RGB", (112, 56), "orange").save(path)
+    with pytest.raises(DataError, match=r"inline: an image changed size after the data was encoded \(.*photo.png\)"):
+        encoder.pixel_values(sample)
+
+
+def test_url_images_keep_their_pixels(encoder):
+    import base64
+
+    data_url = "data:image/png;base64," + base64.b64encode((FIXTURE_IMAGES / "orange.png").read_bytes()).decode()
+    conversation = Conversation(
+        [Message("user", [ImagePart(data_url), TextPart("这是什么？")]), Message("assistant", [TextPart("橙色喵~")])],
+        source="inline",
+    )
+    sample = encoder.encode(conversation)
+    assert sample.image_files is None
+    assert sample.pixel_values is not None
+    assert encoder.pixel_values(sample) is sample.pixel_values
 
 
 def test_overlong_image_conversation_dropped_at_preprocessing(encoder):
@@ -137,8 +179,8 @@ def loss_on(model, batch) -> float:
 def test_training_on_mixed_batches_lowers_loss(tiny_model_dir, tmp_path):
     recipe = train_on_images(tiny_model_dir, tmp_path)
     mixed = recipe.report.samples[4:8]
-    assert [sample.pixel_values is not None for sample in mixed] == [False, False, True, True]
-    batch = ChatCollator(pad_token_id=recipe.loaded.tokenizer.pad_token_id)(mixed)
+    assert [sample.image_grid_thw is not None for sample in mixed] == [False, False, True, True]
+    batch = ChatCollator(pad_token_id=recipe.loaded.tokenizer.pad_token_id, pixel_loader=recipe.encoder.pixel_values)(mixed)
     before = loss_on(recipe.loaded.model, batch)
     recipe.train()
     assert loss_on(recipe.loaded.model, batch) < before

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import PERSONA_DATA, train_fixed_reply_adapter, write_json
+from conftest import PERSONA_DATA, encode_with_pixels, train_fixed_reply_adapter, write_json
 from test_images import IMAGE_DATA
 from test_serving import start_server
 from vlmtune.cli.main import app
@@ -321,7 +321,7 @@ def test_padding_free_rows_match_padded_batches(vl_dir):
     loaded = load(vl_dir)
     encoder = ConversationEncoder(loaded.processor, loaded.stop_token_ids)
     conversations = load_dataset_file(DatasetSpec(path=str(PERSONA_DATA)))[:3] + load_dataset_file(DatasetSpec(path=str(IMAGE_DATA)))[:2]
-    samples = [encoder.encode(conversation) for conversation in conversations]
+    samples = encode_with_pixels(encoder, conversations)
     pad = loaded.tokenizer.pad_token_id
     padded = ChatCollator(pad_token_id=pad)
     packed = ChatCollator(pad_token_id=pad, positions=PackedPositions(loaded.model))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from conftest import PERSONA_DATA, write_json
+from conftest import PERSONA_DATA, encode_with_pixels, write_json
 from test_images import IMAGE_DATA
 from vlmtune.config import DatasetSpec, build_config
 from vlmtune.data.loading import load_dataset_file
@@ -24,7 +24,7 @@ from vlmtune.training.recipe import LoraRecipe
 def samples(encoder):
     text = load_dataset_file(DatasetSpec(path=str(PERSONA_DATA)))[:6]
     images = load_dataset_file(DatasetSpec(path=str(IMAGE_DATA)))[:2]
-    return [encoder.encode(conversation) for conversation in text + images]
+    return encode_with_pixels(encoder, text + images)
 
 
 def collators(loaded):

@@ -41,6 +41,7 @@ from vlmtune.encoding.encode import (
     add_outcome,
     encode_with_policy,
 )
+from vlmtune.encoding.images import image_path
 from vlmtune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -62,9 +63,9 @@ def cache_root(settings: DataSettings) -> Path:
 
 def _image_stamp(source: str) -> str:
     """Return what identifies an image: path, size and modification time of a file, or the URL itself."""
-    if source.startswith(("http://", "https://", "data:")):
+    path = image_path(source)
+    if path is None:
         return source
-    path = Path(source.removeprefix("file://")).expanduser()
     try:
         stat = path.stat()
     except OSError:
@@ -140,6 +141,7 @@ FEATURES = datasets.Features(
         "pixel_values": datasets.Sequence(datasets.Value("float32")),
         "pixel_shape": datasets.Sequence(datasets.Value("int32")),
         "image_grid_thw": datasets.Sequence(datasets.Value("int32")),
+        "image_files": datasets.Sequence(datasets.Value("string")),
         "source": datasets.Value("string"),
         "length": datasets.Value("int32"),
         "dropped": datasets.Value("string"),
@@ -161,6 +163,7 @@ def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
         "pixel_values": NO_PIXELS,
         "pixel_shape": [],
         "image_grid_thw": [],
+        "image_files": [],
         "source": source,
         "length": outcome.length,
         "dropped": outcome.dropped,
@@ -173,10 +176,12 @@ def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
         row.update(input_ids=sample.input_ids, labels=sample.labels, reply_starts=sample.reply_starts)
         row["resized_images"] = sample.resized_images
         row["mm_token_type_ids"] = sample.mm_token_type_ids or []
+        if sample.image_grid_thw is not None:
+            row["image_grid_thw"] = sample.image_grid_thw.flatten().tolist()
+            row["image_files"] = sample.image_files or []
         if sample.pixel_values is not None:
             row["pixel_values"] = sample.pixel_values.float().flatten().numpy()
             row["pixel_shape"] = list(sample.pixel_values.shape)
-            row["image_grid_thw"] = sample.image_grid_thw.flatten().tolist()
     return row
 
 
@@ -189,9 +194,11 @@ def _row_outcome(row: dict[str, Any]) -> EncodingOutcome:
     )
     if row["mm_token_type_ids"]:
         sample.mm_token_type_ids = row["mm_token_type_ids"]
+    if row["image_grid_thw"]:
+        sample.image_grid_thw = torch.tensor(row["image_grid_thw"], dtype=torch.long).view(-1, 3)
+        sample.image_files = row["image_files"] or None
     if row["pixel_shape"]:
         sample.pixel_values = torch.from_numpy(row["pixel_values"].copy()).view(*row["pixel_shape"])
-        sample.image_grid_thw = torch.tensor(row["image_grid_thw"], dtype=torch.long).view(-1, 3)
     return EncodingOutcome(sample, row["length"], trimmed=row["trimmed"])
 
 

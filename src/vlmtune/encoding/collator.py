@@ -92,7 +92,8 @@ class ChatCollator:
 
     Text-only and image samples can share a batch: `pixel_values` and `image_grid_thw`
     of the image samples are concatenated in batch order, which is the order the model
-    consumes image tokens in.
+    consumes image tokens in. `pixel_loader` (`ConversationEncoder.pixel_values`) processes
+    the images of samples that keep only their image files.
 
     With `positions` (a `model.packing.PackedPositions`), the batch is padding-free
     instead: all samples in one row, no attention mask, and position ids that restart at
@@ -101,6 +102,7 @@ class ChatCollator:
 
     pad_token_id: int
     positions: Callable[..., torch.Tensor] | None = None
+    pixel_loader: Callable[[EncodedSample], torch.Tensor] | None = None
     supervised_logits_only: bool = False
     """Add `logits_to_keep` so the model computes logits only at `supervised_positions`. The
     loss must then pick its targets the same way (training.loss does); the model's own loss
@@ -121,11 +123,18 @@ class ChatCollator:
         batch["use_cache"] = False
         if self.supervised_logits_only:
             batch["logits_to_keep"] = supervised_positions(batch["labels"])
-        with_images = [sample for sample in samples if sample.pixel_values is not None]
+        with_images = [sample for sample in samples if sample.image_grid_thw is not None]
         if with_images:
-            batch["pixel_values"] = torch.cat([sample.pixel_values for sample in with_images])
+            batch["pixel_values"] = torch.cat([self._pixel_values(sample) for sample in with_images])
             batch["image_grid_thw"] = torch.cat([sample.image_grid_thw for sample in with_images])
         return batch
+
+    def _pixel_values(self, sample: EncodedSample) -> torch.Tensor:
+        if sample.pixel_values is not None:
+            return sample.pixel_values
+        if self.pixel_loader is None:
+            raise ValueError(f"{sample.source}: the sample keeps only its image files, and the collator has no pixel_loader")
+        return self.pixel_loader(sample)
 
     def _padding_free(self, samples: list[EncodedSample]) -> dict[str, Any]:
         labels = []

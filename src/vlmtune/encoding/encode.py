@@ -24,7 +24,7 @@ import torch
 
 from vlmtune.config import DataSettings
 from vlmtune.data.conversation import Conversation, Message, TextPart
-from vlmtune.encoding.images import apply_image_limits, load_image_part
+from vlmtune.encoding.images import apply_image_limits, load_image, load_image_part, local_image_files
 from vlmtune.encoding.thinking import LayoutName, build_reply, detect_layout, split_reply
 from vlmtune.errors import DataError, TemplateError
 from vlmtune.notices import log_once
@@ -49,7 +49,11 @@ class EncodedSample:
     source: str = ""
     mm_token_type_ids: list[int] | None = None
     pixel_values: torch.Tensor | None = None
+    """The image processor's output, kept only for images that are not local files (URLs, decoded images)."""
     image_grid_thw: torch.Tensor | None = None
+    image_files: list[str] | None = None
+    """Local image files, processed again when the sample is batched (`ConversationEncoder.pixel_values`),
+    so that the pixel values of all the data's images are never in memory at once."""
     resized_images: int = 0
     """Images of this conversation scaled to fit data.min_pixels / data.max_pixels."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -315,6 +319,20 @@ class ConversationEncoder:
         counts = [int(grid.prod()) // merge for grid in inputs["image_grid_thw"]]
         return dict(inputs), counts, resized
 
+    def pixel_values(self, sample: EncodedSample) -> torch.Tensor:
+        """Return the sample's pixel values, processing its image files again where encoding kept none."""
+        if sample.pixel_values is not None:
+            return sample.pixel_values
+        images = [load_image(path, sample.source) for path in sample.image_files]
+        inputs = self.processor.image_processor(images=images, return_tensors="pt")
+        if not torch.equal(inputs["image_grid_thw"], sample.image_grid_thw):
+            raise DataError(
+                f"{sample.source}: an image changed size after the data was encoded ({', '.join(sample.image_files)}). "
+                "Start the run again, so that the data is encoded from the current files",
+                "changed image",
+            )
+        return inputs["pixel_values"]
+
     def _expand_images(self, text: str, image_counts: list[int], cursor: int) -> tuple[str, int]:
         """Repeat each image marker in prompt text as many times as that image has tokens."""
         if self.image_token is None or self.image_token not in text:
@@ -447,8 +465,10 @@ class ConversationEncoder:
 
         sample = EncodedSample(input_ids, labels, reply_starts, source=item.conversation.source, resized_images=item.resized_images)
         if item.image_inputs:
-            sample.pixel_values = item.image_inputs["pixel_values"]
             sample.image_grid_thw = item.image_inputs["image_grid_thw"]
+            sample.image_files = local_image_files(item.conversation.images)
+            if sample.image_files is None:
+                sample.pixel_values = item.image_inputs["pixel_values"]
         if hasattr(self.processor, "create_mm_token_type_ids"):
             sample.mm_token_type_ids = self.processor.create_mm_token_type_ids([input_ids])[0]
         return sample

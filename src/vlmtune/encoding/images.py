@@ -49,6 +49,13 @@ def apply_image_limits(processor: Any, min_pixels: int | None, max_pixels: int |
     return size["shortest_edge"], size["longest_edge"]
 
 
+def image_path(source: str) -> Path | None:
+    """Return the local file an image source names (a path or file:// URL), or None for an http(s) or data: URL."""
+    if source.startswith(("http://", "https://", "data:")):
+        return None
+    return Path(source.removeprefix("file://")).expanduser()
+
+
 def load_image(source: str, where: str = "") -> Image.Image:
     """Open a local path, file:// path, http(s) URL or data: URL as an RGB image."""
     prefix = f"{where}: " if where else ""
@@ -60,7 +67,7 @@ def load_image(source: str, where: str = "") -> Image.Image:
         elif source.startswith("data:"):
             image = Image.open(io.BytesIO(_data_url_bytes(source, prefix)))
         else:
-            path = Path(source.removeprefix("file://")).expanduser()
+            path = image_path(source)
             if not path.is_file():
                 raise DataError(f"{prefix}image not found: {path}", "missing image")
             image = Image.open(path)
@@ -91,6 +98,14 @@ def _data_url_bytes(source: str, prefix: str) -> bytes:
             f"{prefix}cannot load image {_shown(source)}: the data: URL's payload is not valid base64 ({error})",
             "corrupt image",
         ) from None
+
+
+def local_image_files(parts: list[ImagePart]) -> list[str] | None:
+    """Return the absolute paths of the images when all of them are local files, else None."""
+    paths = [None if part.decoded is not None else image_path(part.source) for part in parts]
+    if not paths or None in paths:
+        return None
+    return [str(path.resolve()) for path in paths]
 
 
 def load_image_part(part: ImagePart, where: str = "") -> Image.Image:

@@ -140,6 +140,7 @@ class LoraRecipe:
         self.folder = RunFolder(self.output_dir, config, resume, overwrite, self.is_main_process)
         self.loaded: LoadedModel | None = None
         self.report: EncodingReport | None = None
+        self.encoder: ConversationEncoder | None = None
         self.validation_samples: list[EncodedSample] = []
         self.validation_report: EncodingReport | None = None
         self.sampling: SampleGenerationCallback | None = None
@@ -180,6 +181,7 @@ class LoraRecipe:
         check_swanlab_login(config.tracking)
         self.loaded = load_model(config.model, for_training=True, quantization=config.quantization)
         encoder = ConversationEncoder.from_settings(self.loaded.processor, self.loaded.stop_token_ids, config.data)
+        self.encoder = encoder
         self._build_sample_prompts(encoder)
         self.report = encode_dataset(encoder, conversations, config.data, name="training")
         if not self.report.samples:
@@ -256,9 +258,7 @@ class LoraRecipe:
         if self._eval_forward_breaks_training():
             logger.warning("padding-free batches off: checking them would run the 4-bit model in eval mode on CPU")
             return padded
-        packed = ChatCollator(
-            pad_token_id=padded.pad_token_id, positions=PackedPositions(self.loaded.model), supervised_logits_only=True
-        )
+        packed = dataclasses.replace(padded, positions=PackedPositions(self.loaded.model), padding_mask=True)
         difference = padding_free_difference(self.loaded.model, padded, packed, self.report.samples)
         if difference <= BATCH_TOLERANCE:
             logger.info("padding-free batches: packed and separate forward passes agree (difference %.1e)", difference)
@@ -275,7 +275,9 @@ class LoraRecipe:
 
     def _padded_collator(self) -> ChatCollator:
         """Return the padded-batch collator, without the attention mask where the model gives the same logits."""
-        masked = ChatCollator(pad_token_id=self._pad_token_id(), supervised_logits_only=True)
+        masked = ChatCollator(
+            pad_token_id=self._pad_token_id(), supervised_logits_only=True, pixel_loader=self.encoder.pixel_values
+        )
         if self._eval_forward_breaks_training():
             logger.info("padded batches keep their attention mask: checking them would run the 4-bit model in eval mode on CPU")
             return masked
