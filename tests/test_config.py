@@ -86,6 +86,44 @@ def test_other_tools_key_names_get_ours(tmp_path):
     assert "data.cutoff_len: unknown key (did you mean max_length?)" in str(caught.value)
 
 
+def test_flat_llama_factory_config_gets_section_keys(tmp_path):
+    text = (
+        "model_name_or_path: m\nlora_rank: 8\nlearning_rate: 1.0e-4\nbf16: true\ntemplate: glm4v\n"
+        "data:\n  train: [a.json]\ntrain:\n  max_length: 128\n  warmup_ratio: 0.1\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    message = str(caught.value)
+    assert "a flat file as LLaMA-Factory writes it is not read" in message
+    assert "model_name_or_path (line 1): unknown key (did you mean model.name_or_path?)" in message
+    assert "lora_rank (line 2): unknown key (did you mean lora.r?)" in message
+    assert "learning_rate (line 3): unknown key (did you mean train.learning_rate?)" in message
+    assert "bf16 (line 4): unknown key (set model.dtype: bfloat16 instead)" in message
+    assert "template (line 5): unknown key (not needed: vlmtune renders with the model's own chat template)" in message
+    assert "train.max_length (line 9): unknown key (did you mean data.max_length?)" in message
+    assert "train.warmup_ratio (line 10): unknown key (did you mean warmup_steps? warmup_steps below 1 is a fraction" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("all", "'all' is what LLaMA-Factory, ms-swift or PEFT call all Linear layers; write auto"),
+        ("all-linear", "'all-linear' is what LLaMA-Factory, ms-swift or PEFT call all Linear layers; write auto"),
+        ("q_proj", "for module names write a list: [q_proj]"),
+        ("q_proj, v_proj", "for module names write a list: [q_proj, v_proj]"),
+    ],
+)
+def test_target_string_other_tools_read_differently(tmp_path, value, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL), [f"lora.target_modules={value}"])
+    assert expected in str(caught.value)
+
+
+def test_target_regular_expression_and_list_accepted(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL), [r"lora.target_modules=.*\.(q|v)_proj"]).lora.target_modules == r".*\.(q|v)_proj"
+    assert load_config(write(tmp_path, MINIMAL), ["lora.target_modules=[q_proj, v_proj]"]).lora.target_modules == ["q_proj", "v_proj"]
+
+
 def test_union_value_gets_one_message(tmp_path):
     text = MINIMAL + "train:\n  padding_free: maybe\n"
     with pytest.raises(ConfigError) as caught:

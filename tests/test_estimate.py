@@ -230,6 +230,7 @@ def test_levers_say_when_nothing_fits(tmp_path):
     assert f"even with all of them it needs {smallest.total / GIB:.2f} GiB, more than 8 GiB" in text
     # The verdict comes before the list of changes.
     assert text.index("no setting change makes the run fit on a 8 GiB GPU") < text.index("  1. ")
+    assert f"use a GPU with at least {smallest.total / GIB:.2f} GiB" in text  # the same figure as the last line
     assert "one change is not enough" not in text
     assert "DeepSpeed ZeRO-3 (examples/deepspeed/zero3.json)" in text
     write_estimate_json(report, tmp_path / "estimate.json")

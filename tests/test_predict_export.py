@@ -411,6 +411,16 @@ SYSTEM_PROMPT_CASES = [
 ]
 
 
+def test_most_common_trained_prompt_not_warned(tmp_path, caplog):
+    """data.system_prompt that most examples had is the expected choice: logged as information, not a warning."""
+    counts = prompt_counts(["你是小橘。", "你是沐雪。", "你是小橘。"])
+    adapter = fake_run_folder(tmp_path / "run", {"system_prompt": "你是小橘。"}, counts)
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        assert system_prompt_for(None, str(adapter)) == "你是小橘。"
+    [record] = [record for record in caplog.records if "training examples had 2 different system prompts" in record.message]
+    assert record.levelno == logging.INFO
+
+
 @pytest.mark.parametrize("data, prompts, expected, warned", SYSTEM_PROMPT_CASES)
 def test_trained_system_prompt_from_examples(tmp_path, caplog, data, prompts, expected, warned):
     counts = None if prompts is None else prompt_counts(prompts)

@@ -329,6 +329,7 @@ def test_resume_checks_saved_settings(tiny_model_dir, tmp_path, caplog):
     assert "the new values apply from here on" in caplog.text
     assert "data.max_length: 128 then, 256 now" in caplog.text
     assert "train.num_train_epochs: 1.0 then, 2.0 now" in caplog.text
+    assert "(a new train.num_train_epochs changes the total steps, so the learning-rate schedule" in caplog.text
     resumed.train()
     assert resumed.metrics["global_step"] == 4
     # Saved every 2 steps now, not every step as the checkpoint's trainer_state.json recorded.
@@ -506,6 +507,7 @@ def test_resume_names_split_changes(tiny_model_dir, tmp_path, caplog):
         RunFolder(tmp_path, changed, True, False, True)._check_resumed_settings(tmp_path / "checkpoint-1")
     assert "data.val_size: 0.0 then, 0.1 now" in caplog.text
     assert "(data.val_size also move examples between the training and validation splits)" in caplog.text
+    assert "learning-rate schedule" not in caplog.text
 
 
 def test_resumed_swanlab_run_lists_every_folder(tmp_path):

@@ -273,6 +273,25 @@ class LoraSettings(_Section):
         "None: new weights.",
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _check_target_string(cls, value: str | list[str]) -> str | list[str]:
+        """Reject the strings other tools read differently: one string is a regular expression of full names here."""
+        if not isinstance(value, str) or value == "auto":
+            return value
+        if value in ("all", "all-linear"):
+            raise ValueError(
+                f"{value!r} is what LLaMA-Factory, ms-swift or PEFT call all Linear layers; write auto (every Linear "
+                "layer of the language model) and add lora.vision: true to adapt the vision tower too"
+            )
+        names = [name.strip() for name in value.split(",")]
+        if all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in names):
+            raise ValueError(
+                f"{value!r} is read as one regular expression matched on full module names (such as "
+                f"model.language_model.layers.0.self_attn.q_proj); for module names write a list: [{', '.join(names)}]"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check_init_from(self) -> LoraSettings:
         if self.init_from is not None and self.init != "default":
@@ -526,7 +545,50 @@ KEY_ALIASES = {
     "epochs": "num_train_epochs",
     "lr": "learning_rate",
     "batch_size": "per_device_train_batch_size",
+    "warmup_ratio": "warmup_steps",
+    "dataset": "train",
 }
+
+# Keys of those tools with no vlmtune key of the same meaning, and what to write instead.
+KEY_NOTES = {
+    "bf16": "set model.dtype: bfloat16 instead",
+    "fp16": "set model.dtype: float16 instead",
+    "report_to": "set tracking.backend: swanlab, tensorboard or none instead",
+    "template": "not needed: vlmtune renders with the model's own chat template",
+    "stage": "not needed: vlmtune runs supervised fine-tuning",
+    "finetuning_type": "not needed: vlmtune trains LoRA adapters",
+    "quantization_bit": "set quantization.bits instead",
+    "warmup_ratio": "warmup_steps below 1 is a fraction of all steps",
+}
+
+
+def _section_keys() -> dict[str, list[str]]:
+    """Map each key of a section to its full names, such as learning_rate to [train.learning_rate]."""
+    found: dict[str, list[str]] = {}
+    for section, field in RunConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for key in annotation.model_fields:
+                found.setdefault(key, []).append(f"{section}.{key}")
+    return found
+
+
+def _key_hint(location: tuple, valid_keys: list[str]) -> str:
+    """Suggest the key meant by an unknown one: the same or an aliased key here or in another section, else a close name."""
+    unknown = str(location[-1])
+    name = KEY_ALIASES.get(unknown, unknown)
+    section = str(location[-2]) if len(location) > 1 else None
+    if name in valid_keys:
+        meant = [name]
+    else:
+        meant = [key for key in _section_keys().get(name, []) if not key.startswith(f"{section}.")]
+    parts = [f"did you mean {' or '.join(meant)}?"] if meant else []
+    if unknown in KEY_NOTES:
+        parts.append(KEY_NOTES[unknown])
+    if not parts:
+        close = difflib.get_close_matches(unknown, valid_keys, n=1)
+        parts = [f"did you mean {close[0]}?"] if close else []
+    return f" ({' '.join(parts)})" if parts else ""
 
 
 def yaml_key_lines(text: str) -> dict[tuple[str | int, ...], int]:
@@ -610,15 +672,18 @@ YAML_BOOLEANS = "YAML reads unquoted yes, no, on, off, true and false as boolean
 def _format_validation_error(error: ValidationError, source: str, lines: dict[tuple[str | int, ...], int | None]) -> str:
     errors = _merge_union_errors(error.errors())
     problems = [f"invalid config in {source} ({len(errors)} problem(s)):"]
+    flat = [item for item in errors if item["type"] == "extra_forbidden" and len(item["loc"]) == 1]
+    if len(flat) > 1 and any(_section_keys().get(KEY_ALIASES.get(str(item["loc"][0]), str(item["loc"][0]))) for item in flat):
+        problems.append(
+            "  (settings go in sections: model, data, lora, train, ...; a flat file as LLaMA-Factory writes it "
+            "is not read, see configs/ for examples)"
+        )
     for item in errors:
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         where = _line_of(tuple(item["loc"]), lines)
         if item["type"] == "extra_forbidden":
             valid_keys = _valid_keys(item["loc"])
-            unknown = str(item["loc"][-1])
-            close = [KEY_ALIASES[unknown]] if KEY_ALIASES.get(unknown) in valid_keys else []
-            close = close or difflib.get_close_matches(unknown, valid_keys, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            hint = _key_hint(tuple(item["loc"]), valid_keys)
             problems.append(f"  - {key}{where}: unknown key{hint}; valid keys here: {', '.join(valid_keys)} (see docs/config.md)")
             continue
         value = item.get("input")

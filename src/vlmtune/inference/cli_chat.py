@@ -71,11 +71,15 @@ def trained_data_settings(adapter: str | None, model: str | None = None) -> dict
 def trained_system_prompt(adapter: str | None, model: str | None = None) -> str | None:
     """Return the system prompt the adapter or merged model was trained with (see export.recorded_system_prompt).
 
-    Logs a warning when the training examples had different system prompts, since no single one fits then.
+    Logs how the training examples' system prompts differed, if they did: a warning, unless the
+    prompt used is the one most examples had.
     """
-    prompt, note = recorded_system_prompt(*_training_record(adapter, model))
+    config, manifest = _training_record(adapter, model)
+    prompt, note = recorded_system_prompt(config, manifest)
     if note:
-        logger.warning("%s; replies use %s unless you set another", note, repr(prompt) if prompt else "no system prompt")
+        most_common = (manifest.get("system_prompts") or {}).get("most_common")
+        log = logger.info if prompt is not None and prompt == most_common else logger.warning
+        log("%s; replies use %s unless you set another", note, repr(prompt) if prompt else "no system prompt")
     return prompt
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -297,7 +296,7 @@ def lever_lines(levers: list[Lever], gpu_bytes: int, sharded: bool = False) -> l
         # This comes first, so that a reader does not apply the changes expecting the run to fit.
         lines = [
             f"no setting change makes the run fit on a {gpu} GPU: use a GPU with at least "
-            f"{math.ceil(last.total / GIB * 10) / 10:g} GiB{sharding}. These changes, in order, come closest:"
+            f"{last.total / GIB:.2f} GiB{sharding}. These changes, in order, come closest:"
         ]
     for number, lever in enumerate(levers, start=1):
         lines.append(f"  {number}. {lever.label} -> {lever.estimate.total / GIB:.2f} GiB")

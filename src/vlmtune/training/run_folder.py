@@ -120,11 +120,15 @@ class RunFolder:
             )
         if changed:
             split = [key for key in ("data.seed", "data.val_size") if key in changed]
+            length = [key for key in ("train.max_steps", "train.num_train_epochs") if key in changed]
             logger.warning(
-                "--resume: settings differ from the run saved in %s, and the new values apply from here on: %s%s",
+                "--resume: settings differ from the run saved in %s, and the new values apply from here on: %s%s%s",
                 self.path,
                 show(list(changed)),
                 f" ({' and '.join(split)} also move examples between the training and validation splits)" if split else "",
+                f" (a new {' and '.join(length)} changes the total steps, so the learning-rate schedule, and a warmup given "
+                "as a fraction, are recomputed for the new total: the rate continues from where the new schedule "
+                "has it at the resumed step)" if length else "",
             )
         self._warn_changed_data()
 
