@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmtune.inference.generate import Reply
-from vlmtune.inference.metrics import compute_metrics, distinct_n, follows_layout, is_repetitive
+from vlmtune.inference.metrics import compute_metrics, distinct_n, follows_layout, is_repetitive, reference_scores
 
 
 def reply(answer: str, *, stopped: bool = True, tokens: int = 10, text: str | None = None) -> Reply:
@@ -75,6 +75,25 @@ def test_compute_metrics_mixed_replies():
     assert scalars["style/喵"] == pytest.approx(0.6)
     assert "style" not in scalars
     assert "replies" not in scalars  # a count that never changes makes a flat chart
+
+
+def test_reference_scores_bounds_and_chinese():
+    same = reference_scores(["我是小橘喵~", "今天天气很好。"], ["我是小橘喵~", "今天天气很好。"])
+    assert same["bleu"] == 100.0
+    assert same["chrf"] == 100.0
+    assert "tok:zh" in same["bleu_signature"]
+    unrelated = reference_scores(["狗狗汪汪叫"], ["我是小橘喵~"])
+    assert unrelated["bleu"] == 0.0
+    assert unrelated["chrf"] < 5
+    # Chinese is compared by character, so a near answer scores between the two.
+    near = reference_scores(["我是小橘，喵~"], ["我是小橘喵~"])
+    assert 0 < near["bleu"] < 100
+    assert unrelated["chrf"] < near["chrf"] < 100
+
+
+def test_reference_scores_needs_one_reference_per_answer():
+    with pytest.raises(ValueError, match="one reference per answer, got 2 and 1"):
+        reference_scores(["a", "b"], ["a"])
 
 
 def test_format_validity_absent_without_thinking():

@@ -173,6 +173,8 @@ def test_predict_reads_prompts_without_replies(adapter_dir, tmp_path):
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert [row["prompt"] for row in rows] == ["你是谁？", "你好", "再说一遍"]
     assert [row["reference"] for row in rows] == [None, None, None]
+    assert "the data has no replies, so the answers are not scored" in result.stdout
+    assert not (tmp_path / "p.scores.json").exists()
     assert rows[2]["history"] == [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是小橘"}]
     assert rows[0]["history"] == []
 
@@ -347,12 +349,18 @@ def test_predict_and_export_commands(adapter_dir, tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "wrote 1 prediction(s)" in result.stdout
     assert "it/s]" not in result.stderr  # no progress bars (weights loading, predict) in piped output
+    scores = json.loads((tmp_path / "p.scores.json").read_text(encoding="utf-8"))
+    assert scores["examples"] == 1
+    assert 0 <= scores["bleu"] <= 100
+    assert 0 <= scores["chrf"] <= 100
+    assert f"against the references of 1 example(s): BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}" in result.stdout
     again = subprocess.run(
         [vlmtune, "predict", "--adapter", str(adapter_dir), "--data", str(data), "--output", str(tmp_path / "p.jsonl")],
         capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stdout
+    assert f"BLEU {scores['bleu']:.2f}" in again.stdout  # scored again from the file
     assert "loaded" not in again.stderr  # the model is not loaded for nothing
     base_only = subprocess.run(
         [vlmtune, "predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "p.jsonl")],

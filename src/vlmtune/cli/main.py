@@ -365,6 +365,7 @@ def predict(
     # Rows already in --output are checked before the model loads, so a mismatch fails at once.
     if not pending_examples(conversations, output, producer_labels(base, adapter), log=False):
         console.print(f"every example already has a prediction in {output}; nothing to do", soft_wrap=True)
+        _print_scores(output)
         return
     generator = load_generator(model, adapter, hub, {"max_new_tokens": max_new_tokens}, "auto", device)
     received = [signal.SIGINT]
@@ -389,6 +390,22 @@ def predict(
     finally:
         signal.signal(signal.SIGTERM, previous)
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
+    _print_scores(output)
+
+
+def _print_scores(output: Path) -> None:
+    from vlmtune.inference.predict import score_predictions
+
+    scored = score_predictions(output)
+    if scored is None:
+        console.print("the data has no replies, so the answers are not scored", soft_wrap=True)
+        return
+    scores, path = scored
+    console.print(
+        f"against the references of {scores['examples']} example(s): BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f} "
+        f"(written to {path})",
+        soft_wrap=True,
+    )
 
 
 @app.command()

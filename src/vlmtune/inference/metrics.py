@@ -15,6 +15,12 @@ Definitions (all shares are between 0 and 1):
 - format validity: replies whose raw text is exactly `<think>…</think>` followed by
   `<answer>…</answer>`, for thinking layouts only.
 - style: for each user-given regular expression, the share of answers it matches.
+
+Against reference replies (`vlmtune predict` on data with replies), from sacrebleu, 0 to 100:
+
+- BLEU: corpus BLEU-4 with sacrebleu's `zh` tokenizer, which splits Chinese into characters
+  and tokenizes other text as the standard `13a` tokenizer does.
+- chrF: character n-gram F-score (n up to 6, spaces ignored), which needs no word splitting.
 """
 
 from __future__ import annotations
@@ -98,3 +104,18 @@ def compute_metrics(replies: list[Reply], thinking_layout: bool, style_patterns:
         format_validity=sum(follows_layout(reply.text) for reply in replies) / count if thinking_layout else None,
         style={pattern: sum(bool(re.search(pattern, answer)) for answer in answers) / count for pattern in style_patterns},
     )
+
+
+def reference_scores(answers: list[str], references: list[str]) -> dict[str, float | str]:
+    """Score answers against their references: corpus BLEU and chrF, with sacrebleu's signatures."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if not answers or len(answers) != len(references):
+        raise ValueError(f"reference_scores needs one reference per answer, got {len(answers)} and {len(references)}")
+    bleu, chrf = BLEU(tokenize="zh"), CHRF()
+    return {
+        "bleu": round(bleu.corpus_score(answers, [references]).score, 2),
+        "chrf": round(chrf.corpus_score(answers, [references]).score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }

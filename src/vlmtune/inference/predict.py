@@ -13,6 +13,9 @@ model and adapter name what generated the reply: an absolute path for a local fo
 the hub id as given (adapter is null without one). finish_reason is "stop" for a reply
 that ended on a stop token and "length" for one cut at max_new_tokens.
 
+When the data has replies, `NAME.scores.json` beside the output file gives the BLEU and chrF
+of all its answers against those references (see inference.metrics).
+
 Lines whose id is already in the output file are skipped, so an interrupted run continues
 where it stopped. The id is the record's position in the data file, so before skipping, each
 such line is checked against this run: a different model or adapter, a different system
@@ -32,6 +35,7 @@ from vlmtune.data.conversation import Conversation
 from vlmtune.encoding.encode import conversation_for_generation
 from vlmtune.errors import DataError
 from vlmtune.inference.generate import Generator
+from vlmtune.inference.metrics import reference_scores
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,20 @@ def finished_rows(output_path: Path, log: bool = True) -> dict[str, tuple[int, d
             if log:
                 logger.warning("%s, line %d: not a complete prediction; it will be predicted again", output_path, line_number)
     return done
+
+
+def score_predictions(output_path: Path) -> tuple[dict, Path] | None:
+    """Score the answers in the output file against their references and write `NAME.scores.json` beside it.
+
+    Returns the scores and the path written, or None when no row has a reference.
+    """
+    rows = [row for _, row in finished_rows(output_path, log=False).values() if row.get("reference")]
+    if not rows:
+        return None
+    scores = {"examples": len(rows), **reference_scores([row["answer"] for row in rows], [row["reference"] for row in rows])}
+    path = output_path.with_name(f"{output_path.stem}.scores.json")
+    path.write_text(json.dumps(scores, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return scores, path
 
 
 def end_last_line(output_path: Path) -> None:
