@@ -284,26 +284,41 @@ def test_ctrl_c_stops_reply_not_chat(tiny_model_dir):
     """Ctrl-C during a reply stops it, and the chat goes on with the partial reply in its history."""
     import threading
 
-    # The base model's random weights rarely stop, so the reply runs until it is interrupted.
+    # The base model's random weights rarely stop, so each reply runs until it is interrupted.
     process = subprocess.Popen([VLMTUNE, "-v", "chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3000"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     printed: list[str] = []
-    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: process.stdout.read(1), "")), daemon=True)
-    reader.start()
+    logged: list[str] = []
+    for target in (lambda: printed.extend(iter(lambda: process.stdout.read(1), "")),
+                   lambda: logged.extend(iter(process.stderr.readline, ""))):
+        threading.Thread(target=target, daemon=True).start()
+
+    def wait_for(condition, what: str) -> None:
+        # Generous, because loading the model takes minutes on a loaded machine.
+        deadline = time.monotonic() + 300
+        while not condition():
+            assert process.poll() is None, f"chat exited while waiting for {what}: {''.join(logged)[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {''.join(logged)[-3000:]}"
+            time.sleep(0.05)
+
+    def reply_started(number: int) -> bool:
+        replies = "".join(printed).split("model> ")[1:]
+        return len(replies) >= number and len(replies[number - 1]) >= 5
+
     process.stdin.write("讲个故事\n")
     process.stdin.flush()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len("".join(printed).partition("model> ")[2]) < 5:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)  # five characters into the reply
-    # The second reply may run to its end; stdin then closes, which quits at the prompt.
-    stderr = process.communicate("还有呢？\n", timeout=120)[1]
-    reader.join(timeout=10)
-    stdout = "".join(printed)
-    assert process.returncode == 0, stderr[-3000:]
-    assert stdout.count("[reply stopped with Ctrl-C") == 1
-    assert "sending a message with 0 image(s) after 2 earlier message(s)" in stderr  # the stopped reply stays in the history
-    assert "KeyboardInterrupt" not in stderr
+    wait_for(lambda: reply_started(1), "five characters of the first reply")
+    process.send_signal(signal.SIGINT)
+    process.stdin.write("还有呢？\n")
+    process.stdin.flush()
+    # The stopped reply stays in the history.
+    wait_for(lambda: "sending a message with 0 image(s) after 2 earlier message(s)" in "".join(logged), "the second message")
+    wait_for(lambda: reply_started(2), "five characters of the second reply")
+    process.send_signal(signal.SIGINT)
+    process.stdin.close()  # then the chat quits at the prompt
+    assert process.wait(timeout=120) == 0, "".join(logged)[-3000:]
+    assert "".join(printed).count("[reply stopped with Ctrl-C") == 2
+    assert "KeyboardInterrupt" not in "".join(logged)
 
 
 def test_train_on_adapter_folder_explained(config_file, trained_adapter, tmp_path):
