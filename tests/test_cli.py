@@ -293,12 +293,12 @@ def test_ctrl_c_stops_reply_not_chat(tiny_model_dir):
                    lambda: logged.extend(iter(process.stderr.readline, ""))):
         threading.Thread(target=target, daemon=True).start()
 
-    def wait_for(condition, what: str) -> None:
+    def wait_for(condition, step: str) -> None:
         # Generous, because loading the model takes minutes on a loaded machine.
         deadline = time.monotonic() + 300
         while not condition():
-            assert process.poll() is None, f"chat exited while waiting for {what}: {''.join(logged)[-3000:]}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}: {''.join(logged)[-3000:]}"
+            assert process.poll() is None, f"chat exited while waiting for {step}: {''.join(logged)[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {step}: {''.join(logged)[-3000:]}"
             time.sleep(0.05)
 
     def reply_started(number: int) -> bool:
