@@ -92,6 +92,10 @@ def test_floating_point_ops_match_transformers(run):
     assert run["recipe"].trainer.state.total_flos > 0
 
 
+def test_text_data_batched_in_training_process(run):
+    assert run["recipe"].trainer.args.dataloader_num_workers == 0  # train.dataloader_num_workers=auto, no images
+
+
 def test_padded_batches_leave_out_attention_mask(run):
     recipe = run["recipe"]
     assert recipe.collator.padding_mask is False

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,9 @@ from vlmtune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+
+IMAGE_DATALOADER_WORKERS = 2
+"""Batch-preparing processes that train.dataloader_num_workers=auto starts for data with image files."""
 
 # Names of the vision tower and its merger in GLM-4.1V and Qwen2-VL, as modules_to_save entries.
 VISION_MODULE_NAMES = ("visual", "vision_tower", "vision_model", "merger")
@@ -344,7 +347,12 @@ class TrainSettings(_Section):
         "passes, else padded batches; with sdpa or eager attention a packed row costs a full attention mask.",
     )
     seed: int = 42
-    dataloader_num_workers: int = Field(0, ge=0)
+    dataloader_num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Processes that prepare batches beside training, kept for the whole run. auto: "
+        f"{IMAGE_DATALOADER_WORKERS} when training samples have image files, which are processed when batched, "
+        "else 0 (the training process).",
+    )
     optim: str = Field(
         "adamw_torch",
         description="Optimizer name as in TrainingArguments.optim, e.g. adamw_torch, adamw_8bit, paged_adamw_8bit, "

@@ -36,7 +36,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from vlmtune.config import RunConfig, config_to_dict, save_config
+from vlmtune.config import IMAGE_DATALOADER_WORKERS, RunConfig, config_to_dict, save_config
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.loading import LoadedData, SkipReport, load_data
 from vlmtune.inference.evaluation import EvalRun, build_prompts, write_report
@@ -334,6 +334,12 @@ class LoraRecipe:
     def _training_arguments(self) -> TrainingArguments:
         train = self.config.train
         dtype = self.loaded.model.dtype
+        workers = self._dataloader_workers()
+        if train.dataloader_num_workers == "auto" and workers:
+            logger.info(
+                "images are processed when batched, in %d dataloader workers beside training (train.dataloader_num_workers=auto)",
+                workers,
+            )
         return TrainingArguments(
             output_dir=str(self.output_dir),
             num_train_epochs=train.num_train_epochs,
@@ -353,7 +359,9 @@ class LoraRecipe:
             per_device_eval_batch_size=train.per_device_train_batch_size,
             save_total_limit=train.save_total_limit,
             seed=train.seed,
-            dataloader_num_workers=train.dataloader_num_workers,
+            dataloader_num_workers=workers,
+            # Workers are kept, so that each epoch and each evaluation do not start new ones.
+            dataloader_persistent_workers=workers > 0,
             optim=train.optim,
             deepspeed=train.deepspeed,
             # DDP's search for parameters without gradients walks the autograd graph every step. Only
@@ -367,6 +375,13 @@ class LoraRecipe:
             # Progress bars only on a terminal: in a log file or the web UI's log view each redraw is another line.
             disable_tqdm=not sys.stderr.isatty(),
         )
+
+    def _dataloader_workers(self) -> int:
+        setting = self.config.train.dataloader_num_workers
+        if setting != "auto":
+            return setting
+        with_files = sum(bool(sample.image_files) for sample in self.report.samples)
+        return IMAGE_DATALOADER_WORKERS if with_files else 0
 
     def _trains_vision_parameters(self) -> bool:
         counts = count_parameters(self.loaded.model)
