@@ -500,6 +500,24 @@ def test_sigint_stop_prints_resume_hint(config_file, tmp_path):
 
 
 @pytest.mark.slow
+def test_terminal_ctrl_c_with_dataloader_workers(config_file, tmp_path):
+    """Ctrl-C in a terminal signals the whole process group: the dataloader workers ignore it."""
+    output_dir = tmp_path / "stopped"
+    command = [VLMTUNE, "train", str(config_file), f"train.output_dir={output_dir}", "train.max_steps=500",
+               "train.save_steps=1000", "train.dataloader_num_workers=2", "evaluation.generate=false"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    wait_for_event(process, output_dir / "progress.jsonl", "log")
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert stderr.count("SIGINT received: stopping after the current step") == 1  # not once more per worker
+    assert "exited unexpectedly" not in stderr
+    assert "training stopped by SIGINT at step" in stdout
+    assert list(output_dir.glob("checkpoint-*"))
+
+
+@pytest.mark.slow
 def test_sigint_stops_sample_generation(config_file, tmp_path):
     output_dir = tmp_path / "stopped"
     # The base model's random weights fill 3000 tokens per sample reply: a sample pass of minutes.

@@ -17,6 +17,7 @@ interrupts at once.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import signal
 import threading
@@ -78,8 +79,13 @@ class StopOnSignalCallback(TrainerCallback):
         """Set with `requested`, for work that can stop early, such as sample generation."""
         self.output_dir = ""
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            # A dataloader worker, forked from training with this handler. Ctrl-C in a terminal reaches it
+            # too: it keeps preparing batches until training stops and shuts it down.
+            return
         if self.requested is not None:
             # A second signal: the user does not want to wait for the checkpoint.
             logger.warning(
@@ -104,6 +110,7 @@ class StopOnSignalCallback(TrainerCallback):
         if threading.current_thread() is not threading.main_thread():
             logger.debug("training outside the main thread: SIGINT and SIGTERM keep their usual handlers")
             return
+        self._pid = os.getpid()
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
 
