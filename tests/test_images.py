@@ -77,6 +77,28 @@ def test_image_resized_after_encoding_is_an_error(encoder, tmp_path):
         encoder.pixel_values(sample)
 
 
+def test_worker_error_keeps_its_message(encoder, tmp_path):
+    """A changed image found in a dataloader worker is reported with its message, not the worker's traceback."""
+    from PIL import Image
+
+    from vlmtune.encoding.collator import SampleDataset
+    from vlmtune.errors import without_worker_traceback
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (56, 56), "orange").save(path)
+    sample = encoder.encode(image_conversation(path))
+    Image.new("RGB", (112, 56), "orange").save(path)
+    collator = ChatCollator(pad_token_id=encoder.tokenizer.pad_token_id, pixel_loader=encoder.pixel_values)
+    loader = torch.utils.data.DataLoader(SampleDataset([sample]), batch_size=1, num_workers=1, collate_fn=collator)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)  # as torch raises it
+    cleaned = without_worker_traceback(caught.value)
+    assert isinstance(cleaned, DataError)
+    assert str(cleaned) == str(pytest.raises(DataError, encoder.pixel_values, sample).value)
+    assert without_worker_traceback(cleaned) is cleaned
+
+
 def test_url_images_keep_their_pixels(encoder):
     import base64
 

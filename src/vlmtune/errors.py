@@ -34,3 +34,16 @@ class ModelError(VlmtuneError):
 
 class TemplateError(VlmtuneError):
     """A chat template whose output cannot be split into prompt and reply consistently."""
+
+
+def without_worker_traceback(error: VlmtuneError) -> VlmtuneError:
+    """Return an error raised in a dataloader worker with its own message again.
+
+    torch raises a worker's exception in the training process as the same type, with a message
+    that contains the worker's traceback and ends in the original message. Any other error is returned as it is.
+    """
+    text = str(error)
+    marker = f"{type(error).__name__}: "
+    if not text.startswith(f"Caught {type(error).__name__} in DataLoader worker") or marker not in text:
+        return error
+    return type(error)(text.rsplit(marker, 1)[1].strip())

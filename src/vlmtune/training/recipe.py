@@ -45,7 +45,7 @@ from vlmtune.encoding.collator import ChatCollator, LengthGroupedSampler, Sample
 from vlmtune.encoding.cache import encode_dataset
 from vlmtune.encoding.encode import ConversationEncoder, EncodedSample, EncodingReport
 from vlmtune.encoding.stats import length_stats
-from vlmtune.errors import ConfigError, DataError
+from vlmtune.errors import ConfigError, DataError, VlmtuneError, without_worker_traceback
 from vlmtune.model.estimate import apply_lora_on_meta, build_meta_model, load_model_config
 from vlmtune.model.loading import (
     LoadedModel,
@@ -499,6 +499,8 @@ class LoraRecipe:
         started = time.time()
         try:
             result = self.trainer.train(resume_from_checkpoint=checkpoint)
+        except VlmtuneError as error:  # an image that changed on disk, found by a dataloader worker
+            raise without_worker_traceback(error) from None
         finally:
             self.tracking.finish()
         self.metrics = {**result.metrics, "global_step": result.global_step, "wall_seconds": time.time() - started}
