@@ -204,9 +204,9 @@ def test_training_on_mixed_batches_lowers_loss(tiny_model_dir, tmp_path):
     assert [sample.image_grid_thw is not None for sample in mixed] == [False, False, True, True]
     batch = ChatCollator(pad_token_id=recipe.loaded.tokenizer.pad_token_id, pixel_loader=recipe.encoder.pixel_values)(mixed)
     before = loss_on(recipe.loaded.model, batch)
-    # Image files are processed when batched, in workers that train.dataloader_num_workers=auto starts.
-    assert recipe.trainer.args.dataloader_num_workers == 2
-    assert recipe.trainer.args.dataloader_persistent_workers
+    # train.dataloader_num_workers=auto starts workers for image files on a GPU only, so that on CPU
+    # they take no cores from training.
+    assert recipe.trainer.args.dataloader_num_workers == 0
     recipe.train()
     assert loss_on(recipe.loaded.model, batch) < before
 

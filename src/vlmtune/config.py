@@ -350,8 +350,8 @@ class TrainSettings(_Section):
     dataloader_num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
         description="Processes that prepare batches beside training, kept for the whole run. auto: "
-        f"{IMAGE_DATALOADER_WORKERS} when training samples have image files, which are processed when batched, "
-        "else 0 (the training process).",
+        f"{IMAGE_DATALOADER_WORKERS} when training on a GPU and samples have image files, which are processed "
+        "when batched, else 0 (the training process).",
     )
     optim: str = Field(
         "adamw_torch",
