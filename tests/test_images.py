@@ -99,6 +99,43 @@ def test_worker_error_keeps_its_message(encoder, tmp_path):
     assert without_worker_traceback(cleaned) is cleaned
 
 
+def test_thin_image_rejected_with_its_record(encoder, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "thin.png"
+    Image.new("RGB", (10, 3000), "orange").save(path)
+    conversation = image_conversation(path)
+    with pytest.raises(DataError, match=r"inline: the image processor rejects image '.*thin.png' of 10x3000 pixels: absolute aspect ratio"):
+        encoder.encode(conversation)
+    report = encode_conversations(encoder, [conversation], data_settings(on_invalid="skip"))
+    assert report.samples == []
+    assert report.dropped == {"invalid image": ["inline"]}
+    # Chat, serve and predict render through the same check.
+    generation_messages = Conversation(conversation.messages[:1], source="chat")
+    with pytest.raises(DataError, match="chat: the image processor rejects image"):
+        encoder.template_messages(generation_messages, with_images=True)
+
+
+def test_oversized_and_folder_images_explained(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vlmtune.data.validate import check_local_images
+    from vlmtune.encoding.images import load_image
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (100, 100), "orange").save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses images over twice this
+    with pytest.raises(DataError, match=r"record 1: image '.*big.png' is too large to open: Image size \(10000 pixels\)"):
+        load_image(str(path), "record 1")
+    with pytest.raises(DataError, match=r"inline: image .*big.png is too large to open") as caught:
+        check_local_images(image_conversation(path))
+    assert caught.value.reason == "image too large"
+    with pytest.raises(DataError, match=r"record 1: image path .* is a folder; name an image file in it"):
+        load_image(str(tmp_path), "record 1")
+    with pytest.raises(DataError, match=r"inline: image path .* is a folder"):
+        check_local_images(image_conversation(tmp_path))
+
+
 def test_url_images_keep_their_pixels(encoder):
     import base64
 

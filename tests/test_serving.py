@@ -82,9 +82,9 @@ def post(server: str, body: bytes, key: str | None = API_KEY) -> tuple[int, dict
         return error.code, json.loads(error.read())
 
 
-def png_data_url() -> str:
+def png_data_url(size: tuple[int, int] = (64, 48)) -> str:
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (240, 150, 40)).save(buffer, format="PNG")
+    Image.new("RGB", size, (240, 150, 40)).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -245,6 +245,9 @@ def test_stop_string_cuts_the_answer(client):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
          400, None),
         ({"messages": [{"role": "user", "content": [{"type": "image", "image": "cat.png"}]}]}, 400, "messages[0].content[0].type"),
+        # An aspect ratio that GLM-4.1V's image processor rejects.
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url((10, 3000))}}]}]},
+         400, "messages"),
     ],
 )
 def test_bad_requests_get_openai_errors(server, body, status, param):

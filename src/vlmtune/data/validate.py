@@ -51,11 +51,19 @@ def check_local_images(conversation: Conversation) -> None:
         if image.source.startswith(("http://", "https://", "data:")):
             continue
         path = Path(image.source)
+        if path.is_dir():
+            raise DataError(f"{conversation.source}: image path {path} is a folder; name an image file in it", "missing image")
         if not path.is_file():
             raise DataError(f"{conversation.source}: image not found: {path}", "missing image")
         try:
             with Image.open(path) as opened:
                 opened.verify()
+        except Image.DecompressionBombError as error:
+            raise DataError(
+                f"{conversation.source}: image {path} is too large to open: {error}; scale it down or remove the "
+                "image from the example",
+                "image too large",
+            ) from None
         except (OSError, UnidentifiedImageError) as error:
             raise DataError(
                 f"{conversation.source}: corrupt or unreadable image {path}: {error}; replace the file or remove the "

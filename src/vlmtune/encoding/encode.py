@@ -21,10 +21,11 @@ from typing import Any, Iterator
 
 import jinja2
 import torch
+from PIL import Image
 
 from vlmtune.config import DataSettings
-from vlmtune.data.conversation import Conversation, Message, TextPart
-from vlmtune.encoding.images import apply_image_limits, load_image, load_image_part, local_image_files
+from vlmtune.data.conversation import Conversation, ImagePart, Message, TextPart
+from vlmtune.encoding.images import apply_image_limits, load_image, load_image_part, local_image_files, shown_source
 from vlmtune.encoding.thinking import LayoutName, build_reply, detect_layout, split_reply
 from vlmtune.errors import DataError, TemplateError
 from vlmtune.notices import log_once
@@ -244,7 +245,7 @@ class ConversationEncoder:
             if isinstance(part, TextPart):
                 parts.append({"type": "text", "text": part.text})
             elif with_images:
-                parts.append({"type": "image", "image": load_image_part(part, conversation.source)})
+                parts.append({"type": "image", "image": self.load_image(part, conversation.source)})
             else:
                 parts.append({"type": "image"})
         return parts
@@ -309,7 +310,7 @@ class ConversationEncoder:
         images = conversation.images
         if not images:
             return {}, [], 0
-        loaded = [load_image_part(image, conversation.source) for image in images]
+        loaded = [self.load_image(image, conversation.source) for image in images]
         resized = 0
         if self.pixel_limits is not None:
             low, high = self.pixel_limits
@@ -318,6 +319,21 @@ class ConversationEncoder:
         merge = self.processor.image_processor.merge_size ** 2
         counts = [int(grid.prod()) // merge for grid in inputs["image_grid_thw"]]
         return dict(inputs), counts, resized
+
+    def load_image(self, part: ImagePart, source: str) -> Image.Image:
+        """Open the image, and raise DataError for one whose shape the image processor rejects."""
+        image = load_image_part(part, source)
+        count_patches = getattr(getattr(self.processor, "image_processor", None), "get_number_of_image_patches", None)
+        if count_patches is not None:
+            try:
+                count_patches(image.height, image.width, {})
+            except ValueError as error:  # GLM-4.1V and Qwen2-VL reject an aspect ratio over 200:1
+                raise DataError(
+                    f"{source}: the image processor rejects image {shown_source(part.source)} of {image.width}x"
+                    f"{image.height} pixels: {error}; crop or pad it, or remove it from the example",
+                    "invalid image",
+                ) from None
+        return image
 
     def pixel_values(self, sample: EncodedSample) -> torch.Tensor:
         """Return the sample's pixel values, processing its image files again where encoding kept none."""
@@ -328,7 +344,8 @@ class ConversationEncoder:
         if not torch.equal(inputs["image_grid_thw"], sample.image_grid_thw):
             raise DataError(
                 f"{sample.source}: an image changed size after the data was encoded ({', '.join(sample.image_files)}). "
-                "Start the run again, so that the data is encoded from the current files",
+                "Start the run again, so that the data is encoded from the current files (with data.cache=false if "
+                "the changed file kept its byte size and modification time, which the encoding cache compares)",
                 "changed image",
             )
         return inputs["pixel_values"]

@@ -68,16 +68,20 @@ def load_image(source: str, where: str = "") -> Image.Image:
             image = Image.open(io.BytesIO(_data_url_bytes(source, prefix)))
         else:
             path = image_path(source)
+            if path.is_dir():
+                raise DataError(f"{prefix}image path {path} is a folder; name an image file in it", "missing image")
             if not path.is_file():
                 raise DataError(f"{prefix}image not found: {path}", "missing image")
             image = Image.open(path)
         image.load()
     except DataError:
         raise
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{prefix}image {shown_source(source)} is too large to open: {error}; scale it down", "image too large") from None
     except UnidentifiedImageError:
-        raise DataError(f"{prefix}cannot load image {_shown(source)}: not a recognised image format", "corrupt image") from None
+        raise DataError(f"{prefix}cannot load image {shown_source(source)}: not a recognised image format", "corrupt image") from None
     except (OSError, ValueError, binascii.Error) as error:
-        raise DataError(f"{prefix}cannot load image {_shown(source)}: {error}", "corrupt image") from None
+        raise DataError(f"{prefix}cannot load image {shown_source(source)}: {error}", "corrupt image") from None
     return image.convert("RGB")
 
 
@@ -86,7 +90,7 @@ def _data_url_bytes(source: str, prefix: str) -> bytes:
     header, _, payload = source.partition(",")
     if not header.endswith(";base64"):
         raise DataError(
-            f"{prefix}cannot load image {_shown(source)}: the data: URL is not base64-encoded; send "
+            f"{prefix}cannot load image {shown_source(source)}: the data: URL is not base64-encoded; send "
             "data:image/png;base64,PAYLOAD",
             "corrupt image",
         )
@@ -95,7 +99,7 @@ def _data_url_bytes(source: str, prefix: str) -> bytes:
         return base64.b64decode("".join(payload.split()), validate=True)
     except binascii.Error as error:
         raise DataError(
-            f"{prefix}cannot load image {_shown(source)}: the data: URL's payload is not valid base64 ({error})",
+            f"{prefix}cannot load image {shown_source(source)}: the data: URL's payload is not valid base64 ({error})",
             "corrupt image",
         ) from None
 
@@ -113,6 +117,6 @@ def load_image_part(part: ImagePart, where: str = "") -> Image.Image:
     return part.decoded if part.decoded is not None else load_image(part.source, where)
 
 
-def _shown(source: str) -> str:
+def shown_source(source: str) -> str:
     """Return an image source for a message: paths and URLs whole, a data: URL cut to its start."""
     return repr(source[:80] + "...") if source.startswith("data:") and len(source) > 80 else repr(source)
