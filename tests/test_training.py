@@ -226,8 +226,10 @@ def test_finished_run_without_checkpoints_kept(tiny_model_dir, tmp_path, run):
     for checkpoint in (tmp_path / "out").glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
     adapter = (tmp_path / "out" / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(ConfigError, match=r"contains an earlier run \(adapter_model.safetensors, .*\)\. Pass --resume"):
+    with pytest.raises(ConfigError, match=r"contains an earlier run \(adapter_model.safetensors, .*\) that saved no checkpoint") as caught:
         LoraRecipe(build_config(tree)).setup()
+    assert "--resume" not in str(caught.value)  # nothing to resume from
+    assert f"start a new run in another train.output_dir with lora.init_from={tmp_path / 'out'}" in str(caught.value)
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == adapter
 
     run_files = ("adapter_model.safetensors", "run_manifest.json", "progress.jsonl", "config.yaml")

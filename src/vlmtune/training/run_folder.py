@@ -73,6 +73,16 @@ class RunFolder:
             return
         if not self.overwrite:
             names = ", ".join(path.name for path in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            if self.last_checkpoint() is None:
+                train_on = (
+                    f"; to train on from its adapter, start a new run in another train.output_dir with lora.init_from={self.path}"
+                    if (self.path / "adapter_model.safetensors").is_file()
+                    else ""
+                )
+                raise ConfigError(
+                    f"train.output_dir {self.path} contains an earlier run ({names}) that saved no checkpoint, so "
+                    f"there is nothing to resume. Pass --overwrite to replace it, or choose another train.output_dir{train_on}"
+                )
             raise ConfigError(
                 f"train.output_dir {self.path} contains an earlier run ({names}). Pass --resume to continue "
                 "it from its last checkpoint, --overwrite to replace it, or choose another train.output_dir"
