@@ -56,7 +56,7 @@ def encoder(loaded) -> ConversationEncoder:
 def encode_with_pixels(encoder: ConversationEncoder, conversations) -> list[EncodedSample]:
     """Encode conversations and process their image files, so that any collator can batch the samples."""
     samples = [encoder.encode(conversation) for conversation in conversations]
-    return [replace(sample, pixel_values=encoder.pixel_values(sample)) if sample.image_files else sample for sample in samples]
+    return [replace(sample, pixel_values=encoder.pixel_values(sample)) if sample.image_sources else sample for sample in samples]
 
 
 def write_json(path: Path, rows) -> Path:

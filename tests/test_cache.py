@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from vlmtune.data import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.loading import load_dataset_file
 from vlmtune.encoding import ConversationEncoder, encode_conversations
 from vlmtune.encoding.cache import encode_dataset, encoding_key
+from vlmtune.encoding.images import load_image
 from vlmtune.errors import ConfigError, DataError
 from test_images import FIXTURE_IMAGES, IMAGE_DATA, image_conversation
 
@@ -33,13 +33,11 @@ def mixed_conversations() -> list[Conversation]:
     return text + images
 
 
-def with_data_url_images(conversation: Conversation) -> Conversation:
-    def data_url(part):
-        if not isinstance(part, ImagePart):
-            return part
-        return ImagePart("data:image/png;base64," + base64.b64encode(Path(part.source).read_bytes()).decode())
+def with_decoded_images(conversation: Conversation) -> Conversation:
+    def decoded(part):
+        return ImagePart(part.source, decoded=load_image(part.source)) if isinstance(part, ImagePart) else part
 
-    messages = [Message(message.role, [data_url(part) for part in message.content]) for message in conversation.messages]
+    messages = [Message(message.role, [decoded(part) for part in message.content]) for message in conversation.messages]
     return Conversation(messages, source=conversation.source)
 
 
@@ -48,7 +46,7 @@ def assert_same_samples(left, right):
     for a, b in zip(left, right):
         assert (a.input_ids, a.labels, a.reply_starts, a.source) == (b.input_ids, b.labels, b.reply_starts, b.source)
         assert a.mm_token_type_ids == b.mm_token_type_ids
-        assert a.image_files == b.image_files
+        assert a.image_sources == b.image_sources
         assert (a.pixel_values is None) == (b.pixel_values is None)
         if a.pixel_values is not None:
             assert torch.equal(a.pixel_values, b.pixel_values)
@@ -69,7 +67,7 @@ def test_cache_matches_direct_then_hits(
     assert_same_samples(direct.samples, first.samples)
     assert first.dropped == direct.dropped
     assert first.lengths == direct.lengths
-    assert any(sample.image_files for sample in first.samples)
+    assert any(sample.image_sources for sample in first.samples)
     assert all(sample.pixel_values is None for sample in first.samples)  # local files are processed when batched
     assert len(list(tmp_path.glob("*.arrow"))) == 1
     assert not list(tmp_path.glob("*.partial-*"))
@@ -90,8 +88,8 @@ def test_image_rows_across_record_batches(encoder, mixed_conversations, tmp_path
     from vlmtune.encoding.cache import IMAGE_WRITER_BATCH_SIZE
 
     text = mixed_conversations[:40]
-    # Images given as data: URLs are not files to open again later, so their pixel values are stored.
-    images = [with_data_url_images(conversation) for conversation in mixed_conversations[40:]]
+    # Images that arrive decoded have no source to open again later, so their pixel values are stored.
+    images = [with_decoded_images(conversation) for conversation in mixed_conversations[40:]]
     # Text and image conversations alternate, so that images land in every record batch.
     conversations = [conversation for pair in zip(text, images * 7) for conversation in pair]
     assert len(conversations) > 2 * IMAGE_WRITER_BATCH_SIZE

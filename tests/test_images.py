@@ -56,7 +56,7 @@ def test_file_images_processed_when_batched(loaded, encoder):
     files = [FIXTURE_IMAGES / "orange.png", FIXTURE_IMAGES / "blue.png"]
     sample = encoder.encode(image_conversation(*files))
     assert sample.pixel_values is None
-    assert sample.image_files == [str(path.resolve()) for path in files]
+    assert sample.image_sources == [str(path.resolve()) for path in files]
 
     batch = ChatCollator(pad_token_id=encoder.tokenizer.pad_token_id, pixel_loader=encoder.pixel_values)([sample])
     expected = loaded.processor.image_processor(images=[Image.open(path).convert("RGB") for path in files], return_tensors="pt")
@@ -73,7 +73,7 @@ def test_image_resized_after_encoding_is_an_error(encoder, tmp_path):
     Image.new("RGB", (56, 56), "orange").save(path)
     sample = encoder.encode(image_conversation(path))
     Image.new("RGB", (112, 56), "orange").save(path)
-    with pytest.raises(DataError, match=r"inline: an image changed size after the data was encoded \(.*photo.png\)"):
+    with pytest.raises(DataError, match=r"inline: an image changed size after the data was encoded \('.*photo.png'\)"):
         encoder.pixel_values(sample)
 
 
@@ -136,18 +136,25 @@ def test_oversized_and_folder_images_explained(tmp_path, monkeypatch):
         check_local_images(image_conversation(tmp_path))
 
 
-def test_url_images_keep_their_pixels(encoder):
+def test_data_url_images_reloaded_decoded_kept(encoder):
+    """A data: URL is decoded again when batched, like a file; an image that arrived decoded keeps its pixels."""
     import base64
 
+    from vlmtune.encoding.images import load_image
+
     data_url = "data:image/png;base64," + base64.b64encode((FIXTURE_IMAGES / "orange.png").read_bytes()).decode()
-    conversation = Conversation(
-        [Message("user", [ImagePart(data_url), TextPart("这是什么？")]), Message("assistant", [TextPart("橙色喵~")])],
-        source="inline",
-    )
-    sample = encoder.encode(conversation)
-    assert sample.image_files is None
-    assert sample.pixel_values is not None
-    assert encoder.pixel_values(sample) is sample.pixel_values
+
+    def conversation(part: ImagePart) -> Conversation:
+        return Conversation([Message("user", [part, TextPart("这是什么？")]), Message("assistant", [TextPart("橙色喵~")])], source="inline")
+
+    from_url = encoder.encode(conversation(ImagePart(data_url)))
+    assert from_url.image_sources == [data_url]
+    assert from_url.pixel_values is None
+    decoded = encoder.encode(conversation(ImagePart("upload.png", decoded=load_image(data_url))))
+    assert decoded.image_sources is None
+    assert decoded.pixel_values is not None
+    assert encoder.pixel_values(decoded) is decoded.pixel_values
+    assert torch.equal(encoder.pixel_values(from_url), decoded.pixel_values)
 
 
 def test_overlong_image_conversation_dropped_at_preprocessing(encoder):

@@ -141,7 +141,7 @@ FEATURES = datasets.Features(
         "pixel_values": datasets.Sequence(datasets.Value("float32")),
         "pixel_shape": datasets.Sequence(datasets.Value("int32")),
         "image_grid_thw": datasets.Sequence(datasets.Value("int32")),
-        "image_files": datasets.Sequence(datasets.Value("string")),
+        "image_sources": datasets.Sequence(datasets.Value("string")),
         "source": datasets.Value("string"),
         "length": datasets.Value("int32"),
         "dropped": datasets.Value("string"),
@@ -163,7 +163,7 @@ def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
         "pixel_values": NO_PIXELS,
         "pixel_shape": [],
         "image_grid_thw": [],
-        "image_files": [],
+        "image_sources": [],
         "source": source,
         "length": outcome.length,
         "dropped": outcome.dropped,
@@ -178,7 +178,7 @@ def _outcome_row(outcome: EncodingOutcome, source: str) -> dict[str, Any]:
         row["mm_token_type_ids"] = sample.mm_token_type_ids or []
         if sample.image_grid_thw is not None:
             row["image_grid_thw"] = sample.image_grid_thw.flatten().tolist()
-            row["image_files"] = sample.image_files or []
+            row["image_sources"] = sample.image_sources or []
         if sample.pixel_values is not None:
             row["pixel_values"] = sample.pixel_values.float().flatten().numpy()
             row["pixel_shape"] = list(sample.pixel_values.shape)
@@ -196,7 +196,7 @@ def _row_outcome(row: dict[str, Any]) -> EncodingOutcome:
         sample.mm_token_type_ids = row["mm_token_type_ids"]
     if row["image_grid_thw"]:
         sample.image_grid_thw = torch.tensor(row["image_grid_thw"], dtype=torch.long).view(-1, 3)
-        sample.image_files = row["image_files"] or None
+        sample.image_sources = row["image_sources"] or None
     if row["pixel_shape"]:
         sample.pixel_values = torch.from_numpy(row["pixel_values"].copy()).view(*row["pixel_shape"])
     return EncodingOutcome(sample, row["length"], trimmed=row["trimmed"])

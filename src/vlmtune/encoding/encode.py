@@ -25,7 +25,7 @@ from PIL import Image
 
 from vlmtune.config import DataSettings
 from vlmtune.data.conversation import Conversation, ImagePart, Message, TextPart
-from vlmtune.encoding.images import apply_image_limits, load_image, load_image_part, local_image_files, shown_source
+from vlmtune.encoding.images import apply_image_limits, load_image, load_image_part, reloadable_image_sources, shown_source
 from vlmtune.encoding.thinking import LayoutName, build_reply, detect_layout, split_reply
 from vlmtune.errors import DataError, TemplateError
 from vlmtune.notices import log_once
@@ -50,11 +50,12 @@ class EncodedSample:
     source: str = ""
     mm_token_type_ids: list[int] | None = None
     pixel_values: torch.Tensor | None = None
-    """The image processor's output, kept only for images that are not local files (URLs, decoded images)."""
+    """The image processor's output, kept only for images given by http(s) URL or already decoded."""
     image_grid_thw: torch.Tensor | None = None
-    image_files: list[str] | None = None
-    """Local image files, processed again when the sample is batched (`ConversationEncoder.pixel_values`),
-    so that the pixel values of all the data's images are never in memory at once."""
+    image_sources: list[str] | None = None
+    """Local image files (absolute paths) and data: URLs, opened and processed again when the sample is
+    batched (`ConversationEncoder.pixel_values`), so that the pixel values of all the data's images are
+    never in memory at once."""
     resized_images: int = 0
     """Images of this conversation scaled to fit data.min_pixels / data.max_pixels."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -336,14 +337,15 @@ class ConversationEncoder:
         return image
 
     def pixel_values(self, sample: EncodedSample) -> torch.Tensor:
-        """Return the sample's pixel values, processing its image files again where encoding kept none."""
+        """Return the sample's pixel values, processing its images again where encoding kept none."""
         if sample.pixel_values is not None:
             return sample.pixel_values
-        images = [load_image(path, sample.source) for path in sample.image_files]
+        images = [load_image(source, sample.source) for source in sample.image_sources]
         inputs = self.processor.image_processor(images=images, return_tensors="pt")
         if not torch.equal(inputs["image_grid_thw"], sample.image_grid_thw):
+            files = [shown_source(source) for source in sample.image_sources]
             raise DataError(
-                f"{sample.source}: an image changed size after the data was encoded ({', '.join(sample.image_files)}). "
+                f"{sample.source}: an image changed size after the data was encoded ({', '.join(files)}). "
                 "Start the run again, so that the data is encoded from the current files (with data.cache=false if "
                 "the changed file kept its byte size and modification time, which the encoding cache compares)",
                 "changed image",
@@ -483,8 +485,8 @@ class ConversationEncoder:
         sample = EncodedSample(input_ids, labels, reply_starts, source=item.conversation.source, resized_images=item.resized_images)
         if item.image_inputs:
             sample.image_grid_thw = item.image_inputs["image_grid_thw"]
-            sample.image_files = local_image_files(item.conversation.images)
-            if sample.image_files is None:
+            sample.image_sources = reloadable_image_sources(item.conversation.images)
+            if sample.image_sources is None:
                 sample.pixel_values = item.image_inputs["pixel_values"]
         if hasattr(self.processor, "create_mm_token_type_ids"):
             sample.mm_token_type_ids = self.processor.create_mm_token_type_ids([input_ids])[0]

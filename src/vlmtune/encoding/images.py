@@ -104,12 +104,24 @@ def _data_url_bytes(source: str, prefix: str) -> bytes:
         ) from None
 
 
-def local_image_files(parts: list[ImagePart]) -> list[str] | None:
-    """Return the absolute paths of the images when all of them are local files, else None."""
-    paths = [None if part.decoded is not None else image_path(part.source) for part in parts]
-    if not paths or None in paths:
-        return None
-    return [str(path.resolve()) for path in paths]
+def reloadable_image_sources(parts: list[ImagePart]) -> list[str] | None:
+    """Return sources to open the images again from, when all of them are local files or data: URLs, else None.
+
+    Local files are given by absolute path. An http(s) URL would be downloaded again, and a decoded
+    image has no source to open, so these return None.
+    """
+    sources = []
+    for part in parts:
+        if part.decoded is not None:
+            return None
+        if part.source.startswith("data:"):
+            sources.append(part.source)
+            continue
+        path = image_path(part.source)
+        if path is None:
+            return None
+        sources.append(str(path.resolve()))
+    return sources or None
 
 
 def load_image_part(part: ImagePart, where: str = "") -> Image.Image:

@@ -383,7 +383,7 @@ class LoraRecipe:
         # On CPU the workers would take cores from training: with 2 cores they made steps slower.
         if self.loaded.model.device.type == "cpu":
             return 0
-        with_files = any(sample.image_files for sample in self.report.samples)
+        with_files = any(sample.image_sources for sample in self.report.samples)
         return IMAGE_DATALOADER_WORKERS if with_files else 0
 
     def _trains_vision_parameters(self) -> bool:
