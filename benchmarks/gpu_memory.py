@@ -79,7 +79,7 @@ def synthetic_batch(model_config, batch_size: int, length: int, pixels: int | No
     batch = {}
     if pixels:
         vision = model_config.vision_config
-        patches, tokens = image_tokens(vision, pixels)
+        patches, tokens = image_tokens(model_config, pixels)
         merge = vision.spatial_merge_size
         side = int((patches // (merge * merge)) ** 0.5) * merge
         tokens = (side // merge) ** 2

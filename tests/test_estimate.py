@@ -65,10 +65,23 @@ def test_meta_model_counts_9b_parameters(glm_config):
     assert all(parameter.device.type == "meta" for parameter in model.parameters())
 
 
-def test_image_tokens_from_patch_and_merge(glm_config):
-    patches, tokens = image_tokens(glm_config.vision_config, 28 * 28 * 256)
-    assert patches == 1024
-    assert tokens == 256
+def test_image_tokens_match_the_processor(glm_config, loaded):
+    """The estimate's count equals GLM-4.1V's processor on an image of that size (same patch, merge and frames)."""
+    import copy
+    import math
+
+    from PIL import Image
+
+    from vlmtune.encoding.images import apply_image_limits
+
+    for pixels in (28 * 28 * 256, 1003520):
+        processor = copy.deepcopy(loaded.processor)
+        apply_image_limits(processor, 28 * 28, pixels)
+        side = math.isqrt(pixels)
+        grid = processor.image_processor(images=[Image.new("RGB", (side, side))], return_tensors="pt")["image_grid_thw"][0]
+        assert image_tokens(glm_config, pixels) == (int(grid.prod()), int(grid.prod()) // 4)
+    # Both frames of an image count against max_pixels, so one image gets about half: not 5,120 patches.
+    assert image_tokens(glm_config, 1003520) == (2500, 625)
 
 
 def test_unknown_hub_id_names_bundled_ids(monkeypatch):
@@ -398,12 +411,12 @@ def test_image_size_from_processor_limit(tiny_model_dir, tmp_path):
 def test_image_longer_than_max_length_warned(tmp_path):
     from vlmtune.model.estimate_report import write_estimate_json
 
-    # GLM-4.1V: 28-pixel patches merged 2 x 2, so 1,003,520 pixels are 1,280 tokens.
-    data = {"train": ["unused.json"], "max_length": 1024, "max_pixels": 1003520}
+    # GLM-4.1V: two frames of 14-pixel patches share 1,003,520 pixels, 2,500 patches merged 2 x 2 into 625 tokens.
+    data = {"train": ["unused.json"], "max_length": 600, "max_pixels": 1003520}
     report = run_estimate(run_config(GLM_9B, data=data), gpu_gib=80)
     [warning] = report.warnings
-    assert warning.startswith("1 image(s) of 1,003,520 pixels take 1,280 tokens, as many as data.max_length=1024 or more")
+    assert warning.startswith("1 image(s) of 1,003,520 pixels take 625 tokens, as many as data.max_length=600 or more")
     assert f"warning: {warning[:60]}" in render(report)
     write_estimate_json(report, tmp_path / "estimate.json")
     assert json.loads((tmp_path / "estimate.json").read_text(encoding="utf-8"))["warnings"] == [warning]
-    assert run_estimate(run_config(GLM_9B, data={**data, "max_length": 2048}), gpu_gib=80).warnings == []
+    assert run_estimate(run_config(GLM_9B, data={**data, "max_length": 1024}), gpu_gib=80).warnings == []

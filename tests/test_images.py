@@ -178,12 +178,29 @@ def test_max_pixels_scales_images_and_counts_them(loaded, tiny_model_dir):
     assert sample.resized_images == 1
 
 
+def test_resized_count_ignores_rounding(loaded, tiny_model_dir, tmp_path):
+    """Rounding to whole merged patches is not scaling; scaling down within GLM's two-frame budget is."""
+    from PIL import Image
+
+    from vlmtune.model.loading import load_processor
+
+    processor = load_processor(str(tiny_model_dir))
+    # GLM-4.1V counts both frames of an image against max_pixels: 140x112 rounded is 2 x 15,680 pixels.
+    encoder = ConversationEncoder(processor, loaded.stop_token_ids, max_pixels=20000, min_pixels=28 * 28)
+    sizes = {"rounded.png": (48, 48), "scaled.png": (150, 120)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, "orange").save(tmp_path / name)
+    counts = {name: encoder.encode(image_conversation(tmp_path / name)).resized_images for name in sizes}
+    assert counts == {"rounded.png": 0, "scaled.png": 1}
+
+
 def test_resized_count_survives_cache(loaded, tiny_model_dir, tmp_path):
     from vlmtune.encoding.cache import encode_dataset
     from vlmtune.model.loading import load_processor
 
     processor = load_processor(str(tiny_model_dir))
-    small = ConversationEncoder(processor, loaded.stop_token_ids, max_pixels=28 * 28 * 4, min_pixels=28 * 28)
+    # Two frames of 56x56, the 64x48 fixture rounded, fit; the 224x224 photo is scaled down.
+    small = ConversationEncoder(processor, loaded.stop_token_ids, max_pixels=2 * 56 * 56, min_pixels=28 * 28)
     conversations = [image_conversation(REPO_ROOT / "data" / "images" / "orange_cat.png"), image_conversation(FIXTURE_IMAGES / "orange.png")]
     settings = data_settings(cache_dir=str(tmp_path))
     first = encode_dataset(small, conversations, settings)

@@ -213,7 +213,10 @@ class DataSettings(_Section):
     )
     num_proc: int | None = Field(None, gt=0, description="Processes that encode the data (datasets.map). None: one.")
     max_pixels: int | None = Field(
-        None, gt=0, description="Largest image area in pixels; larger images are scaled down. None: the processor's limit."
+        None,
+        gt=0,
+        description="Largest image area in pixels; larger images are scaled down. GLM-4.1V counts both frames of an "
+        "image against it, so one image gets about half. None: the processor's limit.",
     )
     min_pixels: int | None = Field(
         None, gt=0, description="Smallest image area in pixels; smaller images are scaled up. None: the processor's limit."

@@ -312,13 +312,17 @@ class ConversationEncoder:
         if not images:
             return {}, [], 0
         loaded = [self.load_image(image, conversation.source) for image in images]
+        image_processor = self.processor.image_processor
+        inputs = image_processor(images=loaded, return_tensors="pt")
+        merge = image_processor.merge_size
+        counts = [int(grid.prod()) // merge**2 for grid in inputs["image_grid_thw"]]
         resized = 0
         if self.pixel_limits is not None:
-            low, high = self.pixel_limits
-            resized = sum(not low <= image.width * image.height <= high for image in loaded)
-        inputs = self.processor.image_processor(images=loaded, return_tensors="pt")
-        merge = self.processor.image_processor.merge_size ** 2
-        counts = [int(grid.prod()) // merge for grid in inputs["image_grid_thw"]]
+            # Scaled when the processed size differs from the image's own rounded to whole merged patches.
+            factor = image_processor.patch_size * merge
+            for image, (_, rows, columns) in zip(loaded, inputs["image_grid_thw"].tolist()):
+                rounded = round(image.height / factor) * round(image.width / factor) * factor**2
+                resized += rows * columns * image_processor.patch_size**2 != rounded
         return dict(inputs), counts, resized
 
     def load_image(self, part: ImagePart, source: str) -> Image.Image:

@@ -46,8 +46,10 @@ overhead.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 from importlib import resources
 from pathlib import Path
 
@@ -304,16 +306,52 @@ def _vision_parts(model: nn.Module) -> tuple[nn.Module | None, PretrainedConfig 
     return None, None
 
 
-def image_tokens(vision_config: PretrainedConfig, pixels: int) -> tuple[int, int]:
-    """Return (patches, language-model tokens) for one image of this many pixels.
+# Model types whose image processor transformers registers under another type.
+IMAGE_PROCESSOR_TYPES = {"glm4v_moe": "glm4v"}
 
-    Each patch_size x patch_size square is one patch; spatial_merge_size^2 patches become
-    one token, e.g. 28*28*256 pixels with patch 14 and merge 2 -> 1024 patches -> 256 tokens.
+
+def image_tokens(model_config: PretrainedConfig, pixels: int) -> tuple[int, int]:
+    """Return (patches, language-model tokens) for a square image of `pixels` pixels with max_pixels set to that.
+
+    Where the model's transformers image processor counts patches (`get_number_of_image_patches`),
+    it gives the count: it rounds to whole merged patches and applies the model's pixel budget.
+    GLM-4.1V counts both frames of an image against max_pixels, so one image gets about half of
+    them. Otherwise each patch_size x patch_size square is one patch. spatial_merge_size^2
+    patches become one token, e.g. 1024 patches with merge 2 -> 256 tokens.
     """
+    vision_config = model_config.vision_config
     patch = vision_config.patch_size
     merge = getattr(vision_config, "spatial_merge_size", 1)
-    patches = max(1, pixels // (patch * patch))
+    processor = _image_processor(model_config, pixels)
+    if processor is not None:
+        side = math.isqrt(pixels)
+        patches = processor.get_number_of_image_patches(side, side, {})
+    else:
+        patches = max(1, pixels // (patch * patch))
     return patches, max(1, patches // (merge * merge))
+
+
+def _image_processor(model_config: PretrainedConfig, max_pixels: int) -> Any | None:
+    """Build the model type's transformers image processor with this pixel limit, or None where it has none that counts patches."""
+    from transformers.models.auto.image_processing_auto import (
+        IMAGE_PROCESSOR_MAPPING_NAMES,
+        get_image_processor_class_from_name,
+    )
+
+    model_type = IMAGE_PROCESSOR_TYPES.get(model_config.model_type, model_config.model_type)
+    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
+    names = list(names.values()) if isinstance(names, dict) else [names] if isinstance(names, str) else list(names)
+    classes = [get_image_processor_class_from_name(name) for name in names if name]
+    counting = [cls for cls in classes if cls is not None and hasattr(cls, "get_number_of_image_patches")]
+    if not counting:
+        return None
+    vision_config = model_config.vision_config
+    return counting[0](
+        patch_size=vision_config.patch_size,
+        merge_size=getattr(vision_config, "spatial_merge_size", 1),
+        temporal_patch_size=getattr(vision_config, "temporal_patch_size", 1),
+        size={"shortest_edge": min(max_pixels, 28 * 28), "longest_edge": max_pixels},
+    )
 
 
 def estimate_memory(
@@ -386,7 +424,7 @@ def _add_vision(estimate: MemoryEstimate, model: nn.Module, config: RunConfig, w
     if vision is None or vision_config is None:
         raise ModelError("--images: this model has no vision tower; pass --images 0 for text-only data")
     pixels = workload.image_pixels or (vision_config.image_size**2)
-    patches, merged = image_tokens(vision_config, pixels)
+    patches, merged = image_tokens(model.config, pixels)
     images = workload.batch_size * workload.images_per_sample
     hidden = vision_config.hidden_size
     blocks = getattr(vision, "blocks", None)

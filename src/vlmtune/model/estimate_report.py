@@ -206,7 +206,7 @@ def run_estimate(config: RunConfig, *, images_per_sample: int = 1, device: str =
     estimate = estimate_memory(config, model_config, workload, device=device, gpu_gib=gpu_gib)
     report = EstimateReport(estimate, workload, config.model.name_or_path, assumptions, zero3=_zero_stage(config) == 3)
     if images_per_sample and vision_config is not None:
-        image_total = images_per_sample * image_tokens(vision_config, pixels)[1]
+        image_total = images_per_sample * image_tokens(model_config, pixels)[1]
         if image_total >= config.data.max_length:
             report.warnings.append(
                 f"{images_per_sample} image(s) of {pixels:,} pixels take {image_total:,} tokens, as many as "
