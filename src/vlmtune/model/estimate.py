@@ -339,8 +339,13 @@ def _image_processor(model_config: PretrainedConfig, max_pixels: int) -> Any | N
     )
 
     model_type = IMAGE_PROCESSOR_TYPES.get(model_config.model_type, model_config.model_type)
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or {}
-    names = list(names.values()) if isinstance(names, dict) else [names] if isinstance(names, str) else list(names)
+    entry = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type)
+    if isinstance(entry, dict):  # transformers 5 names a class per backend (pil, torchvision)
+        names = list(entry.values())
+    elif isinstance(entry, str):
+        names = [entry]
+    else:
+        names = list(entry or ())
     classes = [get_image_processor_class_from_name(name) for name in names if name]
     counting = [cls for cls in classes if cls is not None and hasattr(cls, "get_number_of_image_patches")]
     if not counting:
