@@ -93,7 +93,7 @@ class ChatCollator:
     Text-only and image samples can share a batch: `pixel_values` and `image_grid_thw`
     of the image samples are concatenated in batch order, which is the order the model
     consumes image tokens in. `pixel_loader` (`ConversationEncoder.pixel_values`) processes
-    the images of samples that keep only their image files.
+    the images of samples that keep only where their images come from (files, data: URLs).
 
     With `positions` (a `model.packing.PackedPositions`), the batch is padding-free
     instead: all samples in one row, no attention mask, and position ids that restart at
@@ -133,7 +133,7 @@ class ChatCollator:
         if sample.pixel_values is not None:
             return sample.pixel_values
         if self.pixel_loader is None:
-            raise ValueError(f"{sample.source}: the sample keeps only its image files, and the collator has no pixel_loader")
+            raise ValueError(f"{sample.source}: the sample keeps only its image sources, and the collator has no pixel_loader")
         return self.pixel_loader(sample)
 
     def _padding_free(self, samples: list[EncodedSample]) -> dict[str, Any]:
