@@ -55,3 +55,19 @@ def test_train_speed_script_small_run(tiny_model_dir, tmp_path):
     assert "| vlmtune, cache hit |" in table
     assert rows["vlmtune"]["peak_anonymous_mib"] > 100  # torch alone allocates more
     assert "peak anonymous memory no higher" in table
+
+
+@pytest.mark.slow
+def test_image_data_script_small(tiny_model_dir, tmp_path):
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "image_data.py"), "--model", str(tiny_model_dir),
+               "--images", "4", "--size", "96", "64", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "image_data.json").read_text())["rows"]
+    assert set(rows) == {"pixels", "sources"}
+    for row in rows.values():
+        assert row["samples"] == 4
+        assert row["cache_hit"] is True
+    # Sources are a few bytes per image; pixel values are thousands of floats.
+    assert rows["sources"]["cache_file_mib"] < rows["pixels"]["cache_file_mib"]
+    assert "| sources kept (image files, vlmtune) |" in (tmp_path / "image_data.md").read_text()
