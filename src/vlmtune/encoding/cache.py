@@ -124,8 +124,8 @@ def encoding_key(encoder: ConversationEncoder, conversations: list[Conversation]
 
 # -- rows <-> samples ----------------------------------------------------------------------
 
-# Pixel values go in and out of Arrow as NumPy arrays. As Python floats, 40 images of 640x480
-# took 44 s to encode and 4 s to read from the cache on 2 CPU cores; as arrays, 8 s and 0.13 s.
+# Kept pixel values (http(s) and decoded images) go in and out of Arrow as NumPy arrays. As Python
+# floats, 40 images of 640x480 took 44 s to encode and 4 s to read on 2 CPU cores. As arrays, 8 s and 0.13 s.
 NO_PIXELS = np.zeros(0, dtype=np.float32)
 IMAGE_WRITER_BATCH_SIZE = 16
 """Rows per Arrow write when the data has images. A list column takes at most 2**31 values per
