@@ -136,6 +136,28 @@ def test_oversized_and_folder_images_explained(tmp_path, monkeypatch):
         check_local_images(image_conversation(tmp_path))
 
 
+def test_very_large_image_logged_with_its_record(tmp_path, monkeypatch, caplog):
+    """Pillow's size warning, which names no example, becomes one log line that does."""
+    import logging
+    import warnings
+
+    from PIL import Image
+
+    from vlmtune.encoding.images import load_image
+
+    path = tmp_path / "large.png"
+    Image.new("RGB", (40, 40), "orange").save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 pixels: over the warning limit, under the error
+    with warnings.catch_warnings(record=True) as raised, caplog.at_level(logging.WARNING, logger="vlmtune"):
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert load_image(str(path), "record 7").size == (40, 40)
+    assert not [warning for warning in raised if issubclass(warning.category, Image.DecompressionBombWarning)]
+    lines = [record.message for record in caplog.records if "megapixels, more than Pillow's warning limit" in record.message]
+    assert len(lines) == 1  # once, though every batch opens the image again
+    assert lines[0].startswith("record 7: image '")
+
+
 def test_data_url_images_reloaded_decoded_kept(encoder):
     """A data: URL is decoded again when batched, like a file; an image that arrived decoded keeps its pixels."""
     import base64

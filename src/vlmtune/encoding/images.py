@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,9 @@ from PIL import Image, UnidentifiedImageError
 
 from vlmtune.data.conversation import ImagePart
 from vlmtune.errors import DataError
+from vlmtune.notices import log_once
+
+logger = logging.getLogger(__name__)
 
 URL_TIMEOUT_SECONDS = 30
 
@@ -60,20 +65,10 @@ def load_image(source: str, where: str = "") -> Image.Image:
     """Open a local path, file:// path, http(s) URL or data: URL as an RGB image."""
     prefix = f"{where}: " if where else ""
     try:
-        if source.startswith(("http://", "https://")):
-            with urllib.request.urlopen(source, timeout=URL_TIMEOUT_SECONDS) as response:
-                data = response.read()
-            image = Image.open(io.BytesIO(data))
-        elif source.startswith("data:"):
-            image = Image.open(io.BytesIO(_data_url_bytes(source, prefix)))
-        else:
-            path = image_path(source)
-            if path.is_dir():
-                raise DataError(f"{prefix}image path {path} is a folder; name an image file in it", "missing image")
-            if not path.is_file():
-                raise DataError(f"{prefix}image not found: {path}", "missing image")
-            image = Image.open(path)
-        image.load()
+        with warnings.catch_warnings():
+            # Pillow's warning names no example; the size is logged below with the example.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = _open_image(source, prefix)
     except DataError:
         raise
     except Image.DecompressionBombError as error:
@@ -82,7 +77,33 @@ def load_image(source: str, where: str = "") -> Image.Image:
         raise DataError(f"{prefix}cannot load image {shown_source(source)}: not a recognised image format", "corrupt image") from None
     except (OSError, ValueError, binascii.Error) as error:
         raise DataError(f"{prefix}cannot load image {shown_source(source)}: {error}", "corrupt image") from None
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        log_once(
+            logger, logging.WARNING,
+            "%simage %s has %.0f megapixels, more than Pillow's warning limit of %.0f: it is decoded again for every "
+            "batch it is in, so scale it down beforehand to save that time",
+            prefix, shown_source(source), image.width * image.height / 1e6, Image.MAX_IMAGE_PIXELS / 1e6,
+        )
     return image.convert("RGB")
+
+
+def _open_image(source: str, prefix: str) -> Image.Image:
+    """Open and decode an image from a path, file:// path, http(s) URL or data: URL (errors as Pillow raises them)."""
+    if source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=URL_TIMEOUT_SECONDS) as response:
+            data = response.read()
+        image = Image.open(io.BytesIO(data))
+    elif source.startswith("data:"):
+        image = Image.open(io.BytesIO(_data_url_bytes(source, prefix)))
+    else:
+        path = image_path(source)
+        if path.is_dir():
+            raise DataError(f"{prefix}image path {path} is a folder; name an image file in it", "missing image")
+        if not path.is_file():
+            raise DataError(f"{prefix}image not found: {path}", "missing image")
+        image = Image.open(path)
+    image.load()
+    return image
 
 
 def _data_url_bytes(source: str, prefix: str) -> bytes:
