@@ -283,12 +283,14 @@ def test_overwrite_replaces_earlier_checkpoints(tiny_model_dir, tmp_path, run):
     assert sorted(path.name for path in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
 
 
-def test_resume_continues_step_count(run, tiny_model_dir):
+def test_resume_continues_step_count(run, tiny_model_dir, caplog):
     recipe = run["recipe"]
     tree = training_tree(tiny_model_dir, run["data_path"], recipe.output_dir, max_steps=STEPS + 10)
     tree["tracking"] = {"backend": "none"}
     resumed = LoraRecipe(build_config(tree), resume=True)
-    resumed.setup()
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        resumed.setup()
+    assert "encodes differently" not in caplog.text  # the same data, encoded the same way
     resumed.train()
     assert resumed.metrics["global_step"] == STEPS + 10
     state = json.loads((recipe.output_dir / f"checkpoint-{STEPS + 10}" / "trainer_state.json").read_text())
@@ -334,6 +336,7 @@ def test_resume_checks_saved_settings(tiny_model_dir, tmp_path, caplog):
     assert f"data file(s) changed since the run last saved ({data_path})" in caplog.text
     assert "the new values apply from here on" in caplog.text
     assert "data.max_length: 128 then, 256 now" in caplog.text
+    assert "--resume: the training data encodes differently from when the run last saved" in caplog.text
     assert "train.num_train_epochs: 1.0 then, 2.0 now" in caplog.text
     assert "(a new train.num_train_epochs changes the total steps, so the learning-rate schedule" in caplog.text
     resumed.train()

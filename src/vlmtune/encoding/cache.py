@@ -229,12 +229,12 @@ def encode_dataset(
 ) -> EncodingReport:
     """Encode conversations through `datasets.map`, or load the result of an earlier run with the same inputs."""
     started = time.perf_counter()
+    key = encoding_key(encoder, conversations, settings)
     if settings.cache:
-        path = cache_root(settings) / f"{encoding_key(encoder, conversations, settings)}.arrow"
-        table, cached = _cached_encode(encoder, conversations, settings, name, path)
+        table, cached = _cached_encode(encoder, conversations, settings, name, cache_root(settings) / f"{key}.arrow")
     else:
         table, cached = _encode(encoder, conversations, settings).data.table, False
-    report = EncodingReport([], {}, from_cache=cached)
+    report = EncodingReport([], {}, from_cache=cached, key=key)
     # One conversion per column: much faster than reading row by row.
     columns = table.drop_columns(["pixel_values"]).to_pydict()
     names = list(columns)

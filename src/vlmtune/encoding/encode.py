@@ -523,6 +523,8 @@ class EncodingReport:
     """Wall time of encoding, or of loading the cached result."""
     from_cache: bool = False
     """True when the samples were read from the encoding cache. The counts are then those of the run that encoded them."""
+    key: str | None = None
+    """Hash of every input of encoding (see cache.encoding_key): data, image files, tokenizer, template, settings."""
 
     def log(self) -> None:
         for reason, sources in self.dropped.items():
