@@ -91,3 +91,36 @@ def test_eval_command_compares_base_and_adapter(sampled_run, tiny_model_dir, tmp
     report = json.loads((tmp_path / "report" / "eval_report.json").read_text(encoding="utf-8"))
     assert [run["label"] for run in report] == ["base", "adapter"]
     assert report[1]["metrics"]["stop_rate"] > report[0]["metrics"]["stop_rate"]
+    # The adapter was trained on these replies, so their loss is lower with it.
+    assert report[1]["loss"] < report[0]["loss"]
+    assert "loss on the data's replies" in result.stdout
+    assert "Loss: mean cross-entropy per supervised token" in (tmp_path / "report" / "eval_report.md").read_text(encoding="utf-8")
+
+
+def test_reply_loss_weights_tokens_and_skips_prompts(loaded):
+    import torch
+
+    from vlmtune.config import DataSettings
+    from vlmtune.data import Conversation, Message, TextPart
+    from vlmtune.encoding import ChatCollator, ConversationEncoder
+    from vlmtune.inference.evaluation import reply_loss
+
+    def conversation(prompt: str, reply: str | None) -> Conversation:
+        messages = [Message("user", [TextPart(prompt)])]
+        return Conversation(messages + ([Message("assistant", [TextPart(reply)])] if reply else []), source=prompt)
+
+    settings = DataSettings(train=["unused.json"])
+    short, long = conversation("你好", "喵"), conversation("你是谁？", "我是小橘，一只活泼可爱的猫娘喵~")
+    assert reply_loss(loaded, [conversation("只有提示", None)], settings) is None
+
+    encoder = ConversationEncoder.from_settings(loaded.processor, loaded.stop_token_ids, settings)
+    collator = ChatCollator(pad_token_id=loaded.tokenizer.pad_token_id)
+    per_example = []
+    with torch.no_grad():
+        for item in (short, long):
+            batch = collator([encoder.encode(item)])
+            per_example.append((loaded.model(**batch).loss.item(), int((batch["labels"][:, 1:] != -100).sum())))
+    # One batch of both: the mean over all supervised tokens, not the mean of the two examples' means.
+    expected = sum(loss * count for loss, count in per_example) / sum(count for _, count in per_example)
+    with_prompt_only = [short, long, conversation("只有提示", None)]
+    assert reply_loss(loaded, with_prompt_only, settings) == pytest.approx(expected, rel=1e-4)

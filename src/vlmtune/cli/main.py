@@ -310,7 +310,7 @@ def evaluate(
     ] = None,
     overrides: Annotated[Optional[list[str]], typer.Argument(help="SECTION.KEY=VALUE overrides.")] = None,
 ) -> None:
-    """Compare the base model with an adapter or merged model on sample generations."""
+    """Compare the base model with an adapter or merged model on sample generations and on the data's reply loss."""
     from vlmtune.config import load_config
 
     run_config = load_config(config, overrides)

@@ -8,13 +8,15 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from rich.table import Table
 
-from vlmtune.config import DatasetSpec, EvalPrompt, GenerationSettings, RunConfig
+from vlmtune.config import DataSettings, DatasetSpec, EvalPrompt, GenerationSettings, RunConfig
 from vlmtune.data.conversation import Conversation, ImagePart, Message, TextPart
 from vlmtune.data.loading import load_data, load_dataset_file
-from vlmtune.encoding.encode import conversation_for_generation
+from vlmtune.encoding.collator import ChatCollator
+from vlmtune.encoding.encode import IGNORE_INDEX, ConversationEncoder, conversation_for_generation, encode_conversations
 from vlmtune.errors import ConfigError, ModelError
 from vlmtune.inference.export import MERGED_CONFIG_NAME
 from vlmtune.inference.generate import Generator
@@ -38,6 +40,8 @@ class EvalRun:
     step: int | None
     metrics: ReplyMetrics
     samples: list[dict]
+    loss: float | None = None
+    """Mean loss per supervised token on the evaluated data's replies (`vlmtune eval`), or None."""
 
 
 def build_prompts(
@@ -129,6 +133,8 @@ def _metric_rows(runs: list[EvalRun]) -> list[list[str]]:
         rows.append([name, *("-" if value is None else form.format(value) for value in values)])
     for pattern in runs[0].metrics.style:
         rows.append([f"style {pattern}", *(f"{run.metrics.style.get(pattern, 0):.2f}" for run in runs)])
+    if any(run.loss is not None for run in runs):
+        rows.append(["loss on the data's replies", *("-" if run.loss is None else f"{run.loss:.3f}" for run in runs)])
     return rows
 
 
@@ -140,6 +146,7 @@ METRIC_NOTES = (
 )
 FORMAT_NOTE = "Format validity: replies in the exact <think>…</think><answer>…</answer> layout."
 STYLE_NOTE = "Style: replies matching each pattern."
+LOSS_NOTE = "Loss: mean cross-entropy per supervised token of the data's replies, the tokens that training supervises."
 
 
 def metric_notes(runs: list[EvalRun]) -> str:
@@ -149,6 +156,8 @@ def metric_notes(runs: list[EvalRun]) -> str:
         notes.append(FORMAT_NOTE)
     if runs[0].metrics.style:
         notes.append(STYLE_NOTE)
+    if any(run.loss is not None for run in runs):
+        notes.append(LOSS_NOTE)
     return " ".join(notes)
 
 
@@ -173,7 +182,10 @@ def write_report(runs: list[EvalRun], folder: str | Path) -> tuple[Path, Path]:
     output = Path(folder)
     output.mkdir(parents=True, exist_ok=True)
     json_path = output / f"{REPORT_NAME}.json"
-    payload = [{"label": run.label, "step": run.step, "metrics": asdict(run.metrics), "samples": run.samples} for run in runs]
+    payload = [
+        {"label": run.label, "step": run.step, "metrics": asdict(run.metrics), "loss": run.loss, "samples": run.samples}
+        for run in runs
+    ]
     json_path.write_text(json.dumps(payload, ensure_ascii=False, indent=2), encoding="utf-8")
 
     header = "| metric | " + " | ".join(run.label for run in runs) + " |"
@@ -242,6 +254,34 @@ def _training_run_of(merged_dir: Path) -> Path | None:
     return Path(output_dir)
 
 
+def reply_loss(loaded: LoadedModel, conversations: list[Conversation], data: DataSettings, batch_size: int = 4) -> float | None:
+    """Return the mean loss per supervised token on the replies of the conversations that end with one, or None."""
+    with_replies = [conversation for conversation in conversations if conversation.messages[-1].role == "assistant"]
+    if not with_replies:
+        return None
+    encoder = ConversationEncoder.from_settings(loaded.processor, loaded.stop_token_ids, data)
+    samples = encode_conversations(encoder, with_replies, data).samples
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.stop_token_ids[0]
+    collator = ChatCollator(pad_token_id=pad, pixel_loader=encoder.pixel_values)
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(samples), batch_size):
+            batch = collator(samples[start : start + batch_size])
+            batch = {key: value.to(model.device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+            # The model's loss is the mean over the batch's supervised tokens, which are the labels after the first.
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += model(**batch).loss.item() * count
+            tokens += count
+    model.train(was_training)
+    if not tokens:
+        return None
+    logger.info("loss on the replies of %d example(s): %.3f", len(samples), total / tokens)
+    return total / tokens
+
+
 def evaluate_against_base(
     config: RunConfig,
     adapter: str | None = None,
@@ -277,7 +317,9 @@ def evaluate_against_base(
         generator = Generator(
             loaded, settings, data_settings.thinking, data_settings.min_pixels, data_settings.max_pixels
         )
-        return run_evaluation(generator, prompts, label, evaluation.style_patterns, evaluation.max_new_tokens, references)
+        run = run_evaluation(generator, prompts, label, evaluation.style_patterns, evaluation.max_new_tokens, references)
+        run.loss = reply_loss(loaded, conversations, data_settings)
+        return run
 
     base = load_model(config.model)
     runs = [score(base, "base")]
