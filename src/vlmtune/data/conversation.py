@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Union
 
 if TYPE_CHECKING:
@@ -30,6 +31,13 @@ class ImagePart:
     source: str
     decoded: Image.Image | None = field(default=None, compare=False, repr=False)
     """The image already opened from `source` (RGB), which encoding then uses in place of opening it again."""
+
+
+def image_path(source: str) -> Path | None:
+    """Return the local file an image source names (a path or file:// URL), or None for an http(s) or data: URL."""
+    if source.startswith(("http://", "https://", "data:")):
+        return None
+    return Path(source.removeprefix("file://")).expanduser()
 
 
 ContentPart = Union[TextPart, ImagePart]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
-from vlmtune.data.conversation import ContentPart, ImagePart, TextPart
+from vlmtune.data.conversation import ContentPart, ImagePart, TextPart, image_path
 from vlmtune.data.records import Record
 from vlmtune.errors import DataError
 
@@ -89,7 +88,7 @@ def image_source(record: Record, value: Any, field: str) -> str:
         raise DataError(f"{record.location}: field '{record.field_name(field)}' must be an image path or URL, got {value!r:.60}", "wrong type")
     if _REMOTE.match(value):
         return value
-    path = Path(value.removeprefix("file://")).expanduser()
+    path = image_path(value)
     if not path.is_absolute():
         path = record.path.parent / path
     if not path.is_file():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from vlmtune.data.conversation import Conversation
+from vlmtune.data.conversation import Conversation, image_path
 from vlmtune.errors import DataError
 
 
@@ -45,16 +45,21 @@ def check_roles(conversation: Conversation, reply_required: bool = True) -> None
         )
 
 
+def check_image_file(path: Path, prefix: str) -> None:
+    """Raise DataError, its message starting with `prefix`, when `path` is a folder or no file."""
+    if path.is_dir():
+        raise DataError(f"{prefix}image path {path} is a folder; name an image file in it", "missing image")
+    if not path.is_file():
+        raise DataError(f"{prefix}image not found: {path}", "missing image")
+
+
 def check_local_images(conversation: Conversation) -> None:
     """Open every local image once, so a missing or corrupt file is caught before training."""
     for image in conversation.images:
-        if image.source.startswith(("http://", "https://", "data:")):
+        path = image_path(image.source)
+        if path is None:
             continue
-        path = Path(image.source)
-        if path.is_dir():
-            raise DataError(f"{conversation.source}: image path {path} is a folder; name an image file in it", "missing image")
-        if not path.is_file():
-            raise DataError(f"{conversation.source}: image not found: {path}", "missing image")
+        check_image_file(path, f"{conversation.source}: ")
         try:
             with Image.open(path) as opened:
                 opened.verify()

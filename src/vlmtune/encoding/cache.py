@@ -31,7 +31,7 @@ from filelock import FileLock, Timeout
 
 from vlmtune import __version__
 from vlmtune.config import DataSettings
-from vlmtune.data.conversation import Conversation
+from vlmtune.data.conversation import Conversation, image_path
 from vlmtune.encoding.encode import (
     ENCODE_BATCH_SIZE,
     ConversationEncoder,
@@ -41,7 +41,6 @@ from vlmtune.encoding.encode import (
     add_outcome,
     encode_with_policy,
 )
-from vlmtune.encoding.images import image_path
 from vlmtune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)

@@ -8,12 +8,12 @@ import io
 import logging
 import urllib.request
 import warnings
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from vlmtune.data.conversation import ImagePart
+from vlmtune.data.conversation import ImagePart, image_path
+from vlmtune.data.validate import check_image_file
 from vlmtune.errors import DataError
 from vlmtune.notices import log_once
 
@@ -54,13 +54,6 @@ def apply_image_limits(processor: Any, min_pixels: int | None, max_pixels: int |
     return size["shortest_edge"], size["longest_edge"]
 
 
-def image_path(source: str) -> Path | None:
-    """Return the local file an image source names (a path or file:// URL), or None for an http(s) or data: URL."""
-    if source.startswith(("http://", "https://", "data:")):
-        return None
-    return Path(source.removeprefix("file://")).expanduser()
-
-
 def load_image(source: str, where: str = "") -> Image.Image:
     """Open a local path, file:// path, http(s) URL or data: URL as an RGB image."""
     prefix = f"{where}: " if where else ""
@@ -97,10 +90,7 @@ def _open_image(source: str, prefix: str) -> Image.Image:
         image = Image.open(io.BytesIO(_data_url_bytes(source, prefix)))
     else:
         path = image_path(source)
-        if path.is_dir():
-            raise DataError(f"{prefix}image path {path} is a folder; name an image file in it", "missing image")
-        if not path.is_file():
-            raise DataError(f"{prefix}image not found: {path}", "missing image")
+        check_image_file(path, prefix)
         image = Image.open(path)
     image.load()
     return image
