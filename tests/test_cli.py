@@ -505,8 +505,7 @@ def test_terminal_ctrl_c_with_dataloader_workers(config_file, tmp_path):
     output_dir = tmp_path / "stopped"
     command = [VLMTUNE, "train", str(config_file), f"train.output_dir={output_dir}", "train.max_steps=500",
                "train.save_steps=1000", "train.dataloader_num_workers=2", "evaluation.generate=false"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    process = start_offline(command, start_new_session=True)
     wait_for_event(process, output_dir / "progress.jsonl", "log")
     os.killpg(process.pid, signal.SIGINT)
     stdout, stderr = process.communicate(timeout=300)
@@ -523,8 +522,7 @@ def test_sigint_stops_sample_generation(config_file, tmp_path):
     # The base model's random weights fill 3000 tokens per sample reply: a sample pass of minutes.
     command = [VLMTUNE, "train", str(config_file), f"train.output_dir={output_dir}", "train.max_steps=50",
                "train.eval_steps=1", "evaluation.max_new_tokens=3000", "evaluation.prompts=[讲个故事, 再讲一个]"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process = start_offline(command)
     wait_for_event(process, output_dir / "progress.jsonl", "train_begin")
     time.sleep(1)  # into the base model's sample pass
     process.send_signal(signal.SIGINT)
@@ -537,6 +535,12 @@ def test_sigint_stops_sample_generation(config_file, tmp_path):
     assert "stop rate" not in stderr
     assert (output_dir / "adapter_model.safetensors").is_file()
     assert not (output_dir / "samples_base.json").exists(), "a stopped sample pass was kept as the base model's replies"
+
+
+def start_offline(command: list[str], **options) -> subprocess.Popen:
+    """Start a command with HF_HUB_OFFLINE=1 and its output captured as text."""
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, **options)
 
 
 def wait_for_event(process: subprocess.Popen, progress: Path, event: str, timeout: float = 300) -> None:

@@ -185,7 +185,7 @@ class LoraRecipe:
         self._build_sample_prompts(encoder)
         self.report = encode_dataset(encoder, conversations, config.data, name="training")
         if self.resume:
-            self._warn_changed_encoding()
+            self.folder.warn_changed_encoding(self.report.key)
         if not self.report.samples:
             raise DataError(
                 f"no sample is left to train on: all {len(conversations)} examples were dropped. "
@@ -538,19 +538,6 @@ class LoraRecipe:
         (self.output_dir / MODEL_CARD).write_text(model_card(self.output_dir), encoding="utf-8")
         logger.info("saved the adapter and run manifest to %s", self.output_dir)
         return self.output_dir
-
-    def _warn_changed_encoding(self) -> None:
-        """Warn when the training data encodes differently from the run's last save, which data file hashes alone miss."""
-        manifest_path = self.output_dir / "run_manifest.json"
-        if not manifest_path.is_file():
-            return
-        recorded = json.loads(manifest_path.read_text(encoding="utf-8")).get("encoding_key")
-        if recorded is not None and recorded != self.report.key:
-            logger.warning(
-                "--resume: the training data encodes differently from when the run last saved: its data files, the "
-                "image files they name, the tokenizer, the chat template, the encoding settings or vlmtune's encoding "
-                "code changed. The resumed steps train on the new encoding"
-            )
 
     def _write_manifest(self) -> None:
         manifest = {

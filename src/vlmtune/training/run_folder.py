@@ -154,17 +154,35 @@ class RunFolder:
                 "train.max_steps to train it further, or choose another train.output_dir for a new run"
             )
 
+    def _saved_manifest(self) -> dict[str, Any]:
+        """Return the run manifest written at the run's last save, or an empty one before any save."""
+        manifest_path = self.path / "run_manifest.json"
+        return json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+
     def _warn_changed_data(self) -> None:
         """Warn about data files whose contents differ from those the run's manifest recorded (at its last save)."""
-        manifest_path = self.path / "run_manifest.json"
-        if not manifest_path.is_file():
+        recorded = {entry["path"]: entry["sha256"] for entry in self._saved_manifest().get("datasets", [])}
+        if not recorded:
             return
-        recorded = {entry["path"]: entry["sha256"] for entry in json.loads(manifest_path.read_text(encoding="utf-8")).get("datasets", [])}
         changed = [entry["path"] for entry in dataset_hashes(self.config) if recorded.get(entry["path"], entry["sha256"]) != entry["sha256"]]
         if changed:
             logger.warning(
                 "--resume: data file(s) changed since the run last saved (%s); the resumed epochs read the new contents",
                 ", ".join(changed),
+            )
+
+    def warn_changed_encoding(self, key: str | None) -> None:
+        """Warn when the training data's encoding key differs from the one of the run's last save.
+
+        The key (see encoding.cache.encoding_key) also covers the image files and the tokenizer,
+        which the data file hashes miss.
+        """
+        recorded = self._saved_manifest().get("encoding_key")
+        if recorded is not None and recorded != key:
+            logger.warning(
+                "--resume: the training data encodes differently from when the run last saved: its data files, the "
+                "image files they name, the tokenizer, the chat template, the encoding settings or vlmtune's encoding "
+                "code changed. The resumed steps train on the new encoding"
             )
 
     def check_steps_left(self, checkpoint: Path, total_steps: int) -> None:
