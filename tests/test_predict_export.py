@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from vlmtune.inference.cli_chat import system_prompt_for, trained_data_settings
 from vlmtune.inference.export import (
     MERGED_CONFIG_NAME,
     MERGED_MANIFEST_NAME,
+    MAX_SHARE_OF_CHANGE,
     export_adapter_only,
     export_merged,
     tensor_names,
@@ -204,6 +206,7 @@ def test_export_round_trip(adapter_dir, tiny_model_dir, tmp_path):
     check = export_merged(str(adapter_dir), str(output), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
     assert check.ok
     assert check.max_logit_difference < 1e-3
+    assert check.share_of_change < 1e-3
     base_files = {path.name for path in tiny_model_dir.iterdir()}
     assert {path.name for path in output.iterdir()} == base_files | {MERGED_CONFIG_NAME, MERGED_MANIFEST_NAME}
     assert tensor_names(output) == tensor_names(tiny_model_dir)
@@ -297,19 +300,47 @@ def test_failed_export_leaves_no_folder(adapter_dir, tiny_model_dir, tmp_path, m
     assert not output.exists()
 
 
-def test_bfloat16_export_check_keeps_folder(adapter_dir, tiny_model_dir, tmp_path):
-    # The tiny model's large random logits (initializer range 0.2) show bfloat16 rounding well past the tolerance.
+def _scaled_adapter(adapter_dir: Path, folder: Path, factor: float) -> Path:
+    """Copy an adapter with its lora_B weights times `factor`: the same directions, a smaller update."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter_dir, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    weights = load_file(folder / "adapter_model.safetensors")
+    save_file({name: tensor * factor if "lora_B" in name else tensor for name, tensor in weights.items()}, folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_bfloat16_export_passes_on_the_adapters_change(adapter_dir, tiny_model_dir, tmp_path):
+    # The tiny model's large random logits (initializer range 0.2) move by more than the absolute
+    # bfloat16 tolerance when the merged weights are rounded, but by a small share of what the adapter changes.
+    check = export_merged(str(adapter_dir), str(tmp_path / "merged"), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"), dtype="bfloat16")
+    assert check.ok
+    assert check.max_logit_difference > check.tolerance
+    assert 0 < check.share_of_change <= MAX_SHARE_OF_CHANGE
+
+
+def test_bfloat16_export_of_a_small_update_fails_and_keeps_folder(adapter_dir, tiny_model_dir, tmp_path):
+    # A hundredth of the trained update is mostly below bfloat16's rounding step, so the merge loses it.
+    weak = _scaled_adapter(adapter_dir, tmp_path / "weak", 0.01)
     output = tmp_path / "merged"
     with pytest.raises(ModelError) as caught:
-        export_merged(str(adapter_dir), str(output), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"), dtype="bfloat16")
+        export_merged(str(weak), str(output), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"), dtype="bfloat16")
     message = str(caught.value)
-    assert f"the export in {output} failed its check: logit difference" in message
+    assert f"the export in {output} failed its check: reloaded logits differ from base + adapter by at most" in message
+    share = float(re.search(r"(\d+\.\d+)% of the adapter's change to them", message).group(1))
+    assert share > 100 * MAX_SHARE_OF_CHANGE
     assert f"The merged model was written to {output} in full and kept there" in message
     assert "The merge ran in bfloat16" in message
-    assert "export again with --dtype float32" in message
+    assert "export again with --dtype float32" in message.lower()
     assert "delete that folder first or pass a new --output" in message
     assert (output / "model.safetensors").is_file()
     assert (output / "config.json").is_file()
+
+    # The same update merged in float32 keeps the adapter's change.
+    check = export_merged(str(weak), str(tmp_path / "merged32"), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"), dtype="float32")
+    assert check.ok and check.share_of_change < 1e-3
 
 
 def test_adapter_only_export_with_card(adapter_dir, tmp_path):

@@ -432,11 +432,7 @@ def export(
     if base is None:
         raise VlmtuneError("--model is required: the adapter records no base model")
     check = export_merged(adapter, str(output), ModelSettings(name_or_path=base, hub=hub, device="cpu"), max_shard_size, dtype)
-    console.print(
-        f"merged model written to {output}; reloaded logits differ from base + adapter by at most "
-        f"{check.max_logit_difference:.1e} (allowed {check.tolerance:.0e})",
-        soft_wrap=True,
-    )
+    console.print(f"merged model written to {output}; {check.describe()}", soft_wrap=True)
 
 
 @app.command()
