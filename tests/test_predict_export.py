@@ -312,7 +312,7 @@ def _scaled_adapter(adapter_dir: Path, folder: Path, factor: float) -> Path:
     return folder
 
 
-def test_bfloat16_export_passes_on_the_adapters_change(adapter_dir, tiny_model_dir, tmp_path):
+def test_bfloat16_export_trained_adapter_passes(adapter_dir, tiny_model_dir, tmp_path):
     # The tiny model's large random logits (initializer range 0.2) move by more than the absolute
     # bfloat16 tolerance when the merged weights are rounded, but by a small share of what the adapter changes.
     check = export_merged(str(adapter_dir), str(tmp_path / "merged"), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"), dtype="bfloat16")
@@ -321,7 +321,7 @@ def test_bfloat16_export_passes_on_the_adapters_change(adapter_dir, tiny_model_d
     assert 0 < check.share_of_change <= MAX_SHARE_OF_CHANGE
 
 
-def test_bfloat16_export_of_a_small_update_fails_and_keeps_folder(adapter_dir, tiny_model_dir, tmp_path):
+def test_bfloat16_export_small_update_fails(adapter_dir, tiny_model_dir, tmp_path):
     # A hundredth of the trained update is mostly below bfloat16's rounding step, so the merge loses it.
     weak = _scaled_adapter(adapter_dir, tmp_path / "weak", 0.01)
     output = tmp_path / "merged"
