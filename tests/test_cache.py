@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow
 import pyarrow.ipc
 import pytest
@@ -41,11 +42,16 @@ def with_decoded_images(conversation: Conversation) -> Conversation:
     return Conversation(messages, source=conversation.source)
 
 
+def ids(values) -> list[int] | None:
+    """A sample's token sequence as a list: encoding makes lists, the encoded table NumPy arrays."""
+    return None if values is None else [int(value) for value in values]
+
+
 def assert_same_samples(left, right):
     assert len(left) == len(right)
     for a, b in zip(left, right):
-        assert (a.input_ids, a.labels, a.reply_starts, a.source) == (b.input_ids, b.labels, b.reply_starts, b.source)
-        assert a.mm_token_type_ids == b.mm_token_type_ids
+        assert (ids(a.input_ids), ids(a.labels), a.reply_starts, a.source) == (ids(b.input_ids), ids(b.labels), b.reply_starts, b.source)
+        assert ids(a.mm_token_type_ids) == ids(b.mm_token_type_ids)
         assert a.image_sources == b.image_sources
         assert (a.pixel_values is None) == (b.pixel_values is None)
         if a.pixel_values is not None:
@@ -65,6 +71,11 @@ def test_cache_matches_direct_then_hits(
     assert "cache hit" not in caplog.text
     assert "no cached encoding of these inputs" in caplog.text
     assert_same_samples(direct.samples, first.samples)
+    # Token sequences are views of the table's int32 buffers, not lists of Python ints (about 40 bytes a token).
+    tokens = first.samples[0].input_ids
+    assert isinstance(tokens, np.ndarray)
+    assert tokens.dtype == np.int32
+    assert tokens.base is not None
     assert first.dropped == direct.dropped
     assert first.lengths == direct.lengths
     assert any(sample.image_sources for sample in first.samples)

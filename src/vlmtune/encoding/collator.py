@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from vlmtune.encoding.encode import IGNORE_INDEX, EncodedSample
+
+
+def _long_tensor(values: Sequence[int]) -> torch.Tensor:
+    """Copy a list or a (read-only) NumPy array of ids into a new int64 tensor."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -139,21 +146,25 @@ class ChatCollator:
     def _padding_free(self, samples: list[EncodedSample]) -> dict[str, Any]:
         labels = []
         for sample in samples:
+            sample_labels = _long_tensor(sample.labels)
             # The first token would otherwise be a target of the previous sample's last token.
-            labels += [IGNORE_INDEX, *sample.labels[1:]]
+            sample_labels[0] = IGNORE_INDEX
+            labels.append(sample_labels)
         positions = torch.cat(
             [self.positions(sample.input_ids, sample.mm_token_type_ids, sample.image_grid_thw) for sample in samples],
             dim=-1,
         )
         batch: dict[str, Any] = {
-            "input_ids": torch.tensor([[token for sample in samples for token in sample.input_ids]]),
-            "labels": torch.tensor([labels]),
+            "input_ids": torch.cat([_long_tensor(sample.input_ids) for sample in samples]).unsqueeze(0),
+            "labels": torch.cat(labels).unsqueeze(0),
             "position_ids": positions.unsqueeze(1) if positions.shape[0] > 1 else positions,
         }
         if any(sample.mm_token_type_ids is not None for sample in samples):
-            batch["mm_token_type_ids"] = torch.tensor(
-                [[kind for sample in samples for kind in (sample.mm_token_type_ids or [0] * len(sample))]]
-            )
+            token_types = [
+                _long_tensor(sample.mm_token_type_ids) if sample.mm_token_type_ids is not None else torch.zeros(len(sample), dtype=torch.long)
+                for sample in samples
+            ]
+            batch["mm_token_type_ids"] = torch.cat(token_types).unsqueeze(0)
         return batch
 
     def _padded(self, samples: list[EncodedSample]) -> dict[str, Any]:
@@ -164,8 +175,8 @@ class ChatCollator:
         attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)
         for row, sample in enumerate(samples):
             length = len(sample)
-            input_ids[row, :length] = torch.tensor(sample.input_ids)
-            labels[row, :length] = torch.tensor(sample.labels)
+            input_ids[row, :length] = _long_tensor(sample.input_ids)
+            labels[row, :length] = _long_tensor(sample.labels)
             attention_mask[row, :length] = 1
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
         if self.padding_mask:
@@ -175,6 +186,6 @@ class ChatCollator:
             token_types = torch.zeros((batch_size, longest), dtype=torch.long)
             for row, sample in enumerate(samples):
                 if sample.mm_token_type_ids is not None:
-                    token_types[row, : len(sample)] = torch.tensor(sample.mm_token_type_ids)
+                    token_types[row, : len(sample)] = _long_tensor(sample.mm_token_type_ids)
             batch["mm_token_type_ids"] = token_types
         return batch

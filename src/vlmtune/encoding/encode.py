@@ -17,9 +17,11 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jinja2
+import numpy as np
 import torch
 from PIL import Image
 
@@ -41,14 +43,18 @@ ENCODE_BATCH_SIZE = 64
 
 @dataclass
 class EncodedSample:
-    """Token ids, labels and vision tensors for one conversation."""
+    """Token ids, labels and vision tensors for one conversation.
 
-    input_ids: list[int]
-    labels: list[int]
+    The token sequences are lists when encoded and read-only NumPy arrays when read from the encoded
+    table (`encoding.cache.encode_dataset`), so code that reads them accepts both.
+    """
+
+    input_ids: Sequence[int]
+    labels: Sequence[int]
     reply_starts: list[int]
     """Index of the first token of each assistant reply; ids before it are that turn's prompt."""
     source: str = ""
-    mm_token_type_ids: list[int] | None = None
+    mm_token_type_ids: Sequence[int] | None = None
     pixel_values: torch.Tensor | None = None
     """The image processor's output, kept only for images given by http(s) URL or already decoded."""
     image_grid_thw: torch.Tensor | None = None
@@ -65,7 +71,7 @@ class EncodedSample:
 
     @property
     def supervised_count(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return int(np.count_nonzero(np.asarray(self.labels) != IGNORE_INDEX))
 
 
 class ConversationEncoder:

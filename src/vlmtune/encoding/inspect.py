@@ -44,7 +44,7 @@ def check_sample(encoder: ConversationEncoder, conversation: Conversation, sampl
     prompt_matches = True
     for turn, (message_index, reply_start) in enumerate(zip(assistant_messages, sample.reply_starts)):
         expected = inference_prompt_ids(encoder, conversation, message_index)
-        if sample.input_ids[:reply_start] != expected:
+        if [int(token) for token in sample.input_ids[:reply_start]] != expected:
             prompt_matches = False
             problems.append(f"turn {turn + 1}: the training prompt differs from apply_chat_template's prompt")
 

@@ -10,8 +10,10 @@ model's own `get_rope_index`, computed for each sample alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -27,8 +29,8 @@ class PackedPositions:
 
     def __call__(
         self,
-        input_ids: list[int],
-        mm_token_type_ids: list[int] | None = None,
+        input_ids: Sequence[int],
+        mm_token_type_ids: Sequence[int] | None = None,
         image_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
         length = len(input_ids)
@@ -38,8 +40,8 @@ class PackedPositions:
         token_types = mm_token_type_ids if mm_token_type_ids is not None else [0] * length
         with torch.no_grad():
             rope_positions, _ = self.rope_module.get_rope_index(
-                torch.tensor([input_ids], dtype=torch.long),
-                mm_token_type_ids=torch.tensor([token_types], dtype=torch.long),
+                torch.from_numpy(np.array(input_ids, dtype=np.int64)).unsqueeze(0),
+                mm_token_type_ids=torch.from_numpy(np.array(token_types, dtype=np.int64)).unsqueeze(0),
                 image_grid_thw=image_grid_thw,
                 attention_mask=torch.ones((1, length), dtype=torch.long),
             )
