@@ -19,23 +19,17 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common import add_common_arguments, anonymous_mib, run_variants, tiny_model, write_results  # this script's folder is on sys.path when it runs
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_DIR = REPO_ROOT / "outputs" / "benchmarks"
 VARIANTS = {"pixels": "pixel values kept (decoded images)", "sources": "sources kept (image files, vlmtune)"}
-
-
-def anonymous_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def write_photos(folder: Path, count: int, size: tuple[int, int]) -> Path:
@@ -145,15 +139,11 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="Model folder. Default: build the tiny GLM-4.1V offline.")
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--size", type=int, nargs=2, default=(640, 480), metavar=("WIDTH", "HEIGHT"))
     parser.add_argument("--max-pixels", type=int, default=1003520)
     parser.add_argument("--max-length", type=int, default=4096)
-    parser.add_argument("--out", default=str(OUTPUT_DIR), help="Results folder (benchmarks/results to record them).")
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
+    add_common_arguments(parser, OUTPUT_DIR)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.variant:
@@ -162,20 +152,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="vlmtune-images-") as workdir:
         if args.model is None:
-            from vlmtune.model.tiny import build_tiny_model
-
-            args.model = str(build_tiny_model(Path(workdir) / "tiny-glm4v", [REPO_ROOT / "data" / "persona_zh" / "train.json"], seed=0))
+            args.model = tiny_model(workdir, REPO_ROOT / "data" / "persona_zh" / "train.json")
         data = write_photos(Path(workdir), args.images, tuple(args.size))
-        rows = {}
-        for name in VARIANTS:
-            command = [sys.executable, __file__, "--variant", name, "--workdir", workdir, "--data", str(data),
-                       "--model", args.model, "--max-pixels", str(args.max_pixels), "--max-length", str(args.max_length)]
-            print(f"running {name} ...", flush=True)
-            finished = subprocess.run(command, capture_output=True, text=True)
-            if finished.returncode != 0:
-                sys.exit(f"{name} failed:\n{finished.stderr[-4000:]}")
-            rows[name] = json.loads(finished.stdout.strip().splitlines()[-1])
-            print(json.dumps(rows[name]), flush=True)
+        arguments = ["--workdir", workdir, "--data", str(data), "--model", args.model,
+                     "--max-pixels", str(args.max_pixels), "--max-length", str(args.max_length)]
+        rows = run_variants(__file__, VARIANTS, arguments)
 
     import torch
 
@@ -188,12 +169,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "image_data.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-    (out / "image_data.md").write_text(markdown(report), encoding="utf-8")
-    print(markdown(report))
-
+    write_results(args.out, "image_data", report, markdown(report))
 
 if __name__ == "__main__":
     main()
