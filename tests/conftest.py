@@ -94,3 +94,10 @@ def trained_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("adapter")
     rows = [{"instruction": f"第{i}个问题", "input": "", "output": "好的喵~"} for i in range(8)]
     return train_fixed_reply_adapter(tiny_model_dir, write_json(folder / "train.json", rows), folder / "out")
+
+
+def new_file_mode() -> int:
+    """The permission bits that open() gives a new file under this process's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask

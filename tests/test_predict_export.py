@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PERSONA_DATA, write_json
+from conftest import PERSONA_DATA, new_file_mode, write_json
 from vlmtune.config import DatasetSpec, GenerationSettings, ModelSettings
 from vlmtune.data.loading import load_dataset_file
 from vlmtune.errors import DataError, ModelError
@@ -210,6 +210,7 @@ def test_export_round_trip(adapter_dir, tiny_model_dir, tmp_path):
     base_files = {path.name for path in tiny_model_dir.iterdir()}
     assert {path.name for path in output.iterdir()} == base_files | {MERGED_CONFIG_NAME, MERGED_MANIFEST_NAME}
     assert tensor_names(output) == tensor_names(tiny_model_dir)
+    assert (output / "model.safetensors").stat().st_mode & 0o777 == new_file_mode()
     # The training run's settings come along, so chat and serve on the merged model use them.
     trained = trained_data_settings(None, str(output))
     assert trained == trained_data_settings(str(adapter_dir))
@@ -346,6 +347,7 @@ def test_bfloat16_export_small_update_fails(adapter_dir, tiny_model_dir, tmp_pat
 def test_adapter_only_export_with_card(adapter_dir, tmp_path):
     output = export_adapter_only(str(adapter_dir), str(tmp_path / "adapter"))
     assert (output / "adapter_model.safetensors").is_file()
+    assert (output / "adapter_model.safetensors").stat().st_mode & 0o777 == new_file_mode()
     # The run's record comes along, so chat and serve send the copy the same system prompt.
     assert (output / "run_manifest.json").is_file()
     assert system_prompt_for(None, str(output)) == system_prompt_for(None, str(adapter_dir))

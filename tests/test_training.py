@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import Trainer
 
-from conftest import write_json
+from conftest import new_file_mode, write_json
 from vlmtune.config import GenerationSettings, ModelSettings, build_config
 from vlmtune.errors import ConfigError, ModelError
 from vlmtune.data import Conversation, Message, TextPart
@@ -207,6 +207,15 @@ def test_rerun_into_used_folder_needs_a_choice(run, tiny_model_dir):
         LoraRecipe(build_config(tree)).setup()
     with pytest.raises(ConfigError, match=r"checkpoint-30 is already at step 30, and train.max_steps is 30"):
         LoraRecipe(build_config(tree), resume=True).setup()
+
+
+def test_saved_weights_get_umask_mode(run):
+    # safetensors creates its files with mode 0600; others, such as a server's account, must read the adapter.
+    output = run["recipe"].output_dir
+    weights = [output / "adapter_model.safetensors", *output.glob("checkpoint-*/adapter_model.safetensors")]
+    assert len(weights) == 3
+    for path in weights:
+        assert path.stat().st_mode & 0o777 == new_file_mode(), path
 
 
 def _two_step_run(tiny_model_dir, data_path, output_dir) -> tuple[dict, LoraRecipe]:

@@ -7,6 +7,7 @@ importing the training code.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -76,3 +77,28 @@ def earlier_run_files(output_dir: str | Path) -> list[Path]:
     if not checkpoints and not trained:
         return []
     return checkpoints + [folder / name for name in RUN_OUTPUTS if (folder / name).exists()]
+
+
+def _umask() -> int:
+    """Return the process's umask, from /proc on Linux, else by setting and restoring it."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_weight_files(folder: str | Path) -> None:
+    """Give the safetensors files in `folder` the mode that a new file gets under the umask (0644 under 022).
+
+    safetensors 0.8 writes through a temporary file that has mode 0600 and renames it into place. Saved
+    weights were therefore readable by their owner only, unlike the JSON files beside them, and another
+    account, such as a vLLM server's, could not load them.
+    """
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).glob("*.safetensors"):
+        if path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)

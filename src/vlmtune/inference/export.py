@@ -30,7 +30,7 @@ from vlmtune.data.conversation import Conversation, Message, TextPart
 from vlmtune.errors import ModelError
 from vlmtune.model.hub import resolve_model_path
 from vlmtune.model.loading import LoadedModel, load_adapter, load_model
-from vlmtune.outputs import CHECKPOINT_NAME
+from vlmtune.outputs import CHECKPOINT_NAME, share_weight_files
 
 MERGED_CONFIG_NAME = "vlmtune_config.yaml"
 """The adapter's training config, kept in a merged model folder under this name."""
@@ -217,6 +217,7 @@ def training_config_path(adapter_dir: str | Path) -> Path | None:
 
 def _save_merged(merged, base_path: Path, adapter_dir: Path, output: Path, max_shard_size: str) -> None:
     merged.save_pretrained(str(output), max_shard_size=max_shard_size, safe_serialization=True)
+    share_weight_files(output)
     for path in base_path.iterdir():
         if path.is_file() and not _is_weight_file(path) and not (output / path.name).exists():
             shutil.copy2(path, output / path.name)
@@ -239,6 +240,7 @@ def export_adapter_only(adapter_dir: str, output_dir: str) -> Path:
     for name in (*ADAPTER_FILES, "eval_report.md", "loss.png"):
         if (source / name).is_file():
             shutil.copy2(source / name, output / name)
+    share_weight_files(output)  # copy2 copies a mode of 0600 too
     _copy_run_record(source, output, "config.yaml", "run_manifest.json")
     (output / "README.md").write_text(model_card(source), encoding="utf-8")
     return output

@@ -28,7 +28,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from vlmtune.outputs import PROGRESS_FILE
+from vlmtune.outputs import PROGRESS_FILE, share_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,14 @@ class ProgressFileCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.write("train_end", state)
+
+
+class ShareWeightFilesCallback(TrainerCallback):
+    """Callback that gives each checkpoint's weight files the mode that the umask gives new files (`outputs.share_weight_files`)."""
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            share_weight_files(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 class StopOnSignalCallback(TrainerCallback):

@@ -57,13 +57,14 @@ from vlmtune.model.loading import (
 )
 from vlmtune.model.lora import INIT_WEIGHTS, apply_lora, count_parameters, load_initial_weights
 from vlmtune.model.packing import PackedPositions
-from vlmtune.outputs import BASE_SAMPLES, MODEL_CARD
+from vlmtune.outputs import BASE_SAMPLES, MODEL_CARD, share_weight_files
 from vlmtune.training.batch_checks import BATCH_TOLERANCE, padding_free_difference, padding_mask_difference
 from vlmtune.training.loss import token_mean_loss
 from vlmtune.training.progress import (
     MetricsLogCallback,
     ProgressFileCallback,
     QuietProgressCallback,
+    ShareWeightFilesCallback,
     StopOnSignalCallback,
 )
 from vlmtune.training.run_folder import RunFolder, dataset_hashes
@@ -405,7 +406,9 @@ class LoraRecipe:
         # it. They go in before the sample generations, so a stop during the baseline samples is handled.
         progress = ProgressFileCallback(self.output_dir)
         self.stop_on_signal = StopOnSignalCallback(progress)
-        callbacks = [CurrentIntervalsCallback(), MetricsLogCallback(), progress, *self.tracking.callbacks, self.stop_on_signal]
+        callbacks = [
+            CurrentIntervalsCallback(), MetricsLogCallback(), progress, ShareWeightFilesCallback(), *self.tracking.callbacks, self.stop_on_signal,
+        ]
         self.sampling = self._sample_generation_callback()
         if self.sampling is not None:
             callbacks.append(self.sampling)
@@ -531,6 +534,7 @@ class LoraRecipe:
                 str(self.output_dir), path_initial_model_for_weight_conversion=str(self._initial_adapter_dir)
             )
             logger.info("converted the %s adapter so it loads on the unchanged base model", self.config.lora.init)
+        share_weight_files(self.output_dir)
         self.loaded.processor.save_pretrained(str(self.output_dir))
         save_config(self.config, self.output_dir / "config.yaml")
         self._write_manifest()
