@@ -176,6 +176,11 @@ def test_predict_reads_prompts_without_replies(adapter_dir, tmp_path):
     assert [row["prompt"] for row in rows] == ["你是谁？", "你好", "再说一遍"]
     assert [row["reference"] for row in rows] == [None, None, None]
     assert "the data has no replies, so the answers are not scored" in result.stdout
+    # The trained reply with its think and answer tags needs more than 4 tokens, so some replies are cut off.
+    cut_off = [row["finish_reason"] for row in rows].count("length")
+    assert cut_off >= 1
+    assert f"warning: {cut_off} of the 3 replies in {output} are cut off" in result.stderr
+    assert "--max-new-tokens above 4" in result.stderr
     assert not (tmp_path / "p.scores.json").exists()
     assert rows[2]["history"] == [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是小橘"}]
     assert rows[0]["history"] == []

@@ -345,7 +345,7 @@ def predict(
     from vlmtune.config import DatasetSpec
     from vlmtune.data.loading import SkipReport, load_dataset_file
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
-    from vlmtune.inference.predict import pending_examples, producer_labels
+    from vlmtune.inference.predict import cut_off_count, pending_examples, producer_labels
     from vlmtune.inference.predict import predict as run_predict
     from vlmtune.model.loading import adapter_base_model, check_adapter_folder
 
@@ -390,6 +390,15 @@ def predict(
     finally:
         signal.signal(signal.SIGTERM, previous)
     console.print(f"wrote {written} prediction(s) to {output}", soft_wrap=True)
+    cut_off, rows = cut_off_count(output)
+    if cut_off:
+        error_console.print(
+            f'warning: {cut_off} of the {rows} replies in {output} are cut off: they reached the token limit without a stop '
+            f'token (finish_reason "length"). To let them finish, predict into a new --output with a --max-new-tokens '
+            f"above {max_new_tokens}",
+            soft_wrap=True,
+            markup=False,
+        )
     _print_scores(output)
 
 

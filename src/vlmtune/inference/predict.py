@@ -71,6 +71,12 @@ def score_predictions(output_path: Path) -> tuple[dict, Path] | None:
     return scores, path
 
 
+def cut_off_count(output_path: Path) -> tuple[int, int]:
+    """Return how many rows of the output file end without a stop token (finish_reason "length"), and how many rows it has."""
+    rows = [row for _, row in finished_rows(output_path, log=False).values()]
+    return sum(not row.get("stopped", True) for row in rows), len(rows)
+
+
 def end_last_line(output_path: Path) -> None:
     """Make the output file end with a newline, so the next row starts a line of its own.
 
