@@ -93,8 +93,11 @@ def test_eval_command_compares_base_and_adapter(sampled_run, tiny_model_dir, tmp
     assert report[1]["metrics"]["stop_rate"] > report[0]["metrics"]["stop_rate"]
     # The adapter was trained on these replies, so their loss is lower with it.
     assert report[1]["loss"] < report[0]["loss"]
-    assert "loss on the data's replies" in result.stdout
-    assert "Loss: mean cross-entropy per supervised token" in (tmp_path / "report" / "eval_report.md").read_text(encoding="utf-8")
+    assert "loss on the replies" in result.stdout
+    assert report[0]["loss_data"] == "the training data"  # the config holds no validation data
+    markdown = (tmp_path / "report" / "eval_report.md").read_text(encoding="utf-8")
+    assert "| loss on the replies of the training data |" in markdown
+    assert "Loss: mean cross-entropy per supervised token" in markdown
 
 
 def test_reply_loss_weights_tokens_and_skips_prompts(loaded):

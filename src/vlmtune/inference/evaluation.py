@@ -42,6 +42,8 @@ class EvalRun:
     samples: list[dict]
     loss: float | None = None
     """Mean loss per supervised token on the evaluated data's replies (`vlmtune eval`), or None."""
+    loss_data: str | None = None
+    """The data that the loss was measured on: the file given with --data, or the validation or training data."""
 
 
 def build_prompts(
@@ -134,7 +136,8 @@ def _metric_rows(runs: list[EvalRun]) -> list[list[str]]:
     for pattern in runs[0].metrics.style:
         rows.append([f"style {pattern}", *(f"{run.metrics.style.get(pattern, 0):.2f}" for run in runs)])
     if any(run.loss is not None for run in runs):
-        rows.append(["loss on the data's replies", *("-" if run.loss is None else f"{run.loss:.3f}" for run in runs)])
+        data = next((run.loss_data for run in runs if run.loss_data), "the data")
+        rows.append([f"loss on the replies of {data}", *("-" if run.loss is None else f"{run.loss:.3f}" for run in runs)])
     return rows
 
 
@@ -183,7 +186,10 @@ def write_report(runs: list[EvalRun], folder: str | Path) -> tuple[Path, Path]:
     output.mkdir(parents=True, exist_ok=True)
     json_path = output / f"{REPORT_NAME}.json"
     payload = [
-        {"label": run.label, "step": run.step, "metrics": asdict(run.metrics), "loss": run.loss, "samples": run.samples}
+        {
+            "label": run.label, "step": run.step, "metrics": asdict(run.metrics), "loss": run.loss, "loss_data": run.loss_data,
+            "samples": run.samples,
+        }
         for run in runs
     ]
     json_path.write_text(json.dumps(payload, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -254,8 +260,13 @@ def _training_run_of(merged_dir: Path) -> Path | None:
     return Path(output_dir)
 
 
-def reply_loss(loaded: LoadedModel, conversations: list[Conversation], data: DataSettings, batch_size: int = 4) -> float | None:
-    """Return the mean loss per supervised token on the replies of the conversations that end with one, or None."""
+def reply_loss(
+    loaded: LoadedModel, conversations: list[Conversation], data: DataSettings, batch_size: int = 4, name: str = "the data"
+) -> float | None:
+    """Return the mean loss per supervised token on the replies of the conversations that end with one, or None.
+
+    `name` names the data in the log line.
+    """
     with_replies = [conversation for conversation in conversations if conversation.messages[-1].role == "assistant"]
     if not with_replies:
         return None
@@ -278,7 +289,7 @@ def reply_loss(loaded: LoadedModel, conversations: list[Conversation], data: Dat
     model.train(was_training)
     if not tokens:
         return None
-    logger.info("loss on the replies of %d example(s): %.3f", len(samples), total / tokens)
+    logger.info("loss on the replies of %d example(s) of %s: %.3f", len(samples), name, total / tokens)
     return total / tokens
 
 
@@ -301,9 +312,11 @@ def evaluate_against_base(
             DatasetSpec(path=data_path), config.data.system_prompt, config.data.on_invalid, prompts_only=True,
             skip_hint="add data.on_invalid=skip to the command",
         )
+        loss_data = data_path
     else:
         data = load_data(config.data)
         conversations = data.validation or data.train
+        loss_data = "the validation data" if data.validation else "the training data"
     evaluation = config.evaluation
     limit = count if count is not None else evaluation.num_data_prompts
     prompts, references = build_prompts(conversations, limit, evaluation.prompts, config.data.system_prompt)
@@ -318,7 +331,8 @@ def evaluate_against_base(
             loaded, settings, data_settings.thinking, data_settings.min_pixels, data_settings.max_pixels
         )
         run = run_evaluation(generator, prompts, label, evaluation.style_patterns, evaluation.max_new_tokens, references)
-        run.loss = reply_loss(loaded, conversations, data_settings)
+        run.loss = reply_loss(loaded, conversations, data_settings, name=loss_data)
+        run.loss_data = loss_data
         return run
 
     base = load_model(config.model)
