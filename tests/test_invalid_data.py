@@ -76,6 +76,16 @@ CASES = {
         ", record 1 (line 1): field 'messages[1].content' is missing; give the message's text as a string or a list "
         "of content parts, or remove the message" + SKIP_HINT,
     ),
+    "csv_extra_field.csv": (
+        "malformed CSV",
+        ', line 2: the row has 3 fields but the header has 2 (instruction, output); put double quotes around a field '
+        'that contains a comma ("a, b")' + SKIP_HINT,
+    ),
+    "csv_missing_field.csv": (
+        "malformed CSV",
+        ", line 3: the row has 1 field but the header has 2 (instruction, output); add the missing fields, empty "
+        "ones as two commas in a row" + SKIP_HINT,
+    ),
     "tool_turn.jsonl": (
         "unsupported role",
         ", record 1 (line 1): field 'conversations[1].from' is 'function_call'; tool turns are not supported yet, "

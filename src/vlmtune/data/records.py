@@ -166,8 +166,22 @@ def _iter_csv(path: Path, raw: bytes) -> Iterator[Record | ReadProblem]:
     index = 0
     start_line = 2
     for row in reader:
-        yield Record(dict(row), path, index, start_line)
-        index += 1
+        # DictReader puts the fields past the header's under the key None, and gives missing fields the value None.
+        extra = row.pop(None, [])
+        count = sum(value is not None for value in row.values()) + len(extra)
+        if count != len(row):
+            location = f"{path}, line {start_line}"
+            hint = (
+                'put double quotes around a field that contains a comma ("a, b")'
+                if extra
+                else "add the missing fields, empty ones as two commas in a row"
+            )
+            fields = f"{count} field{'' if count == 1 else 's'}"
+            message = f"{location}: the row has {fields} but the header has {len(row)} ({', '.join(row)}); {hint}"
+            yield ReadProblem(location, "malformed CSV", message)
+        else:
+            yield Record(row, path, index, start_line)
+            index += 1
         start_line = reader.line_num + 1
 
 
