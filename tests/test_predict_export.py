@@ -28,7 +28,7 @@ from vlmtune.inference.export import (
     tensor_names,
 )
 from vlmtune.inference.predict import example_id, predict
-from vlmtune.model.loading import load_adapter, load_model
+from vlmtune.model.loading import check_adapter_folder, load_adapter, load_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "layouts"
 FIELDS = {"id", "model", "adapter", "system", "history", "prompt", "images", "reference", "answer", "reasoning", "generated_tokens", "stopped", "finish_reason"}
@@ -485,3 +485,43 @@ def test_trained_system_prompt_from_examples(tmp_path, caplog, data, prompts, ex
     [line] = [line for line in model_card(adapter).splitlines() if line.startswith("- system prompt:")]
     assert line.startswith(f"- system prompt: {json.dumps(expected, ensure_ascii=False) if expected else 'none'}")
     assert ("training examples had" in line) == warned
+
+
+def _broken_copy(adapter_dir: Path, folder: Path, file_name: str, content: bytes | None) -> Path:
+    """Copy an adapter, then replace one of its files with `content` (None removes it)."""
+    import shutil
+
+    shutil.copytree(adapter_dir, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    if content is None:
+        (folder / file_name).unlink()
+    else:
+        (folder / file_name).write_bytes(content)
+    return folder
+
+
+def test_damaged_adapter_folders_named(adapter_dir, tmp_path):
+    weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    cases = {
+        "no_weights": ("adapter_model.safetensors", None, "has adapter_config.json but no adapter_model.safetensors"),
+        "truncated": ("adapter_model.safetensors", weights[:1000], "cannot read {folder}/adapter_model.safetensors ("),
+        "bad_json": ("adapter_config.json", b'{"r": 8,', "{folder}/adapter_config.json is not a valid adapter config ("),
+        "json_list": ("adapter_config.json", b"[8]", "(a JSON list, not an object)"),
+    }
+    for name, (file_name, content, expected) in cases.items():
+        folder = _broken_copy(adapter_dir, tmp_path / name, file_name, content)
+        with pytest.raises(ModelError) as caught:
+            check_adapter_folder(folder)
+        assert str(caught.value).startswith("--adapter: "), name
+        assert expected.format(folder=folder) in str(caught.value), name
+        with pytest.raises(ModelError, match="^lora.init_from: "):
+            check_adapter_folder(folder, "lora.init_from")
+    assert check_adapter_folder(adapter_dir)["r"] == 16
+
+
+def test_chat_with_truncated_adapter_fails_cleanly(adapter_dir, tmp_path):
+    folder = _broken_copy(adapter_dir, tmp_path / "truncated", "adapter_model.safetensors", b"\x00" * 100)
+    vlmtune = str(Path(sys.executable).parent / "vlmtune")
+    result = subprocess.run([vlmtune, "chat", "--adapter", str(folder), "--message", "你好"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"error: --adapter: cannot read {folder}/adapter_model.safetensors" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr

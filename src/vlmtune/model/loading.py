@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -211,15 +212,40 @@ def load_model(
     return LoadedModel(model=model, processor=processor, path=path)
 
 
-def check_adapter_folder(adapter_dir: str) -> None:
-    """Raise ModelError unless the folder contains a saved adapter. Called before anything slow is loaded."""
-    if not Path(adapter_dir).is_dir():
-        raise ModelError(f"--adapter: folder not found: {adapter_dir}")
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_folder(adapter_dir: str | Path, setting: str = "--adapter") -> dict[str, Any]:
+    """Return the adapter's config, or raise ModelError naming `setting` unless the folder contains a whole saved adapter.
+
+    Reads adapter_config.json and the weights' safetensors header, not the weights, so it is called
+    before anything slow is loaded. A half-written or truncated folder fails here with the file named.
+    """
+    folder = Path(adapter_dir)
+    pass_folder = "pass the output folder of `vlmtune train` or one of its checkpoint-N folders"
+    if not folder.is_dir():
+        raise ModelError(f"{setting}: folder not found: {folder}")
+    config_path, weights_path = folder / "adapter_config.json", folder / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise ModelError(f"{setting}: no adapter_config.json in {folder}; {pass_folder}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        config, problem = None, str(error)
+    else:
+        problem = "" if isinstance(config, dict) else f"a JSON {type(config).__name__}, not an object"
+    if problem:
+        raise ModelError(f"{setting}: {config_path} is not a valid adapter config ({problem}); the folder may be half-written, {pass_folder}")
+    if not weights_path.is_file():
+        raise ModelError(f"{setting}: {folder} has adapter_config.json but no {ADAPTER_WEIGHTS}, the adapter's weights; {pass_folder}")
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:
+            weights.keys()
+    except Exception as error:  # safetensors raises its own error type and OSError for unreadable files
         raise ModelError(
-            f"--adapter: no adapter_config.json in {adapter_dir}; pass the output folder of `vlmtune train` "
-            "or one of its checkpoint-N folders"
-        )
+            f"{setting}: cannot read {weights_path} ({error}); the file is incomplete or damaged, {pass_folder}"
+        ) from None
+    return config
 
 
 def load_adapter(loaded: LoadedModel, adapter_dir: str) -> LoadedModel:
@@ -254,11 +280,10 @@ def adapter_fit_errors(adapter_dir: str, base_path: str) -> Iterator[None]:
 
 
 def adapter_base_model(adapter_dir: str) -> str | None:
-    """Return the base model recorded in an adapter's adapter_config.json, if any."""
-    config_path = Path(adapter_dir) / "adapter_config.json"
-    if not config_path.is_file():
+    """Return the base model recorded in an adapter's adapter_config.json, if any (checking the folder first)."""
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
         return None
-    return json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return check_adapter_folder(adapter_dir).get("base_model_name_or_path")
 
 
 AUTO_CHECKPOINTING_PARAMETERS = 1_000_000_000

@@ -12,7 +12,6 @@ unless lora.vision is on:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 from collections import Counter
@@ -28,6 +27,7 @@ from transformers import PreTrainedModel
 from vlmtune.config import LoraSettings
 from vlmtune.errors import ConfigError
 from vlmtune.model.fused_lora import register_fused_linear
+from vlmtune.model.loading import ADAPTER_WEIGHTS, check_adapter_folder
 
 logger = logging.getLogger(__name__)
 
@@ -301,13 +301,8 @@ def load_initial_weights(peft_model: PeftModel, adapter_dir: str) -> None:
     variant, or other target modules or shapes than the lora section makes.
     """
     folder = Path(adapter_dir)
-    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
-        raise ConfigError(
-            f"lora.init_from: {folder} lacks adapter_config.json or adapter_model.safetensors; give the output "
-            "folder of `vlmtune train` or one of its checkpoint-N folders"
-        )
-    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    saved = check_adapter_folder(folder, "lora.init_from")
+    weights_path = folder / ADAPTER_WEIGHTS
     current = peft_model.peft_config["default"]
     settings = (
         ("r", "lora.r"), ("lora_alpha", "lora.alpha"), ("use_dora", "lora.use_dora"), ("use_rslora", "lora.use_rslora")
