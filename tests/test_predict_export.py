@@ -280,6 +280,31 @@ def test_export_refuses_non_empty_folder(adapter_dir, tiny_model_dir, tmp_path):
     (tmp_path / "keep.txt").write_text("earlier work", encoding="utf-8")
     with pytest.raises(ModelError, match="is not empty"):
         export_merged(str(adapter_dir), str(tmp_path), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
+    with pytest.raises(ModelError, match="is not empty"):
+        export_adapter_only(str(adapter_dir), str(tmp_path))
+    a_file = tmp_path / "keep.txt"
+    with pytest.raises(ModelError, match=f"^--output: {a_file} is a file; choose a new folder$"):
+        export_merged(str(adapter_dir), str(a_file), ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
+    with pytest.raises(ModelError, match=f"^--output: {a_file} is a file; choose a new folder$"):
+        export_adapter_only(str(adapter_dir), str(a_file))
+    assert a_file.read_text(encoding="utf-8") == "earlier work"
+
+
+def test_predict_output_checked_before_loading(adapter_dir, tmp_path):
+    vlmtune = str(Path(sys.executable).parent / "vlmtune")
+    data = write_json(tmp_path / "prompts.json", [{"instruction": "你是谁？"}])
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    for output, expected in (
+        (tmp_path, f"error: --output {tmp_path} is a folder; give a file path, e.g. {tmp_path / 'predictions.jsonl'}"),
+        (tmp_path / "notes.txt" / "p.jsonl", f"error: --output {tmp_path / 'notes.txt' / 'p.jsonl'}: cannot write there"),
+    ):
+        result = subprocess.run(
+            [vlmtune, "predict", "--adapter", str(adapter_dir), "--data", str(data), "--output", str(output)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 2
+        assert expected in " ".join(result.stderr.split())
+        assert "attached adapter" not in result.stderr
 
 
 def test_export_arguments_checked_before_loading(adapter_dir, tmp_path):

@@ -218,6 +218,26 @@ def test_saved_weights_get_umask_mode(run):
         assert path.stat().st_mode & 0o777 == new_file_mode(), path
 
 
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("file", "is a file, not a folder; choose a folder path"),
+        ("under_file", "cannot write there (Not a directory); choose a folder you can write to"),
+        ("model", "is a model folder (it has config.json and model.safetensors), and the run would write its adapter"),
+    ],
+)
+def test_unusable_output_dir_rejected_before_loading(tiny_model_dir, tmp_path, caplog, case, expected):
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    output = {"file": tmp_path / "notes.txt", "under_file": tmp_path / "notes.txt" / "run", "model": tiny_model_dir}[case]
+    data = write_json(tmp_path / "train.json", [{"instruction": "你好", "output": "喵"}])
+    with caplog.at_level(logging.INFO, logger="vlmtune"), pytest.raises(ConfigError) as caught:
+        LoraRecipe(build_config(training_tree(tiny_model_dir, data, output))).setup()
+    assert str(caught.value).startswith(f"train.output_dir {output}")
+    assert expected in str(caught.value)
+    assert "read 1 examples" not in caplog.text  # nothing was loaded
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
 def _two_step_run(tiny_model_dir, data_path, output_dir) -> tuple[dict, LoraRecipe]:
     """Train two steps into output_dir, saving a checkpoint at each; return the settings tree and the recipe."""
     tree = training_tree(tiny_model_dir, data_path, output_dir, max_steps=2, save_steps=1)

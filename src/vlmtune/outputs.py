@@ -102,3 +102,11 @@ def share_weight_files(folder: str | Path) -> None:
     for path in Path(folder).glob("*.safetensors"):
         if path.stat().st_mode & 0o777 != mode:
             path.chmod(mode)
+
+
+def probe_writable(folder: Path) -> None:
+    """Create `folder` if needed and write and remove a test file in it; raise OSError where that fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".vlmtune-write-test-{os.getpid()}"
+    probe.touch()
+    probe.unlink()

@@ -345,7 +345,7 @@ def predict(
     from vlmtune.config import DatasetSpec
     from vlmtune.data.loading import SkipReport, load_dataset_file
     from vlmtune.inference.cli_chat import load_generator, system_prompt_for
-    from vlmtune.inference.predict import cut_off_count, pending_examples, producer_labels
+    from vlmtune.inference.predict import check_output_file, cut_off_count, pending_examples, producer_labels
     from vlmtune.inference.predict import predict as run_predict
     from vlmtune.model.loading import adapter_base_model, check_adapter_folder
 
@@ -362,6 +362,7 @@ def predict(
     if not conversations:
         raise VlmtuneError(f"--data {data}: no valid example to predict; see the skipped examples above")
     base = model or (adapter_base_model(adapter) if adapter else None)
+    check_output_file(output)
     # Rows already in --output are checked before the model loads, so a mismatch fails at once.
     if not pending_examples(conversations, output, producer_labels(base, adapter), log=False):
         console.print(f"every example already has a prediction in {output}; nothing to do", soft_wrap=True)

@@ -114,6 +114,14 @@ def _check_logits(loaded: LoadedModel, prompts: tuple[str, ...]) -> list[torch.T
     return outputs
 
 
+def check_new_folder(output: Path) -> None:
+    """Raise ModelError unless --output names a new or empty folder, so no earlier export is overwritten."""
+    if output.exists() and not output.is_dir():
+        raise ModelError(f"--output: {output} is a file; choose a new folder")
+    if output.exists() and any(output.iterdir()):
+        raise ModelError(f"--output: {output} is not empty; choose a new folder so no earlier export is overwritten")
+
+
 def export_merged(
     adapter_dir: str,
     output_dir: str,
@@ -126,8 +134,7 @@ def export_merged(
     The arguments are checked before the model loads. A save that fails leaves no half-written folder.
     """
     output = Path(output_dir)
-    if output.exists() and any(output.iterdir()):
-        raise ModelError(f"--output: {output} is not empty; choose a new folder so no earlier export is overwritten")
+    check_new_folder(output)
     # The units huggingface_hub's split_torch_state_dict_into_shards accepts, which save_pretrained uses.
     if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]B\s*", max_shard_size, re.IGNORECASE):
         raise ModelError(f"--max-shard-size: invalid size {max_shard_size!r}; give a number and a unit, e.g. 5GB or 500MB")
@@ -233,6 +240,7 @@ def export_adapter_only(adapter_dir: str, output_dir: str) -> Path:
     """Copy the adapter files and write a model card from the run manifest and eval report."""
     source = Path(adapter_dir)
     output = Path(output_dir)
+    check_new_folder(output)
     missing = [name for name in ADAPTER_FILES if not (source / name).is_file()]
     if missing:
         raise ModelError(f"--adapter: {source} lacks {', '.join(missing)}; pass the output folder of `vlmtune train`")

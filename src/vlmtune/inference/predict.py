@@ -36,6 +36,7 @@ from vlmtune.encoding.encode import conversation_for_generation
 from vlmtune.errors import DataError
 from vlmtune.inference.generate import Generator
 from vlmtune.inference.metrics import reference_scores
+from vlmtune.outputs import probe_writable
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,20 @@ def _history_entry(message) -> dict:
     if message.images:
         entry["images"] = [image.source for image in message.images]
     return entry
+
+
+def check_output_file(output: Path) -> None:
+    """Raise DataError unless --output can be written as a file, before any model is loaded.
+
+    The file itself is created only with the first batch of replies, so a test file is written
+    and removed beside it.
+    """
+    if output.is_dir():
+        raise DataError(f"--output {output} is a folder; give a file path, e.g. {output / 'predictions.jsonl'}")
+    try:
+        probe_writable(output.parent)
+    except OSError as error:
+        raise DataError(f"--output {output}: cannot write there ({error.strerror or error}); choose a path you can write to") from None
 
 
 def pending_examples(

@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from vlmtune.config import DatasetSpec, RunConfig, portable_config_dict, save_config
 from vlmtune.data.hub import hub_dataset_files
 from vlmtune.errors import ConfigError
-from vlmtune.outputs import MODEL_CARD, PROGRESS_FILE, earlier_run_files
+from vlmtune.outputs import MODEL_CARD, PROGRESS_FILE, earlier_run_files, probe_writable
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class RunFolder:
 
     def check(self) -> None:
         """Raise ConfigError unless the folder is free, resumed (--resume) or replaced (--overwrite), so two runs never mix."""
+        self._check_usable()
         if self.resume:
             self._check_resume()
             return
@@ -94,6 +95,24 @@ class RunFolder:
                 else:
                     path.unlink()
             logger.info("removed the earlier run from %s (--overwrite)", self.path)
+
+    def _check_usable(self) -> None:
+        """Raise ConfigError for a path that is a file or a model folder, or where nothing can be written."""
+        key = f"train.output_dir {self.path}"
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{key} is a file, not a folder; choose a folder path")
+        weights = [path for path in self.path.glob("*.safetensors") if path.name != "adapter_model.safetensors"]
+        if (self.path / "config.json").is_file() and weights:
+            raise ConfigError(
+                f"{key} is a model folder (it has config.json and {weights[0].name}), and the run would write its adapter "
+                "and checkpoints into it; choose another train.output_dir"
+            )
+        if not self.is_main_process:
+            return
+        try:
+            probe_writable(self.path)
+        except OSError as error:
+            raise ConfigError(f"{key}: cannot write there ({error.strerror or error}); choose a folder you can write to") from None
 
     def _check_resume(self) -> None:
         checkpoint = self.last_checkpoint()
