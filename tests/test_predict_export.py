@@ -550,3 +550,19 @@ def test_chat_with_truncated_adapter_fails_cleanly(adapter_dir, tmp_path):
     assert result.returncode == 2
     assert f"error: --adapter: cannot read {folder}/adapter_model.safetensors" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
+
+
+def test_model_folder_without_weights_named(tiny_model_dir, tmp_path):
+    import shutil
+
+    half = tmp_path / "half"
+    shutil.copytree(tiny_model_dir, half)
+    (half / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match=rf"^model.name_or_path: {half} has config.json but no weights \(\*.safetensors or \*.bin\); the download may be incomplete"):
+        load_model(ModelSettings(name_or_path=str(half), device="cpu"))
+    (half / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}), encoding="utf-8"
+    )
+    shutil.copy(tiny_model_dir / "model.safetensors", half / "model-00001-of-00002.safetensors")
+    with pytest.raises(ModelError, match=r"lacks 1 of the 2 weight files that model.safetensors.index.json lists \(first: model-00002-of-00002.safetensors\)"):
+        load_model(ModelSettings(name_or_path=str(half), device="cpu"))

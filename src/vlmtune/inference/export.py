@@ -29,7 +29,7 @@ from vlmtune.config import ModelSettings
 from vlmtune.data.conversation import Conversation, Message, TextPart
 from vlmtune.errors import ModelError
 from vlmtune.model.hub import resolve_model_path
-from vlmtune.model.loading import LoadedModel, load_adapter, load_model
+from vlmtune.model.loading import WEIGHT_INDEXES, LoadedModel, load_adapter, load_model
 from vlmtune.outputs import CHECKPOINT_NAME, share_weight_files
 
 MERGED_CONFIG_NAME = "vlmtune_config.yaml"
@@ -40,7 +40,6 @@ MERGED_MANIFEST_NAME = "vlmtune_run_manifest.json"
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHECK_PROMPTS = ("你是谁？", "Hello, who are you?", "1+1等于几？")
 EXPORT_DTYPES = ("auto", "bfloat16", "float16", "float32")

@@ -180,6 +180,31 @@ def quantization_config(settings: QuantizationSettings):
     )
 
 
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_weight_files(folder: Path) -> None:
+    """Raise ModelError for a model folder whose weight files are missing, as an interrupted download leaves it."""
+    redownload = "the download may be incomplete: download the model again, or give another model.name_or_path"
+    for index_name in WEIGHT_INDEXES:
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ModelError(f"model.name_or_path: {index} is not a valid weight index ({error}); {redownload}") from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ModelError(
+                f"model.name_or_path: {folder} lacks {len(missing)} of the {len(shards)} weight files that {index_name} "
+                f"lists (first: {missing[0]}); {redownload}"
+            )
+        return
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelError(f"model.name_or_path: {folder} has config.json but no weights (*.safetensors or *.bin); {redownload}")
+
+
 def load_model(
     settings: ModelSettings, *, for_training: bool = False, quantization: QuantizationSettings | None = None
 ) -> LoadedModel:
@@ -192,6 +217,7 @@ def load_model(
         check_bitsandbytes(device)
     processor = load_processor(path, settings.trust_remote_code)
 
+    check_weight_files(Path(path))
     config = AutoConfig.from_pretrained(path, trust_remote_code=settings.trust_remote_code)
     is_vision_language = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     auto_class = AutoModelForImageTextToText if is_vision_language else AutoModelForCausalLM
