@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -103,12 +104,18 @@ def test_parquet_and_saved_dataset(tmp_path):
     assert from_parquet[2].source.endswith("data.parquet, record 3 (row index 2)")
 
 
-def test_folder_of_files(tmp_path):
+def test_folder_of_files(tmp_path, caplog):
     write_json(tmp_path / "a.json", [{"instruction": "a", "output": "1"}])
     (tmp_path / "b.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "b"}, {"from": "gpt", "value": "2"}]}), encoding="utf-8")
+    write_json(tmp_path / "C.JSON", [{"instruction": "c", "output": "3"}])  # as Windows tools often name files
     (tmp_path / "notes.txt").write_text("ignored", encoding="utf-8")
-    conversations = load_dataset_file(DatasetSpec(path=str(tmp_path)))
-    assert [c.messages[0].text for c in conversations] == ["a", "b"]
+    (tmp_path / "sub").mkdir()
+    write_json(tmp_path / "sub" / "d.json", [{"instruction": "d", "output": "4"}])
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        conversations = load_dataset_file(DatasetSpec(path=str(tmp_path)))
+    assert [c.messages[0].text for c in conversations] == ["c", "a", "b"]
+    assert f"{tmp_path}: reading 3 dataset file(s); not reading notes.txt, sub/ (not .json" in caplog.text
+    assert "subfolders are not searched" in caplog.text
 
 
 @pytest.mark.parametrize(

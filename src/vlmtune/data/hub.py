@@ -50,7 +50,7 @@ def download_dataset(hub: str, dataset_id: str, revision: str | None, patterns: 
 def hub_dataset_files(spec: DatasetSpec) -> list[Path]:
     """Return the dataset files of a hub dataset: those matching spec.files, or the repository's only one."""
     folder = download_dataset(spec.hub, spec.path, spec.revision, tuple(spec.files))
-    found = sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix in SUPPORTED_SUFFIXES)
+    found = sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in SUPPORTED_SUFFIXES)
     if spec.files:
         chosen = [path for path in found if any(fnmatch.fnmatch(path.relative_to(folder).as_posix(), pattern) for pattern in spec.files)]
         if not chosen:

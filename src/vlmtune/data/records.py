@@ -243,11 +243,18 @@ def dataset_files(path: str | Path) -> list[Path]:
     if not file_path.exists():
         raise DataError(f"dataset file not found: {file_path}")
     if file_path.is_dir() and not is_saved_dataset(file_path):
-        files = sorted(child for child in file_path.iterdir() if child.suffix in SUPPORTED_SUFFIXES)
+        children = sorted(file_path.iterdir())
+        files = [child for child in children if child.is_file() and child.suffix.lower() in SUPPORTED_SUFFIXES]
         if not files:
             raise DataError(
                 f"{file_path}: the folder has no dataset files; expected {', '.join(SUPPORTED_SUFFIXES)} files "
                 "or a folder written by datasets' save_to_disk"
+            )
+        skipped = [child.name + ("/" if child.is_dir() else "") for child in children if child not in files and not child.name.startswith(".")]
+        if skipped:
+            logger.info(
+                "%s: reading %d dataset file(s); not reading %s (not %s files; subfolders are not searched)",
+                file_path, len(files), ", ".join(skipped), ", ".join(SUPPORTED_SUFFIXES),
             )
         return files
     return [file_path]
@@ -261,12 +268,13 @@ def iter_records(path: str | Path, split: str | None = None) -> Iterator[Record 
     if is_saved_dataset(file_path):
         yield from _iter_rows(file_path, _read_saved_dataset(file_path, split))
         return
-    if file_path.suffix not in SUPPORTED_SUFFIXES:
+    suffix = file_path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(
             f"{file_path}: unsupported file type {file_path.suffix!r}; supported: {', '.join(SUPPORTED_SUFFIXES)}, "
             "a folder of them, or a save_to_disk folder"
         )
-    if file_path.suffix == ".parquet":
+    if suffix == ".parquet":
         rows = _read_parquet(file_path)
         if not rows:
             raise DataError(f"{file_path}: the file has no rows", reason="empty file")
@@ -279,7 +287,7 @@ def iter_records(path: str | Path, split: str | None = None) -> Iterator[Record 
     if not raw.strip(b" \t\r\n\xef\xbb\xbf"):
         raise DataError(f"{file_path}: the file is empty", reason="empty file")
     readers = {".json": _iter_json_array, ".jsonl": _iter_jsonl, ".csv": _iter_csv}
-    yield from readers[file_path.suffix](file_path, raw)
+    yield from readers[suffix](file_path, raw)
 
 
 def read_records(path: str | Path) -> list[Record]:
