@@ -566,3 +566,27 @@ def test_model_folder_without_weights_named(tiny_model_dir, tmp_path):
     shutil.copy(tiny_model_dir / "model.safetensors", half / "model-00001-of-00002.safetensors")
     with pytest.raises(ModelError, match=r"lacks 1 of the 2 weight files that model.safetensors.index.json lists \(first: model-00002-of-00002.safetensors\)"):
         load_model(ModelSettings(name_or_path=str(half), device="cpu"))
+
+
+def test_prompt_longer_than_context_named(tiny_model_dir, caplog):
+    from vlmtune.data import Conversation, Message, TextPart
+
+    loaded = load_model(ModelSettings(name_or_path=str(tiny_model_dir), device="cpu"))
+    generator = Generator(loaded, GenerationSettings(max_new_tokens=200))
+    limit = generator.context_length
+    text = "喵" * (2 * limit)
+    long = Conversation([Message("user", [TextPart(text)])], source="long.json, record 1 (line 2)")
+    with pytest.raises(DataError, match=rf"^long.json, record 1 \(line 2\): the prompt has \d+ tokens, and the model's maximum context length is {limit} tokens"):
+        generator.generate(long)
+    with pytest.raises(DataError, match=r"^long.json, record 1 \(line 2\): the prompt has"):
+        generator.generate_batch([Conversation([Message("user", [TextPart("你好")])]), long])
+
+    # A prompt that leaves less room than max_new_tokens gets a shorter reply, with a warning. Each 喵 is one token.
+    overhead = generator.prepare_inputs(Conversation([Message("user", [TextPart("喵")])]))["input_ids"].shape[1] - 1
+    near = Conversation([Message("user", [TextPart("喵" * (limit - 50 - overhead))])], source="near.json, record 1 (line 1)")
+    length = generator.prepare_inputs(near)["input_ids"].shape[1]
+    assert length == limit - 50
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        reply = generator.generate(near)
+    assert reply.generated_tokens <= limit - length
+    assert f"near.json, record 1 (line 1): the prompt has {length} tokens, so its reply can have {limit - length} new tokens, not 200" in caplog.text

@@ -135,6 +135,33 @@ class Generator:
         """Maximum sequence length of the language model (max_position_embeddings), if its config sets one."""
         return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
 
+    def fit_context(self, prompt_lengths: list[int], sources: list[str], max_new_tokens: int | None) -> int | None:
+        """Return max_new_tokens, lowered where needed so that the longest prompt and its reply fit the model's context.
+
+        Raises DataError naming the first conversation whose prompt alone fills the context, so
+        that no reply is generated past the positions the model was built for.
+        """
+        limit = self.context_length
+        if limit is None:
+            return max_new_tokens
+        for length, source in zip(prompt_lengths, sources):
+            if length >= limit:
+                raise DataError(
+                    f"{source}: the prompt has {length} tokens, and the model's maximum context length is {limit} tokens; "
+                    "shorten it (fewer or shorter messages) or remove the example",
+                    "prompt too long",
+                )
+        room = limit - max(prompt_lengths)
+        wanted = max_new_tokens or self.settings.max_new_tokens
+        if wanted <= room:
+            return max_new_tokens
+        logger.warning(
+            "%s: the prompt has %d tokens, so its reply can have %d new tokens, not %d, before it reaches the model's "
+            "maximum context length of %d tokens",
+            sources[prompt_lengths.index(max(prompt_lengths))], max(prompt_lengths), room, wanted, limit,
+        )
+        return room
+
     def prepare_inputs(self, conversation: Conversation) -> dict[str, torch.Tensor]:
         """Tokenize the conversation with the chat template and a generation prompt."""
         messages = self.encoder.template_messages(conversation, with_images=True)
@@ -218,6 +245,7 @@ class Generator:
         """Generate one reply. `inputs`, if given, is prepare_inputs(conversation), already computed by the caller."""
         inputs = inputs if inputs is not None else self.prepare_inputs(conversation)
         opened = self._opens_think(inputs["input_ids"][0])
+        max_new_tokens = self.fit_context([inputs["input_ids"].shape[1]], [conversation.source], max_new_tokens)
         kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened, cancel)
         output = self.model.generate(**inputs, **kwargs)
         prompt_tokens = inputs["input_ids"].shape[1]
@@ -243,6 +271,8 @@ class Generator:
         finally:
             self.tokenizer.padding_side = padding_side
         inputs = {key: value.to(self.model.device) for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+        lengths = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else [inputs["input_ids"].shape[1]] * len(conversations)
+        max_new_tokens = self.fit_context(lengths, [conversation.source for conversation in conversations], max_new_tokens)
         kwargs = self._generate_kwargs(max_new_tokens)
         output = self.model.generate(**inputs, **kwargs)
         prompt_length = inputs["input_ids"].shape[1]
@@ -269,6 +299,7 @@ class Generator:
         """
         inputs = inputs if inputs is not None else self.prepare_inputs(conversation)
         opened = self._opens_think(inputs["input_ids"][0])
+        max_new_tokens = self.fit_context([inputs["input_ids"].shape[1]], [conversation.source], max_new_tokens)
         kwargs = self._generate_kwargs(max_new_tokens, stop_strings, inputs["input_ids"].shape[1], opened, cancel)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
         result: dict[str, Any] = {}
