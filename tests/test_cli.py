@@ -374,6 +374,9 @@ def test_chat_argument_errors_before_loading(tiny_model_dir, tmp_path):
     assert fake_image.returncode == 2
     assert "not a recognised image format" in fake_image.stderr
     assert "loaded" not in fake_image.stderr
+    folder_image = run("chat", "--model", str(tiny_model_dir), "--image", str(tmp_path), "--message", "hi")
+    assert folder_image.returncode == 2
+    assert f"image path {tmp_path} is a folder; name an image file in it" in " ".join(folder_image.stderr.split())
     not_an_adapter = run("chat", "--adapter", str(tmp_path), "--message", "hi")
     assert f"--adapter: no adapter_config.json in {tmp_path}" in not_an_adapter.stderr
     interactive = run("chat", "--model", str(tiny_model_dir), stdin="/image nosuch.png\n/exit\n")

@@ -89,7 +89,7 @@ def test_other_tools_key_names_get_ours(tmp_path):
 def test_flat_llama_factory_config_gets_section_keys(tmp_path):
     text = (
         "model_name_or_path: m\nlora_rank: 8\nlearning_rate: 1.0e-4\nbf16: true\ntemplate: glm4v\n"
-        "data:\n  train: [a.json]\ntrain:\n  max_length: 128\n  warmup_ratio: 0.1\n"
+        "data:\n  train: [a.json]\ntrain:\n  max_length: 128\n  warmup_ratio: 0.1\ndataset: alpaca_zh_demo\n"
     )
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
@@ -102,6 +102,7 @@ def test_flat_llama_factory_config_gets_section_keys(tmp_path):
     assert "template (line 5): unknown key (not needed: vlmtune renders with the model's own chat template)" in message
     assert "train.max_length (line 9): unknown key (did you mean data.max_length?)" in message
     assert "train.warmup_ratio (line 10): unknown key (did you mean warmup_steps? warmup_steps below 1 is a fraction" in message
+    assert "dataset (line 11): unknown key (did you mean data.train?)" in message  # not the train section
 
 
 @pytest.mark.parametrize(
@@ -297,3 +298,10 @@ def test_bundled_config_from_any_folder(name, tmp_path, monkeypatch):
         assert ".." not in Path(spec.path).parts
     for prompt in config.evaluation.prompts:
         assert all(Path(image).is_file() for image in prompt.images)
+
+
+def test_config_folder_named(tmp_path):
+    write(tmp_path, MINIMAL)
+    [config] = tmp_path.glob("*.yaml")
+    with pytest.raises(ConfigError, match=rf"^config {tmp_path} is a folder; pass a YAML file in it, e\.g\. {config}$"):
+        load_config(tmp_path)

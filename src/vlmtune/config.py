@@ -589,7 +589,8 @@ def _key_hint(location: tuple, valid_keys: list[str]) -> str:
     unknown = str(location[-1])
     name = KEY_ALIASES.get(unknown, unknown)
     section = str(location[-2]) if len(location) > 1 else None
-    if name in valid_keys:
+    # At the top level the valid keys are section names, which a flat key of another tool never means ("dataset" is data.train).
+    if name in valid_keys and section is not None:
         meant = [name]
     else:
         meant = [key for key in _section_keys().get(name, []) if not key.startswith(f"{section}.")]
@@ -760,6 +761,10 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     works from any working folder.
     """
     config_path = Path(path)
+    if config_path.is_dir():
+        found = sorted(config_path.glob("*.yaml")) + sorted(config_path.glob("*.yml"))
+        example = f", e.g. {found[0]}" if found else ""
+        raise ConfigError(f"config {config_path} is a folder; pass a YAML file in it{example}")
     if not config_path.is_file():
         raise ConfigError(f"config file not found: {config_path}. Pass the path to a YAML file, e.g. configs/demo.yaml")
     tree = read_settings_tree(config_path, str(config_path))

@@ -17,8 +17,9 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from vlmtune.config import GenerationSettings, ModelSettings
+from vlmtune.data.validate import check_image_file
 from vlmtune.encoding.images import load_image
-from vlmtune.errors import ConfigError, DataError, ModelError, VlmtuneError
+from vlmtune.errors import ConfigError, ModelError, VlmtuneError
 from vlmtune.inference.chat import ChatSession
 from vlmtune.inference.export import MERGED_CONFIG_NAME, MERGED_MANIFEST_NAME, recorded_system_prompt, training_config_path
 from vlmtune.inference.generate import Generator, Reply
@@ -39,8 +40,7 @@ def check_image_argument(image: str) -> str:
     if image.startswith(("http://", "https://", "data:")):
         return image
     path = Path(image.removeprefix("file://")).expanduser()
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
+    check_image_file(path, "")
     load_image(str(path))
     return str(path)
 
