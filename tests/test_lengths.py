@@ -88,6 +88,16 @@ def test_data_stats_command(tiny_model_dir, tmp_path):
     assert "the table counts the training split only; 3 validation example(s)" in result.stdout
     assert "│      26 │" in result.stdout
 
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    for png, expected in (
+        (tmp_path / "hist.txt", f"error: --png {tmp_path / 'hist.txt'}: the histogram is a PNG image, so give a path ending in .png"),
+        (tmp_path / "notes.txt" / "h.png", f"error: --png {tmp_path / 'notes.txt' / 'h.png'}: cannot write there"),
+    ):
+        result = subprocess.run([vlmtune, "data", "stats", str(config), "--png", str(png)], capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 2
+        assert expected in result.stderr
+        assert "encoded example lengths" not in result.stdout  # checked before encoding
+
 
 def test_histogram_draws_chinese_dataset_names(tmp_path, caplog):
     import logging

@@ -548,12 +548,20 @@ def data_stats(
 
     run_config = load_config(config, overrides)
     from vlmtune.data.loading import load_data
+    from vlmtune.outputs import LENGTH_HISTOGRAM, probe_writable
 
+    # The PNG's path is checked before the data is read and encoded, which can take minutes.
+    target = png or Path(run_config.train.output_dir) / LENGTH_HISTOGRAM
+    if target.suffix.lower() != ".png":
+        raise VlmtuneError(f"--png {target}: the histogram is a PNG image, so give a path ending in .png")
+    try:
+        probe_writable(target.parent)
+    except OSError as error:
+        raise VlmtuneError(f"--png {target}: cannot write there ({error.strerror or error}); choose a path you can write to") from None
     data = load_data(run_config.data)
     conversations = data.train
     from vlmtune.encoding.encode import encode_conversations, overlength_reason
     from vlmtune.encoding.stats import length_stats, stats_table, text_histogram, write_histogram_png
-    from vlmtune.outputs import LENGTH_HISTOGRAM
 
     encoder = _encoder_for(run_config)
     # data.on_overlength as in training (trimmed examples are counted as trimmed), except that `error`
@@ -591,8 +599,6 @@ def data_stats(
         )
     every_length = [length for values in report.lengths.values() for length in values]
     console.print(text_histogram(every_length), markup=False, highlight=False)
-    target = png or Path(run_config.train.output_dir) / LENGTH_HISTOGRAM
-    target.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"histogram written to {write_histogram_png(report.lengths, max_length, target)}", soft_wrap=True)
 
 
