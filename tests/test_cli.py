@@ -109,6 +109,21 @@ def test_inspect_shows_self_check(config_file):
     assert "supervised tokens are shown between ⟦ and ⟧" in result.stdout
     assert "</answer><|user|>⟧" in result.stdout
     assert "⟦你好" not in result.stdout  # the prompt is not supervised
+    assert "showing all" not in result.stdout
+
+
+def test_inspect_finds_a_record_and_says_when_fewer(config_file):
+    found = run("inspect", str(config_file), "--find", "1+1")
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.count("self-check ok") == 1
+    assert "2喵</answer>" in found.stdout
+    assert "showing all 1 sample(s): there are fewer than --count 3" in found.stdout
+    by_record = run("inspect", str(config_file), "--find", "record 1 ", "--count", "5")
+    assert by_record.stdout.count("self-check ok") == 1
+    assert "我是小橘喵~" in by_record.stdout
+    missing = run("inspect", str(config_file), "--find", "不存在的字")
+    assert missing.returncode == 2
+    assert "--find '不存在的字': no training sample's source or text contains it" in missing.stderr
 
 
 def test_train_then_chat_with_adapter(config_file):

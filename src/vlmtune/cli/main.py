@@ -247,6 +247,10 @@ def inspect(
             help="Number of training samples to show, from the first (the training split is shuffled when data.val_size > 0).",
         ),
     ] = 3,
+    find: Annotated[
+        Optional[str],
+        typer.Option(help="Show only samples whose source (file, record, line) or text contains this, e.g. 'record 12 ' or a word."),
+    ] = None,
 ) -> None:
     """Show encoded samples (supervised tokens in green) and check them against inference rendering.
 
@@ -258,7 +262,17 @@ def inspect(
     run_config = load_config(config, overrides)
     from vlmtune.data.loading import load_conversations
 
-    conversations = load_conversations(run_config.data)[:count]
+    conversations = load_conversations(run_config.data)
+    if find is not None:
+        conversations = [
+            conversation for conversation in conversations
+            if find in f"{conversation.source} " or any(find in message.text for message in conversation.messages)
+        ]
+        if not conversations:
+            raise VlmtuneError(f"--find {find!r}: no training sample's source or text contains it")
+    if count > len(conversations):
+        console.print(f"showing all {len(conversations)} sample(s): there are fewer than --count {count}", soft_wrap=True)
+    conversations = conversations[:count]
     from vlmtune.encoding import check_sample, encode_with_policy, render_sample
 
     encoder = _encoder_for(run_config)
