@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -216,7 +217,7 @@ def test_resized_count_ignores_rounding(loaded, tiny_model_dir, tmp_path):
     assert counts == {"rounded.png": 0, "scaled.png": 1}
 
 
-def test_resized_count_survives_cache(loaded, tiny_model_dir, tmp_path):
+def test_resized_count_survives_cache(loaded, tiny_model_dir, tmp_path, caplog):
     from vlmtune.encoding.cache import encode_dataset
     from vlmtune.model.loading import load_processor
 
@@ -226,9 +227,11 @@ def test_resized_count_survives_cache(loaded, tiny_model_dir, tmp_path):
     conversations = [image_conversation(REPO_ROOT / "data" / "images" / "orange_cat.png"), image_conversation(FIXTURE_IMAGES / "orange.png")]
     settings = data_settings(cache_dir=str(tmp_path))
     first = encode_dataset(small, conversations, settings)
-    second = encode_dataset(small, conversations, settings)
+    with caplog.at_level(logging.INFO, logger="vlmtune"):
+        second = encode_dataset(small, conversations, settings)
     assert second.from_cache
     assert first.resized_images == second.resized_images == 1
+    assert "1 image(s) were scaled when they were encoded to fit the image processor's pixel limits" in caplog.text
     assert [sample.resized_images for sample in second.samples] == [1, 0]
 
 

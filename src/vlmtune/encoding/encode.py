@@ -538,7 +538,9 @@ class EncodingReport:
         when = " when they were encoded" if self.from_cache else ""
         if self.resized_images:
             logger.info(
-                "%d image(s) were scaled into the pixel limits%s (data.min_pixels / data.max_pixels)", self.resized_images, when
+                "%d image(s) were scaled%s to fit the image processor's pixel limits (data.min_pixels / data.max_pixels "
+                "set them, else the processor's defaults apply)",
+                self.resized_images, when,
             )
         if self.trimmed:
             logger.info("the oldest turns of %d example(s) were removed%s to fit data.max_length", self.trimmed, when)
