@@ -91,6 +91,13 @@ def test_eval_command_compares_base_and_adapter(sampled_run, tiny_model_dir, tmp
     report = json.loads((tmp_path / "report" / "eval_report.json").read_text(encoding="utf-8"))
     assert [run["label"] for run in report] == ["base", "adapter"]
     assert report[1]["metrics"]["stop_rate"] > report[0]["metrics"]["stop_rate"]
+    # Each reply's raw text and layout check, which the format validity metric averages.
+    for run in report:
+        flags = [sample["follows_layout"] for sample in run["samples"]]
+        assert all(isinstance(flag, bool) for flag in flags)
+        assert sum(flags) / len(flags) == pytest.approx(run["metrics"]["format_validity"])
+        for sample in run["samples"]:
+            assert ("<answer>" in sample["text"]) >= sample["follows_layout"]  # a reply in the layout has its answer tag
     # The adapter was trained on these replies, so their loss is lower with it.
     assert report[1]["loss"] < report[0]["loss"]
     assert "loss on the replies" in result.stdout

@@ -20,7 +20,7 @@ from vlmtune.encoding.encode import IGNORE_INDEX, ConversationEncoder, conversat
 from vlmtune.errors import ConfigError, ModelError
 from vlmtune.inference.export import MERGED_CONFIG_NAME
 from vlmtune.inference.generate import Generator
-from vlmtune.inference.metrics import ReplyMetrics, compute_metrics
+from vlmtune.inference.metrics import ReplyMetrics, compute_metrics, follows_layout
 from vlmtune.model.loading import LoadedModel, check_adapter_folder, load_adapter, load_model
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,9 @@ def run_evaluation(
                 "reasoning": reply.reasoning,
                 "generated_tokens": reply.generated_tokens,
                 "stopped": reply.stopped,
+                "text": reply.text,
+                # Per reply, the check that the format validity metric averages (None without the think/answer layout).
+                "follows_layout": follows_layout(reply.text) if generator.layout == "think_answer" else None,
             }
         )
     metrics = compute_metrics(replies, generator.layout == "think_answer", style_patterns)
