@@ -262,6 +262,19 @@ def test_chat_history_keeps_both_images(loaded):
     assert int((inputs["input_ids"] == image_id).sum()) == int(inputs["image_grid_thw"].prod(dim=1).sum()) // 4
 
 
+def test_chat_places_images_at_placeholders():
+    from vlmtune.inference.chat import message_content
+
+    orange, blue = str(FIXTURE_IMAGES / "orange.png"), str(FIXTURE_IMAGES / "blue.png")
+    assert message_content("比较<image>和<image>", [orange, blue]) == [
+        TextPart("比较"), ImagePart(orange), TextPart("和"), ImagePart(blue)
+    ]
+    assert message_content("这是什么？", [orange]) == [ImagePart(orange), TextPart("这是什么？")]
+    assert message_content("<image>是什么", []) == [TextPart("<image>是什么")]  # no image attached: plain text
+    with pytest.raises(DataError, match=r"^the message has 2 <image> placeholder\(s\) but 1 image\(s\) are attached"):
+        message_content("<image><image>", [orange])
+
+
 def train_on_images(tiny_model_dir, folder: Path, **lora) -> LoraRecipe:
     text_rows = [{"instruction": f"问题{i}", "input": "", "output": "好的喵~"} for i in range(6)]
     tree = {

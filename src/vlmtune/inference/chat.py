@@ -7,9 +7,29 @@ import threading
 from dataclasses import dataclass, field
 
 from vlmtune.data.conversation import Conversation, ContentPart, ImagePart, Message, TextPart
+from vlmtune.data.fields import IMAGE_PLACEHOLDER
+from vlmtune.errors import DataError
 from vlmtune.inference.generate import Generator, Reply
 
 logger = logging.getLogger(__name__)
+
+
+def message_content(text: str, images: list[str]) -> list[ContentPart]:
+    """Lay out a user message: each attached image at its <image> placeholder as in training data, else all before the text."""
+    if not images or IMAGE_PLACEHOLDER not in text:
+        return [*(ImagePart(image) for image in images), TextPart(text)]
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != len(images):
+        raise DataError(
+            f"the message has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) are attached; "
+            f"put one {IMAGE_PLACEHOLDER} where each image goes, or none to put the images before the text"
+        )
+    content: list[ContentPart] = [TextPart(pieces[0])] if pieces[0] else []
+    for image, piece in zip(images, pieces[1:]):
+        content.append(ImagePart(image))
+        if piece:
+            content.append(TextPart(piece))
+    return content
 
 
 @dataclass
@@ -31,8 +51,7 @@ class ChatSession:
 
         Setting `cancel` stops the reply after the current token; the history keeps the part generated so far.
         """
-        content: list[ContentPart] = [ImagePart(image) for image in images or []]
-        content.append(TextPart(text))
+        content = message_content(text, images or [])
         logger.debug("sending a message with %d image(s) after %d earlier message(s)", len(images or []), len(self.history))
         self.history.append(Message("user", content))
         try:
