@@ -305,3 +305,13 @@ def test_config_folder_named(tmp_path):
     [config] = tmp_path.glob("*.yaml")
     with pytest.raises(ConfigError, match=rf"^config {tmp_path} is a folder; pass a YAML file in it, e\.g\. {config}$"):
         load_config(tmp_path)
+
+
+def test_missing_hub_id_shaped_dataset_gets_hub_hint(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "model: {name_or_path: m}\ndata:\n  train: [AI-ModelScope/alpaca-gpt4-data-zh]\n"))
+    assert "data.train[0].path: dataset not found: AI-ModelScope/alpaca-gpt4-data-zh" in str(caught.value)
+    assert str(caught.value).endswith("; for a dataset on a hub, write modelscope:namespace/name or huggingface:namespace/name")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "model: {name_or_path: m}\ndata:\n  train: [data/missing.json]\n"))
+    assert "modelscope:" not in str(caught.value)  # a file path, not an id

@@ -780,8 +780,10 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     for field, specs in (("data.train", config.data.train), ("data.validation", config.data.validation)):
         for index, spec in enumerate(specs):
             if spec.hub == "local":
-                # A colon in a path that does not exist is most likely a hub id with a prefix vlmtune does not know.
-                fix = HUB_HINT if ":" in spec.path else ""
+                # A missing path with a colon (an unknown hub prefix) or shaped like namespace/name with no file
+                # suffix is most likely a hub id.
+                looks_like_id = re.fullmatch(r"[\w.-]+/[\w.-]+", spec.path) is not None and not Path(spec.path).suffix
+                fix = HUB_HINT if ":" in spec.path or looks_like_id else ""
                 spec.path = _find_beside_config(spec.path, config_path, f"{field}[{index}].path: dataset", Path.exists, fix)
     if config.train.deepspeed is not None:
         config.train.deepspeed = _find_beside_config(
