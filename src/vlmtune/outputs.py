@@ -6,6 +6,7 @@ importing the training code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -105,8 +106,15 @@ def share_weight_files(folder: str | Path) -> None:
 
 
 def probe_writable(folder: Path) -> None:
-    """Create `folder` if needed and write and remove a test file in it; raise OSError where that fails."""
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".vlmtune-write-test-{os.getpid()}"
+    """Write and remove a test file in `folder`, or in its nearest existing parent if it does not exist yet.
+
+    Raises OSError where that fails, and creates no folder, so a run that stops at a later check leaves none behind.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+    probe = existing / f".vlmtune-write-test-{os.getpid()}"
     probe.touch()
     probe.unlink()

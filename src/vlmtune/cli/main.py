@@ -613,6 +613,7 @@ def data_stats(
         )
     every_length = [length for values in report.lengths.values() for length in values]
     console.print(text_histogram(every_length), markup=False, highlight=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"histogram written to {write_histogram_png(report.lengths, max_length, target)}", soft_wrap=True)
 
 
