@@ -685,12 +685,14 @@ def webui(
     device: DeviceOption = "auto",
 ) -> None:
     """Open a web page to chat with a model and adapter, and to start and follow training runs."""
-    from vlmtune.model.loading import adapter_base_model
+    from vlmtune.model.loading import adapter_base_model, check_adapter_folder
 
     try:
         from vlmtune.webui.app import WebUISettings, launch
     except ImportError as error:
         raise VlmtuneError(f"the web UI needs gradio ({error}); install it with pip install -e '.[webui]'") from None
+    if adapter:
+        check_adapter_folder(adapter)
     base = model or (adapter_base_model(adapter) if adapter else None)
     if base is None:
         raise VlmtuneError("--model is required unless --adapter names a folder whose adapter_config.json records its base model")

@@ -306,10 +306,16 @@ def adapter_fit_errors(adapter_dir: str, base_path: str) -> Iterator[None]:
 
 
 def adapter_base_model(adapter_dir: str) -> str | None:
-    """Return the base model recorded in an adapter's adapter_config.json, if any (checking the folder first)."""
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+    """Return the base model recorded in an adapter's adapter_config.json, if any.
+
+    A missing or unreadable config records none. Commands that load the adapter call
+    check_adapter_folder first, which names such a folder's problem.
+    """
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return check_adapter_folder(adapter_dir).get("base_model_name_or_path")
+    return config.get("base_model_name_or_path") if isinstance(config, dict) else None
 
 
 AUTO_CHECKPOINTING_PARAMETERS = 1_000_000_000
