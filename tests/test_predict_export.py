@@ -331,13 +331,19 @@ def test_failed_export_leaves_no_folder(adapter_dir, tiny_model_dir, tmp_path, m
     assert not output.exists()
 
 
-def _scaled_adapter(adapter_dir: Path, folder: Path, factor: float) -> Path:
-    """Copy an adapter with its lora_B weights times `factor`: the same directions, a smaller update."""
+def _adapter_copy(adapter_dir: Path, folder: Path) -> Path:
+    """Copy an adapter's folder without its checkpoints."""
     import shutil
 
+    shutil.copytree(adapter_dir, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return folder
+
+
+def _scaled_adapter(adapter_dir: Path, folder: Path, factor: float) -> Path:
+    """Copy an adapter with its lora_B weights times `factor`: the same directions, a smaller update."""
     from safetensors.torch import load_file, save_file
 
-    shutil.copytree(adapter_dir, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    _adapter_copy(adapter_dir, folder)
     weights = load_file(folder / "adapter_model.safetensors")
     save_file({name: tensor * factor if "lora_B" in name else tensor for name, tensor in weights.items()}, folder / "adapter_model.safetensors")
     return folder
@@ -514,9 +520,7 @@ def test_trained_system_prompt_from_examples(tmp_path, caplog, data, prompts, ex
 
 def _broken_copy(adapter_dir: Path, folder: Path, file_name: str, content: bytes | None) -> Path:
     """Copy an adapter, then replace one of its files with `content` (None removes it)."""
-    import shutil
-
-    shutil.copytree(adapter_dir, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
+    _adapter_copy(adapter_dir, folder)
     if content is None:
         (folder / file_name).unlink()
     else:

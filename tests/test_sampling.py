@@ -101,7 +101,7 @@ def test_eval_command_compares_base_and_adapter(sampled_run, tiny_model_dir, tmp
     # The adapter was trained on these replies, so their loss is lower with it.
     assert report[1]["loss"] < report[0]["loss"]
     assert "loss on the replies" in result.stdout
-    assert report[0]["loss_data"] == "the training data"  # the config holds no validation data
+    assert report[0]["loss_data"] == "the training data"  # the config has no validation data
     markdown = (tmp_path / "report" / "eval_report.md").read_text(encoding="utf-8")
     assert "| loss on the replies of the training data |" in markdown
     assert "Loss: mean cross-entropy per supervised token" in markdown

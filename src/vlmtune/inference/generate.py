@@ -152,13 +152,13 @@ class Generator:
                     "prompt too long",
                 )
         room = limit - max(prompt_lengths)
-        wanted = max_new_tokens or self.settings.max_new_tokens
-        if wanted <= room:
+        requested = max_new_tokens or self.settings.max_new_tokens
+        if requested <= room:
             return max_new_tokens
         logger.warning(
             "%s: the prompt has %d tokens, so its reply can have %d new tokens, not %d, before it reaches the model's "
             "maximum context length of %d tokens",
-            sources[prompt_lengths.index(max(prompt_lengths))], max(prompt_lengths), room, wanted, limit,
+            sources[prompt_lengths.index(max(prompt_lengths))], max(prompt_lengths), room, requested, limit,
         )
         return room
 
