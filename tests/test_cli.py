@@ -645,3 +645,20 @@ def test_sigterm_predict_says_how_to_continue(tiny_model_dir, tmp_path):
     assert f"predict interrupted by SIGTERM: {finished} of 387 examples have a prediction in {output}" in stderr
     assert "run the same command again to predict the others" in stderr
     assert "are already in" not in stderr  # a fresh run that was stopped has nothing from before
+
+
+def test_used_output_dir_rejected_before_torch_loads(config_file, tmp_path):
+    output = tmp_path / "used"
+    (output / "checkpoint-2").mkdir(parents=True)
+    (output / "adapter_model.safetensors").write_bytes(b"")
+    script = (
+        "import sys\n"
+        "from vlmtune.cli.main import main\n"
+        f"sys.argv = ['vlmtune', 'train', {str(config_file)!r}, 'train.output_dir={output}']\n"
+        "try:\n    main()\nexcept SystemExit as error:\n    print('exit', error.code)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert f"train.output_dir {output} contains an earlier run" in result.stderr
+    assert "exit 2" in result.stdout
+    assert "torch imported: False" in result.stdout

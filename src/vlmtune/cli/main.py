@@ -163,6 +163,10 @@ def train(
     if resume and overwrite:
         raise VlmtuneError("--resume and --overwrite contradict each other; pass one of them")
     data = load_data(run_config.data)
+    from vlmtune.training.run_folder import RunFolder
+
+    # The output folder too, before the seconds that importing torch and transformers takes. The recipe checks it again.
+    RunFolder(Path(run_config.train.output_dir), run_config, resume, overwrite, int(os.environ.get("RANK", "0")) == 0).check()
     from vlmtune.training.recipe import run_training
 
     resume_command = shlex.join([_program(), "train", str(config), *(overrides or []), "--resume"])

@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
-
 from vlmtune.config import DatasetSpec, RunConfig, portable_config_dict, save_config
 from vlmtune.data.hub import hub_dataset_files
 from vlmtune.errors import ConfigError
-from vlmtune.outputs import MODEL_CARD, PROGRESS_FILE, earlier_run_files, probe_writable
+from vlmtune.outputs import CHECKPOINT_NAME, MODEL_CARD, PROGRESS_FILE, earlier_run_files, probe_writable
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +50,14 @@ class RunFolder:
     is_main_process: bool
 
     def last_checkpoint(self) -> str | None:
-        return get_last_checkpoint(str(self.path)) if self.path.is_dir() else None
+        """Return the checkpoint-N folder of the highest step, as transformers' get_last_checkpoint does.
+
+        Written here so that the CLI can check the folder before torch and transformers load.
+        """
+        if not self.path.is_dir():
+            return None
+        checkpoints = [path for path in self.path.iterdir() if CHECKPOINT_NAME.fullmatch(path.name) and path.is_dir()]
+        return str(max(checkpoints, key=checkpoint_step)) if checkpoints else None
 
     def check(self) -> None:
         """Raise ConfigError unless the folder is free, resumed (--resume) or replaced (--overwrite), so two runs never mix."""
