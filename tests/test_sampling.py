@@ -97,7 +97,8 @@ def test_eval_command_compares_base_and_adapter(sampled_run, tiny_model_dir, tmp
         assert all(isinstance(flag, bool) for flag in flags)
         assert sum(flags) / len(flags) == pytest.approx(run["metrics"]["format_validity"])
         for sample in run["samples"]:
-            assert ("<answer>" in sample["text"]) >= sample["follows_layout"]  # a reply in the layout has its answer tag
+            if sample["follows_layout"]:
+                assert "<answer>" in sample["text"]
     # The adapter was trained on these replies, so their loss is lower with it.
     assert report[1]["loss"] < report[0]["loss"]
     assert "loss on the replies" in result.stdout
